@@ -1,0 +1,312 @@
+"""Configuration: a flat, validated YAML schema.
+
+A run is described by one YAML file with five sections (``data``, ``model``, ``method``,
+``train``, ``eval``). Loading validates every key: an unknown or misspelt key, a wrong type
+or an impossible value raises :class:`~semiseg.errors.ConfigError` with one line naming the
+file, the dotted key and what was expected. ``--set section.key=value`` overrides are parsed
+as YAML scalars and applied before validation, so they are checked exactly like the file.
+
+Method-specific keys live under ``method`` and are validated by the schema that the method
+registers (:func:`register_method`), so ``method.conf_thresh`` is legal for FixMatch but an
+error for the supervised baseline.
+"""
+
+from __future__ import annotations
+
+from fractions import Fraction
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from semiseg.errors import ConfigError
+
+DATASETS = ("synthetic", "folder", "camvid", "pascal", "cityscapes", "coco", "ade20k")
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class SyntheticConfig(Section):
+    """Parameters of the procedural default dataset (see :mod:`semiseg.data.synthetic`)."""
+
+    num_train: int = Field(240, ge=2)
+    num_val: int = Field(60, ge=1)
+    image_size: int = Field(96, ge=32)
+    seed: int = 0
+
+
+class DataConfig(Section):
+    dataset: Literal[DATASETS] = "synthetic"  # type: ignore[valid-type]
+    root: Optional[str] = None
+    # Which training images carry masks: a split-file path, a count ("46") or a fraction ("1/8").
+    # None: every training image is labelled (fully supervised).
+    labeled: Optional[Union[int, str]] = None
+    # Unlabelled pool: a split-file path; None = the training images not in ``labeled``.
+    unlabeled: Optional[str] = None
+    train_split: str = "train"
+    val_split: str = "val"
+    split_seed: int = 0
+    num_classes: Optional[int] = Field(None, ge=1)
+    class_names: Optional[list[str]] = None
+    ignore_index: int = Field(255, ge=0, le=255)
+    # Resize every image (bilinear) and mask (nearest) to (width, height) on load; None = keep.
+    resize: Optional[tuple[int, int]] = None
+    crop_size: int = Field(321, ge=8)
+    scale_range: tuple[float, float] = (0.5, 2.0)
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    workers: int = Field(2, ge=0)
+    synthetic: SyntheticConfig = SyntheticConfig()
+
+    @field_validator("labeled")
+    @classmethod
+    def _check_labeled(cls, v):
+        if v is None or isinstance(v, int):
+            if isinstance(v, int) and v < 1:
+                raise ValueError(f"expected a positive count, a fraction like 1/8 or a split file, got {v}")
+            return v
+        s = str(v).strip()
+        if "/" in s and all(p.strip().isdigit() for p in s.split("/", 1)):
+            f = Fraction(s)
+            if not 0 < f <= 1:
+                raise ValueError(f"expected a fraction in (0, 1], got {s}")
+            return s
+        if s.isdigit():
+            return int(s)
+        return s  # a split-file path, checked when the data is built
+
+    @field_validator("scale_range")
+    @classmethod
+    def _check_scale(cls, v):
+        if not 0 < v[0] <= v[1]:
+            raise ValueError(f"expected 0 < min <= max, got {list(v)}")
+        return v
+
+    @field_validator("resize")
+    @classmethod
+    def _check_resize(cls, v):
+        if v is not None and (v[0] < 1 or v[1] < 1):
+            raise ValueError(f"expected [width, height] of positive integers, got {list(v)}")
+        return v
+
+
+class ModelConfig(Section):
+    encoder: str = "resnet18"  # any timm model name that supports features_only
+    head: Literal["deeplabv3plus", "segformer"] = "deeplabv3plus"
+    # true: timm's weights (needs the hub); a path: a local weights file; false: from scratch.
+    pretrained: Union[bool, str] = False
+    output_stride: Literal[8, 16, 32] = 16
+    decoder_channels: int = Field(256, ge=8)  # DeepLabV3+ ASPP/decoder width
+    embed_dim: int = Field(256, ge=8)  # SegFormer head embedding width
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)  # before the classifier
+
+
+class MethodConfig(Section):
+    """Common method keys; each method subclasses this with its own keys and registers it."""
+
+    name: str = "supervised"
+
+
+class TrainConfig(Section):
+    iters: int = Field(1000, ge=1)
+    batch_size: int = Field(8, ge=1)  # labelled images per step (per process)
+    unlabeled_batch_size: Optional[int] = Field(None, ge=1)  # None = batch_size
+    lr: float = Field(0.01, gt=0)
+    head_lr_mult: float = Field(1.0, gt=0)  # lr multiplier for everything but the encoder
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(1e-4, ge=0)
+    poly_power: float = Field(0.9, ge=0)
+    warmup_iters: int = Field(0, ge=0)
+    loss: Literal["ce", "ohem"] = "ce"
+    ohem_thresh: float = Field(0.7, gt=0, le=1)
+    ohem_min_kept: int = Field(100000, ge=0)
+    seed: int = 0
+    eval_every: int = Field(500, ge=0)  # 0 = only at the end
+    log_every: int = Field(10, ge=1)
+    checkpoint_every: int = Field(0, ge=0)  # 0 = only at eval and at the end
+    keep_last: int = Field(2, ge=1)
+    init_from: Optional[str] = None  # run dir or checkpoint: weights only, fresh optimizer
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    channels_last: bool = False
+    compile: bool = False
+    deterministic: bool = False
+    nonfinite: Literal["skip", "stop"] = "skip"
+    max_nonfinite: int = Field(10, ge=1)  # with "skip": stop after this many consecutive skips
+    grad_clip: Optional[float] = Field(None, gt=0)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+
+
+class EvalConfig(Section):
+    mode: Literal["original", "center_crop", "sliding_window"] = "original"
+    crop_size: Optional[int] = Field(None, ge=8)  # None = data.crop_size
+    stride: Optional[int] = Field(None, ge=1)  # sliding window stride; None = 2/3 of crop
+    flip: bool = False
+    scales: list[float] = [1.0]
+    batch_size: int = Field(1, ge=1)
+    model: Literal["student", "teacher", "auto"] = "auto"  # which weights to score
+
+    @field_validator("scales")
+    @classmethod
+    def _check_scales(cls, v):
+        if not v or any(s <= 0 for s in v):
+            raise ValueError(f"expected a non-empty list of positive scales, got {v}")
+        return v
+
+
+class Config(Section):
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    method: MethodConfig = MethodConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+
+    def to_dict(self) -> dict:
+        return self.model_dump(mode="json")
+
+
+# ---------------------------------------------------------------------------------------------
+# Method schema registry
+
+_METHOD_SCHEMAS: dict[str, type[MethodConfig]] = {"supervised": MethodConfig}
+
+
+def register_method_config(name: str, schema: type[MethodConfig]) -> None:
+    _METHOD_SCHEMAS[name] = schema
+
+
+def method_schema(name: str) -> type[MethodConfig]:
+    import semiseg.methods  # noqa: F401  (methods register their schemas on import)
+
+    if name not in _METHOD_SCHEMAS:
+        known = ", ".join(sorted(_METHOD_SCHEMAS))
+        raise ValueError(f"unknown method {name!r}; expected one of: {known}")
+    return _METHOD_SCHEMAS[name]
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def _describe(err: dict) -> str:
+    loc = [str(p) for p in err.get("loc", ()) if not str(p).startswith("function-")]
+    # pydantic puts the model class name in the location of "before" validators; drop it.
+    loc = [p for p in loc if not p[:1].isupper()]
+    key = ".".join(loc) or "<root>"
+    kind = err.get("type", "")
+    msg = err.get("msg", "invalid value")
+    if kind == "extra_forbidden":
+        return f"unknown key '{key}'"
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, "):]
+    value = err.get("input")
+    hide = isinstance(value, (dict, list, BaseModel)) or kind == "missing" or "got" in msg
+    shown = "" if hide else f" (got {value!r})"
+    return f"key '{key}': {msg}{shown}"
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``"train.lr=0.02"`` -> (["train", "lr"], 0.02); the value is parsed as YAML."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected section.key=value")
+    key, raw = item.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if len(parts) < 2:
+        raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. train.lr=0.01")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return parts, value
+
+
+def apply_overrides(raw: dict, overrides: list[str] | dict | None) -> dict:
+    raw = _deepcopy(raw)
+    if not overrides:
+        return raw
+    items = (
+        [(k.split("."), v) for k, v in overrides.items()]
+        if isinstance(overrides, dict)
+        else [parse_override(o) for o in overrides]
+    )
+    for parts, value in items:
+        node = raw
+        for p in parts[:-1]:
+            nxt = node.get(p)
+            if nxt is None:
+                nxt = node[p] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"--set {'.'.join(parts)}: '{p}' is not a section")
+            node = nxt
+        node[parts[-1]] = value
+    return raw
+
+
+def _deepcopy(d):
+    if isinstance(d, dict):
+        return {k: _deepcopy(v) for k, v in d.items()}
+    if isinstance(d, list):
+        return [_deepcopy(v) for v in d]
+    return d
+
+
+def validate(raw: dict, source: str = "<config>") -> Config:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config error in {source}: expected a mapping of sections, got {type(raw).__name__}")
+    raw = dict(raw)
+    method = raw.get("method") or {}
+    if isinstance(method, dict):
+        # Method keys are validated by the schema the named method registered.
+        try:
+            schema = method_schema(str(method.get("name", "supervised")))
+        except ValueError as e:
+            raise ConfigError(f"config error in {source}: key 'method.name': {e}") from None
+        try:
+            raw["method"] = schema.model_validate(method)
+        except ValidationError as e:
+            err = dict(e.errors()[0])
+            err["loc"] = ("method",) + tuple(err.get("loc", ()))
+            raise ConfigError(f"config error in {source}: {_describe(err)}") from None
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(f"config error in {source}: {_describe(e.errors()[0])}") from None
+
+
+def load_config(path: str | Path | dict | Config | None = None, overrides=None) -> Config:
+    """Load, override and validate a config.
+
+    ``path`` may be a YAML file, an already-parsed dict, a :class:`Config`, or None (defaults).
+    ``overrides`` is a list of ``"section.key=value"`` strings or a dict of dotted keys.
+    """
+    if isinstance(path, Config):
+        raw, source = path.to_dict(), "<config>"
+    elif isinstance(path, dict):
+        raw, source = path, "<dict>"
+    elif path is None:
+        raw, source = {}, "<defaults>"
+    else:
+        p = Path(path)
+        packaged = Path(__file__).parent / "configs" / f"{p.name}.yaml"
+        if not p.is_file() and p.suffix == "" and packaged.is_file():
+            p = packaged  # a built-in config by name: `semiseg train camvid`
+        source = str(p)
+        if not p.is_file():
+            raise ConfigError(f"config error: file {p} does not exist")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"config error in {p}{where}: not valid YAML") from None
+    raw = apply_overrides(raw, overrides)
+    return validate(raw, source)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

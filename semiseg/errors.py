@@ -1,0 +1,30 @@
+"""User-facing errors.
+
+Every error a user can cause (bad config, bad data, bad checkpoint) is raised as a
+:class:`SemisegError` subclass whose message is one line naming the file, key or value
+and what was expected. The CLI prints that line and exits non-zero without a traceback.
+"""
+
+
+class SemisegError(Exception):
+    """Base class: a problem the user can fix. ``exit_code`` is what the CLI returns."""
+
+    exit_code = 1
+
+
+class ConfigError(SemisegError):
+    """Invalid config file, key, type or value (exit code 2)."""
+
+    exit_code = 2
+
+
+class DataError(SemisegError):
+    """Missing, unreadable or inconsistent data (image, mask, split file, data root)."""
+
+    exit_code = 3
+
+
+class CheckpointError(SemisegError):
+    """Missing, corrupt or incompatible checkpoint."""
+
+    exit_code = 4

@@ -1,0 +1,6 @@
+"""Training methods, one file each; importing this package registers them by name."""
+
+from semiseg.methods.base import METHODS, Batch, Method, StepContext, StepResult, build_method, register_method
+from semiseg.methods import supervised  # noqa: F401
+
+__all__ = ["METHODS", "Batch", "Method", "StepContext", "StepResult", "build_method", "register_method"]

@@ -1,0 +1,46 @@
+"""Supervised segmentation losses: cross-entropy with an ignore index, and OHEM.
+
+OHEM follows UniMatch's ``ProbOhemCrossEntropy2d`` (official ``util/ohem.py``): among the valid
+pixels, keep those whose probability of the true class is at most ``thresh``; if fewer than
+``min_kept`` pixels would be kept, raise the threshold to the ``min_kept``-th smallest
+probability. When the image has fewer valid pixels than ``min_kept`` every valid pixel is kept.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class OhemCrossEntropy(nn.Module):
+    def __init__(self, ignore_index: int = 255, thresh: float = 0.7, min_kept: int = 100000):
+        super().__init__()
+        self.ignore_index = ignore_index
+        self.thresh = thresh
+        self.min_kept = min_kept
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        # logits (B,K,H,W), target (B,H,W)
+        with torch.no_grad():
+            valid = target != self.ignore_index
+            num_valid = int(valid.sum())
+            keep = valid
+            if 0 < self.min_kept <= num_valid or (self.min_kept == 0 and num_valid > 0):
+                prob = logits.detach().float().softmax(1)
+                safe_target = target.masked_fill(~valid, 0)
+                true_prob = prob.gather(1, safe_target.unsqueeze(1)).squeeze(1)
+                true_prob = true_prob.masked_fill(~valid, 1.0)
+                threshold = torch.tensor(self.thresh, device=logits.device)
+                if self.min_kept > 0:
+                    kth = true_prob.flatten().kthvalue(min(num_valid, self.min_kept)).values
+                    threshold = torch.maximum(threshold, kth)
+                keep = valid & (true_prob <= threshold)
+            hard_target = target.masked_fill(~keep, self.ignore_index)
+        return F.cross_entropy(logits, hard_target, ignore_index=self.ignore_index)
+
+
+def build_supervised_loss(train_cfg, ignore_index: int = 255) -> nn.Module:
+    if train_cfg.loss == "ohem":
+        return OhemCrossEntropy(ignore_index, train_cfg.ohem_thresh, train_cfg.ohem_min_kept)
+    return nn.CrossEntropyLoss(ignore_index=ignore_index)
