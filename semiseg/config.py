@@ -103,7 +103,9 @@ class ModelConfig(Section):
     output_stride: Literal[8, 16, 32] = 16
     decoder_channels: int = Field(256, ge=8)  # DeepLabV3+ ASPP/decoder width
     embed_dim: int = Field(256, ge=8)  # SegFormer head embedding width
-    dropout: float = Field(0.1, ge=0.0, lt=1.0)  # before the classifier
+    # Channel dropout before the classifier; None = the head's official default
+    # (DeepLabV3+: none, as UniMatch; SegFormer: 0.1).
+    dropout: Optional[float] = Field(None, ge=0.0, lt=1.0)
 
 
 class MethodConfig(Section):

@@ -9,7 +9,6 @@ Methods never see the loop.
 
 from __future__ import annotations
 
-import math
 import random
 import signal
 import time
@@ -252,7 +251,9 @@ class Trainer:
                 signal.signal(s, h)
 
     # ------------------------------------------------------------------ loop
-    def fit(self) -> TrainResult:
+    def fit(self, stop_after: Optional[int] = None) -> TrainResult:
+        """Train to ``train.iters``; ``stop_after=N`` behaves like a stop signal after iteration N
+        (checkpoint, then return), which is how tests and schedulers cut a run in pieces."""
         cfg, tc = self.cfg, self.cfg.train
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -328,8 +329,7 @@ class Trainer:
                 if is_eval:
                     results = self.evaluate(it)
                     last_metrics = next(iter(results.values()))
-                    score = results.get(cfg.eval.model, last_metrics)["mIoU"] if cfg.eval.model != "auto" \
-                        else last_metrics["mIoU"]
+                    score = results.get(cfg.eval.model, last_metrics)["mIoU"]  # "auto": the first network
                     improved = score > best
                     best = max(best, score)
                     if bar is not None:
@@ -337,6 +337,8 @@ class Trainer:
                     self._save(it, best, skips, is_best=improved)
                 elif tc.checkpoint_every and it % tc.checkpoint_every == 0:
                     self._save(it, best, skips)
+                if stop_after is not None and it >= stop_after:
+                    self._stop_signal = self._stop_signal or -1
                 if self._stop_signal is not None and it < tc.iters:
                     if not is_eval and not (tc.checkpoint_every and it % tc.checkpoint_every == 0):
                         self._save(it, best, skips)

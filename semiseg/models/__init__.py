@@ -1,0 +1,8 @@
+"""Segmentation networks: timm encoders with DeepLabV3+ or SegFormer heads."""
+
+from semiseg.models.encoder import create_encoder, load_encoder_weights
+from semiseg.models.heads import DeepLabV3PlusHead, SegFormerHead
+from semiseg.models.segmodel import SegModel, build_model
+
+__all__ = ["SegModel", "build_model", "create_encoder", "load_encoder_weights",
+           "DeepLabV3PlusHead", "SegFormerHead"]

@@ -1,0 +1,178 @@
+"""Encoders: any timm model with ``features_only=True``, and its weights.
+
+:func:`create_encoder` builds the timm feature extractor named by ``model.encoder`` at
+``model.output_stride`` and keeps the stages at stride 4 or deeper (for a ResNet at OS16:
+strides 4, 8, 16, 16, the last two dilated as in UniMatch's ``replace_stride_with_dilation``).
+Encoders that cannot dilate (PVTv2, Swin, ...) are built at their natural stride, which
+``model.output_stride`` must then equal; anything else is a :class:`ConfigError`.
+
+``model.pretrained``: ``false`` random init, ``true`` timm's hub weights, or a path to a local
+weights file (:func:`load_encoder_weights`).
+
+Note: UniMatch's ResNets have a deep stem (three 3x3 convs, 64-64-128) and load their own
+ImageNet weights; timm's ``resnet101`` has the torchvision stem. Pick the timm variant you want
+by name; nothing here is ResNet-specific.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+from pathlib import Path
+from typing import Union
+
+import timm
+import torch
+from torch import nn
+
+from semiseg.errors import CheckpointError, ConfigError, SemisegError
+
+log = logging.getLogger(__name__)
+
+OUTPUT_STRIDES = (8, 16, 32)  # the values model.output_stride accepts
+MIN_REDUCTION = 4  # stages shallower than stride 4 (a ResNet's stem) are not used by any head
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+# Wrappers that training code and timm's feature extractors put in front of the keys.
+KEY_PREFIXES = ("module.", "model.", "encoder.", "backbone.")
+
+
+def create_encoder(name: str, output_stride: int = 16, pretrained: Union[bool, str] = False) -> nn.Module:
+    """The timm features_only model ``name`` with its stride >= 4 stages, at ``output_stride``."""
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models()"
+        raise ConfigError(f"config error: key 'model.encoder': unknown timm model {name!r}{hint}")
+
+    # Build once at random init to learn the stages' strides, then keep those at stride >= 4.
+    probe = _features_model(name, output_stride)
+    info = probe.feature_info
+    out_indices = tuple(i for i, r in zip(info.out_indices, info.reduction()) if r >= MIN_REDUCTION)
+
+    if pretrained is True:
+        if not timm.is_model_pretrained(name):
+            raise ConfigError(f"config error: key 'model.pretrained': timm has no pretrained weights for "
+                              f"encoder {name!r}; set model.pretrained to a local weights file or false")
+        try:
+            return _features_model(name, output_stride, out_indices=out_indices, pretrained=True)
+        except SemisegError:
+            raise
+        except Exception as e:
+            raise SemisegError(f"could not fetch pretrained weights for encoder {name!r} (no network?): "
+                               "set model.pretrained to a local weights file or false") from e
+
+    encoder = probe if out_indices == tuple(info.out_indices) else _features_model(
+        name, output_stride, out_indices=out_indices)
+    if isinstance(pretrained, str):
+        load_encoder_weights(encoder, pretrained, name)
+    return encoder
+
+
+def _features_model(name: str, output_stride: int, **kwargs) -> nn.Module:
+    """``timm.create_model(name, features_only=True, output_stride=...)``.
+
+    A model whose constructor has no ``output_stride`` is built without it, which is fine only
+    if its natural deepest stride is the one asked for.
+    """
+    try:
+        try:
+            model = timm.create_model(name, features_only=True, output_stride=output_stride, **kwargs)
+        except TypeError as e:
+            if "output_stride" not in str(e):
+                raise
+            model = timm.create_model(name, features_only=True, **kwargs)
+    except Exception as e:
+        if kwargs.get("pretrained"):
+            raise  # the caller reports a failed download
+        first_line = (str(e).splitlines() or [type(e).__name__])[0]
+        raise ConfigError(f"config error: key 'model.encoder': timm model {name!r} cannot be built as a "
+                          f"features_only encoder ({first_line})") from e
+    stride = model.feature_info.reduction()[-1]
+    if stride != output_stride:
+        fix = (f"set model.output_stride to {stride}" if stride in OUTPUT_STRIDES
+               else f"semiseg supports output strides {', '.join(map(str, OUTPUT_STRIDES))} only")
+        raise ConfigError(f"config error: key 'model.output_stride': encoder {name!r} cannot run at output "
+                          f"stride {output_stride} (its deepest feature is at stride {stride}); {fix}")
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Local weights
+
+
+def load_encoder_weights(encoder: nn.Module, path: Union[str, Path], name: str = "encoder") -> None:
+    """Load a local weights file into a features_only encoder, strictly.
+
+    Accepts ``.safetensors`` and ``.pth``/``.pt``/``.bin`` (read with ``weights_only=True``,
+    optionally wrapped as ``{"state_dict": ...}`` or ``{"model": ...}``), holding the state
+    dict of either timm's full classifier model or the features_only model. Keys are matched
+    after stripping ``module.``/``model.``/``encoder.``/``backbone.`` prefixes and with ``.``
+    and ``_`` treated alike, because timm's feature wrappers rename ``stages.0`` to
+    ``stages_0``. Keys the encoder does not have (the classifier ``fc.``/``head.``, a decoder)
+    are ignored; every encoder tensor (BatchNorm's ``num_batches_tracked`` aside) must be
+    present with the right shape, else :class:`CheckpointError`.
+    """
+    path = Path(path).expanduser()
+    where = f"model.pretrained {path}"
+    if not path.is_file():
+        raise CheckpointError(f"{where}: weights file does not exist (expected a {'/'.join(WEIGHT_SUFFIXES)} "
+                              "file, true or false)")
+    state = _read_state_dict(path, where)
+
+    own = encoder.state_dict()
+    # Should two encoder keys differ only by '.' against '_', match those literally instead.
+    canonical = _canonical if len({_canonical(k) for k in own}) == len(own) else _strip_prefixes
+    own_by_key = {canonical(k): k for k in own}
+    matched = {own_by_key[canonical(k)]: v for k, v in state.items() if canonical(k) in own_by_key}
+
+    missing = [k for k in own if k not in matched and not k.endswith("num_batches_tracked")]
+    if missing:
+        sample = next((k for k in state if not k.endswith("num_batches_tracked")), next(iter(state)))
+        raise CheckpointError(f"{where}: weights do not fit encoder {name!r}: {len(missing)} of {len(own)} "
+                              f"tensors missing, e.g. {', '.join(missing[:3])} (the file has keys like {sample!r})")
+    for k, v in matched.items():
+        if v.shape != own[k].shape:
+            raise CheckpointError(f"{where}: weights do not fit encoder {name!r}: {k} has shape "
+                                  f"{tuple(v.shape)} in the file, {tuple(own[k].shape)} in the encoder")
+    encoder.load_state_dict(matched, strict=False)
+    log.info("loaded %d encoder tensors from %s (%d other keys ignored)", len(matched), path,
+             len(state) - len(matched))
+
+
+def _read_state_dict(path: Path, where: str) -> dict[str, torch.Tensor]:
+    suffix = path.suffix.lower()
+    if suffix not in WEIGHT_SUFFIXES:
+        raise CheckpointError(f"{where}: unsupported weights file type {suffix or '(none)'!r}; "
+                              f"expected one of {', '.join(WEIGHT_SUFFIXES)}")
+    try:
+        if suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path), device="cpu")
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        first_line = (str(e).splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"{where}: cannot read weights ({first_line})") from None
+    if isinstance(state, dict):
+        for wrapper in ("state_dict", "model"):
+            if isinstance(state.get(wrapper), dict):
+                state = state[wrapper]
+                break
+    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)} if isinstance(state, dict) else {}
+    if not tensors:
+        raise CheckpointError(f"{where}: no state dict of tensors in the file")
+    return tensors
+
+
+def _strip_prefixes(key: str) -> str:
+    stripped = True
+    while stripped:
+        stripped = False
+        for prefix in KEY_PREFIXES:
+            if key.startswith(prefix):
+                key, stripped = key[len(prefix):], True
+    return key
+
+
+def _canonical(key: str) -> str:
+    return _strip_prefixes(key).replace("_", ".")

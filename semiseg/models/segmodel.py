@@ -1,0 +1,113 @@
+"""The segmentation network: a timm encoder, an optional neck and a head.
+
+:class:`SegModel` keeps encoding and decoding separate so that methods can work between them:
+UniMatch perturbs the features (:meth:`SegModel.forward_fp`), pixel-contrastive methods read
+the decoder features (``decode(..., return_features=True)``) and AllSpark-style methods set a
+``neck`` on the deepest feature::
+
+    feats = model.encode(x)
+    feats[-1] = model.neck(feats[-1])
+    logits = model.decode(feats, out_size=x.shape[-2:])
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from semiseg.config import ModelConfig
+from semiseg.models.encoder import create_encoder
+from semiseg.models.heads import DeepLabV3PlusHead, SegFormerHead, resize
+
+
+class SegModel(nn.Module):
+    """Encoder + head. Attributes:
+
+    * ``encoder``: timm ``features_only`` model; ``encode`` returns its features shallow to deep;
+    * ``decoder``: the head (:mod:`semiseg.models.heads`), returning ``(logits, feature)``;
+    * ``neck``: ``None``, or a module a method sets on the deepest feature; ``forward`` and
+      ``forward_fp`` apply it between encoder and head, ``decode`` does not;
+    * ``num_classes``, ``feature_channels``, ``feature_reductions`` (from ``feature_info``).
+    """
+
+    def __init__(self, encoder: nn.Module, decoder: nn.Module, num_classes: int):
+        super().__init__()
+        self.encoder = encoder
+        self.decoder = decoder
+        self.neck: Optional[nn.Module] = None
+        self.num_classes = num_classes
+        self.feature_channels: list[int] = list(encoder.feature_info.channels())
+        self.feature_reductions: list[int] = list(encoder.feature_info.reduction())
+
+    def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Encoder features, shallow to deep (a new list: callers may replace entries)."""
+        return list(self.encoder(x))
+
+    def decode(self, features: Sequence[torch.Tensor], out_size: Optional[Sequence[int]] = None,
+               return_features: bool = False):
+        """Logits ``(B, K, h, w)`` at the shallowest feature's size, or at ``out_size``
+        (bilinear, ``align_corners=True`` as UniMatch). With ``return_features`` also the
+        head's feature map before the classifier, ``(B, C, h, w)``, never resized."""
+        logits, feature = self.decoder(features)
+        if out_size is not None:
+            logits = resize(logits, out_size, align_corners=True)
+        return (logits, feature) if return_features else logits
+
+    def features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Encoder features with the neck, if any, applied to the deepest one."""
+        feats = self.encode(x)
+        if self.neck is not None:
+            feats[-1] = self.neck(feats[-1])
+        return feats
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits at the input size."""
+        return self.decode(self.features(x), out_size=x.shape[-2:])
+
+    def forward_fp(self, x: torch.Tensor, p: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+        """UniMatch's feature perturbation (UniPerb): ``(logits, logits_fp)`` at the input size.
+
+        Encodes once, then decodes in one pass a batch of the clean features followed by a copy
+        of each feature the head reads passed through channel dropout (``Dropout2d(p)``); for
+        DeepLabV3+ that is the low-level and the deepest feature, as in UniMatch's
+        ``torch.cat((c1, nn.Dropout2d(0.5)(c1)))``. BatchNorm therefore sees both halves
+        together, as official. Deviation: the official code builds a fresh ``nn.Dropout2d``,
+        which is always in training mode; here the dropout follows ``self.training``, so in
+        eval mode the two outputs are equal.
+        """
+        feats = self.features(x)
+        read = set(self.decoder.in_index)
+        doubled = [torch.cat((f, F.dropout2d(f, p, training=self.training))) if i in read else f
+                   for i, f in enumerate(feats)]
+        logits, logits_fp = self.decode(doubled, out_size=x.shape[-2:]).chunk(2)
+        return logits, logits_fp
+
+    def param_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """(encoder parameters, all others: head and neck), each parameter exactly once."""
+        encoder = list(self.encoder.parameters())
+        others = [p for name, p in self.named_parameters() if not name.startswith("encoder.")]
+        return encoder, others
+
+
+def build_model(model_cfg: ModelConfig, num_classes: int) -> SegModel:
+    """The network described by the ``model`` config section, for ``num_classes`` classes.
+
+    ``model.dropout`` is the channel dropout before the classifier; unset, each head keeps its
+    official default (DeepLabV3+: none, as UniMatch; SegFormer: 0.1).
+    """
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be positive, got {num_classes}")
+    encoder = create_encoder(model_cfg.encoder, model_cfg.output_stride, model_cfg.pretrained)
+    channels = list(encoder.feature_info.channels())
+    reductions = list(encoder.feature_info.reduction())
+    if model_cfg.head == "deeplabv3plus":
+        head = DeepLabV3PlusHead(channels, reductions, num_classes, output_stride=model_cfg.output_stride,
+                                 channels=model_cfg.decoder_channels,
+                                 dropout=0.0 if model_cfg.dropout is None else model_cfg.dropout)
+    else:
+        head = SegFormerHead(channels, num_classes, embed_dim=model_cfg.embed_dim,
+                             dropout=0.1 if model_cfg.dropout is None else model_cfg.dropout)
+    return SegModel(encoder, head, num_classes)

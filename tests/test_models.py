@@ -1,0 +1,231 @@
+"""Model layer: shapes, widths from feature_info, ASPP rates, UniPerb, parameter groups,
+encoder weights from local files and the errors a user can cause. Random init only."""
+
+import timm
+import torch
+import pytest
+from safetensors.torch import save_file
+from torch import nn
+
+from semiseg.config import ModelConfig
+from semiseg.errors import CheckpointError, ConfigError, SemisegError
+from semiseg.models import DeepLabV3PlusHead, SegFormerHead, SegModel, build_model
+
+WIDTH = 32  # small head widths keep the tests fast
+
+
+def make(encoder="resnet18", head="deeplabv3plus", output_stride=16, num_classes=3, **kw) -> SegModel:
+    torch.manual_seed(0)
+    cfg = ModelConfig(encoder=encoder, head=head, output_stride=output_stride,
+                      decoder_channels=WIDTH, embed_dim=WIDTH, **kw)
+    return build_model(cfg, num_classes)
+
+
+@pytest.mark.parametrize("encoder,head,output_stride", [
+    ("resnet18", "deeplabv3plus", 16),
+    ("resnet18", "deeplabv3plus", 8),
+    ("resnet18", "segformer", 16),
+    ("pvt_v2_b0", "segformer", 32),
+    ("pvt_v2_b0", "deeplabv3plus", 32),
+    ("convnext_atto", "deeplabv3plus", 8),
+    ("mobilenetv3_small_050", "segformer", 16),
+])
+def test_output_shapes(encoder, head, output_stride):
+    model = make(encoder, head, output_stride).eval()
+    assert min(model.feature_reductions) == 4 and max(model.feature_reductions) == output_stride
+    for h, w in [(64, 64), (97, 75), (180, 240)]:
+        x = torch.randn(2, 3, h, w)
+        with torch.no_grad():
+            feats = model.encode(x)
+            logits, dec = model.decode(feats, return_features=True)
+            assert model(x).shape == (2, 3, h, w)
+        assert [f.shape[1] for f in feats] == model.feature_channels
+        for f, r in zip(feats, model.feature_reductions):
+            assert abs(f.shape[-2] - h / r) < 1 and abs(f.shape[-1] - w / r) < 1
+        assert logits.shape == (2, 3, *feats[0].shape[-2:])
+        assert dec.shape == (2, WIDTH, *feats[0].shape[-2:])
+
+
+def test_resnet_stages_at_output_stride_16():
+    model = make("resnet18", output_stride=16)
+    assert model.feature_reductions == [4, 8, 16, 16]
+    assert model.feature_channels == [64, 128, 256, 512]
+    feats = model.eval().encode(torch.randn(1, 3, 64, 64))
+    assert [tuple(f.shape[-2:]) for f in feats] == [(16, 16), (8, 8), (4, 4), (4, 4)]
+
+
+@pytest.mark.parametrize("encoder", ["resnet18", "convnext_atto", "mobilenetv3_small_050"])
+def test_head_widths_follow_feature_info(encoder):
+    deeplab = make(encoder, "deeplabv3plus")
+    channels = deeplab.encoder.feature_info.channels()
+    assert deeplab.feature_channels == channels
+    assert deeplab.decoder.reduce[0].in_channels == channels[0]
+    assert all(b.in_channels == channels[-1] for b in deeplab.decoder.aspp.modules() if isinstance(b, nn.Conv2d)
+               and b is not deeplab.decoder.aspp.project[0])
+    segformer = make(encoder, "segformer")
+    assert [conv.in_channels for conv in segformer.decoder.embed] == channels
+
+
+@pytest.mark.parametrize("output_stride,rates", [(8, (12, 24, 36)), (16, (6, 12, 18)), (32, (3, 6, 9))])
+def test_aspp_rates_follow_output_stride(output_stride, rates):
+    head = DeepLabV3PlusHead([64, 512], [4, output_stride], num_classes=2, output_stride=output_stride, channels=8)
+    assert head.aspp.rates == rates
+    dilations = [m.dilation[0] for m in head.aspp.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3)]
+    assert tuple(dilations) == rates
+
+
+def test_heads_follow_official_layout():
+    deeplab = DeepLabV3PlusHead([24, 40, 80], [4, 8, 16], num_classes=5, output_stride=16, channels=16)
+    assert deeplab.in_index == (0, 2)
+    assert deeplab.reduce[0].out_channels == 48
+    assert deeplab.fuse[0][0].in_channels == 16 + 48 and deeplab.fuse[1][0].kernel_size == (3, 3)
+    assert isinstance(deeplab.dropout, nn.Identity)  # UniMatch: no dropout before the classifier
+    segformer = SegFormerHead([24, 40, 80], num_classes=5, embed_dim=16, dropout=0.1)
+    assert segformer.in_index == (0, 1, 2)
+    assert segformer.fuse[0].in_channels == 3 * 16
+    assert isinstance(segformer.dropout, nn.Dropout2d) and segformer.dropout.p == 0.1
+    assert make(head="segformer", dropout=0.25).decoder.dropout.p == 0.25
+
+
+@pytest.mark.parametrize("head", ["deeplabv3plus", "segformer"])
+def test_forward_fp(head):
+    model = make("resnet18", head)
+    x = torch.randn(2, 3, 50, 70)
+
+    model.train()
+    torch.manual_seed(1)
+    logits, logits_fp = model.forward_fp(x)
+    assert logits.shape == logits_fp.shape == (2, 3, 50, 70)
+    assert not torch.allclose(logits, logits_fp)
+
+    # Without dropout the two halves are the clean decode: a batch of two identical copies
+    # gives BatchNorm the same statistics as the clean batch alone.
+    if head == "deeplabv3plus":  # the SegFormer head has its own classifier dropout
+        clean, same = model.forward_fp(x, p=0.0)
+        reference = model.decode(model.encode(x), out_size=x.shape[-2:])
+        assert torch.allclose(clean, reference, atol=1e-4) and torch.allclose(same, reference, atol=1e-4)
+
+    # In eval mode the perturbation does not exist: both halves equal the plain forward.
+    model.eval()
+    with torch.no_grad():
+        logits, logits_fp = model.forward_fp(x)
+        reference = model.decode(model.encode(x), out_size=x.shape[-2:])
+    assert torch.allclose(logits, reference, atol=1e-5) and torch.allclose(logits_fp, reference, atol=1e-5)
+
+
+def test_forward_fp_drops_channels_of_the_features_the_head_reads():
+    model = make("resnet18").train()
+    seen = []
+    model.decoder.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    p = 0.3
+    torch.manual_seed(2)
+    model.forward_fp(torch.randn(4, 3, 64, 64), p=p)
+    feats = seen[0]
+    assert [f.shape[0] for f in feats] == [8, 4, 4, 8]  # only the low-level and deepest are doubled
+    dropped, total = 0, 0
+    for f in (feats[0], feats[-1]):
+        clean, perturbed = f.chunk(2)
+        live = clean.flatten(2).abs().amax(-1) > 0  # channels not already all zero
+        zero = perturbed.flatten(2).abs().amax(-1) == 0
+        kept = torch.isclose(perturbed, clean / (1 - p), atol=1e-6).flatten(2).all(-1)
+        assert bool((zero | kept).all())  # every channel is dropped or rescaled, nothing else
+        dropped += int((zero & live).sum())
+        total += int(live.sum())
+    assert abs(dropped / total - p) < 0.06  # ~2300 channels: the standard error is ~0.01
+
+
+def test_param_groups_partition_parameters():
+    for head in ("deeplabv3plus", "segformer"):
+        model = make(head=head)
+        model.neck = nn.Conv2d(512, 512, 1)
+        encoder, others = model.param_groups()
+        ids = [id(p) for p in encoder + others]
+        assert len(ids) == len(set(ids)) == len(list(model.parameters()))
+        assert {id(p) for p in encoder} == {id(p) for p in model.encoder.parameters()}
+        assert {id(p) for p in model.neck.parameters()} <= {id(p) for p in others}
+
+
+def test_encode_neck_decode_are_separable():
+    model = make().eval()
+    model.neck = nn.Conv2d(512, 512, 1)
+    x = torch.randn(1, 3, 48, 48)
+    with torch.no_grad():
+        feats = model.encode(x)
+        feats[-1] = model.neck(feats[-1])
+        by_hand = model.decode(feats, out_size=x.shape[-2:])
+        assert torch.equal(by_hand, model(x))
+        model.neck = None
+        assert not torch.allclose(by_hand, model(x))
+
+
+def test_unknown_encoder_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"key 'model.encoder'.*unknown timm model 'resnet-18'.*resnet18"):
+        make("resnet-18")
+
+
+def test_output_stride_the_encoder_cannot_give():
+    with pytest.raises(ConfigError, match=r"key 'model.output_stride'.*'pvt_v2_b0'.*set model.output_stride to 32"):
+        make("pvt_v2_b0", output_stride=16)
+
+
+def test_pretrained_from_full_model_safetensors(tmp_path):
+    torch.manual_seed(3)
+    full = timm.create_model("resnet18", pretrained=False)  # classifier model, with fc.*
+    path = tmp_path / "resnet18.safetensors"
+    save_file(full.state_dict(), str(path))
+    model = make("resnet18", pretrained=str(path))
+    own = model.encoder.state_dict()
+    assert all(torch.equal(v, full.state_dict()[k]) for k, v in own.items())
+
+
+def test_pretrained_flattened_module_names(tmp_path):
+    # timm's features_only wrapper renames convnext's `stages.0` to `stages_0`; a classifier
+    # state dict must still load, which the deepest feature at OS32 proves.
+    torch.manual_seed(4)
+    full = timm.create_model("convnext_atto", pretrained=False).eval()
+    path = tmp_path / "convnext.safetensors"
+    save_file(full.state_dict(), str(path))
+    model = make("convnext_atto", output_stride=32, pretrained=str(path)).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(model.encode(x)[-1], full.forward_features(x), atol=1e-5)
+
+
+def test_pretrained_pth_with_module_prefix(tmp_path):
+    source = make("resnet18")
+    source.encoder.layer1[0].conv1.weight.data.fill_(0.5)
+    state = {f"module.{k}": v for k, v in source.encoder.state_dict().items()}
+    path = tmp_path / "encoder.pth"
+    torch.save({"state_dict": state}, path)
+    model = make("resnet18", pretrained=str(path))
+    for k, v in source.encoder.state_dict().items():
+        assert torch.equal(model.encoder.state_dict()[k], v)
+
+
+def test_pretrained_file_that_does_not_fit(tmp_path):
+    path = tmp_path / "resnet18.safetensors"
+    save_file(timm.create_model("resnet18").state_dict(), str(path))
+    with pytest.raises(CheckpointError, match=r"resnet18\.safetensors.*'resnet34'.*missing.*layer1\.2\."):
+        make("resnet34", pretrained=str(path))
+
+    state = timm.create_model("resnet18").state_dict()
+    state["conv1.weight"] = torch.zeros(64, 3, 3, 3)
+    save_file(state, str(path))
+    with pytest.raises(CheckpointError, match=r"conv1\.weight has shape \(64, 3, 3, 3\)"):
+        make("resnet18", pretrained=str(path))
+
+    with pytest.raises(SemisegError, match=r"missing\.pth.*does not exist"):
+        make("resnet18", pretrained=str(tmp_path / "missing.pth"))
+
+
+def test_pretrained_true_without_network(monkeypatch):
+    real = timm.create_model
+
+    def no_hub(name, pretrained=False, **kwargs):
+        if pretrained:
+            raise OSError("We couldn't connect to 'https://huggingface.co' to load this file")
+        return real(name, pretrained=False, **kwargs)
+
+    monkeypatch.setattr(timm, "create_model", no_hub)
+    with pytest.raises(SemisegError, match=r"could not fetch pretrained weights for encoder 'resnet18' \(no network\?\)"):
+        make("resnet18", pretrained=True)
