@@ -1,0 +1,202 @@
+"""Shared pieces of the weak-to-strong consistency methods (FixMatch, UniMatch, Mean Teacher).
+
+The recipe, in the notation of the official UniMatch code (LiheYoung/UniMatch):
+
+1. Pseudo labels from the weak view: ``pseudo_label = argmax p_w``, ``confidence = max p_w``
+   with ``p_w = softmax(logits_w)``, never back-propagated (:func:`pseudo_target`).
+2. CutMix: inside ``cutmix_box`` the strong image is replaced by a partner image's strong view,
+   and the target (pseudo label, confidence *and* ignore mask) by the partner's, with the same
+   box (:func:`apply_cutmix`, :meth:`PseudoTarget.cutmix`).
+3. The unsupervised loss (:func:`unsupervised_loss`)::
+
+       L_u = sum_pixels CE(logits_s, pseudo_label) * [confidence >= tau] * [ignore_mask != 255]
+             / #{pixels with ignore_mask != 255}
+
+   i.e. normalised by the number of non-padding pixels, not by the number of confident ones
+   (official code; the UniMatch paper writes the same average over all pixels of the batch).
+
+:class:`ConsistencyMethod` is their common base: the optional EMA teacher, where the CutMix
+partner comes from (``mix_source``) and what is scored at evaluation.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Callable, Literal, NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+
+from semiseg.config import MethodConfig
+from semiseg.methods.base import Batch, Method, StepContext
+from semiseg.methods.teacher import EMATeacher
+
+PADDING = 255  # value of ``ignore_mask`` on pixels added by padding the crop
+
+MixSource = Literal["separate_batch", "in_batch"]
+# Where the CutMix partner of an unlabelled image comes from, for every method of this module:
+#   "separate_batch": a second, independently drawn unlabelled batch whose pseudo labels come
+#       from an extra eval-mode, no-grad forward pass (official UniMatch / FixMatch code);
+#   "in_batch": the same batch in reverse order (``flip(0)``), reusing the weak predictions
+#       already computed (UniMatch V2's code): no extra batch, no extra forward pass.
+DEFAULT_MIX_SOURCE: MixSource = "separate_batch"
+
+
+class PseudoTarget(NamedTuple):
+    """What the weak view teaches the strong one, per pixel."""
+
+    pseudo_label: torch.Tensor  # (B,H,W) long: argmax class of the weak prediction
+    confidence: torch.Tensor  # (B,H,W) float32: its softmax probability
+    ignore_mask: torch.Tensor  # (B,H,W) long: 255 on padding, else 0
+
+    def cutmix(self, partner: "PseudoTarget", cutmix_box: torch.Tensor) -> "PseudoTarget":
+        """The target of a CutMix-ed image: the partner's target inside the box."""
+        return PseudoTarget(*(apply_cutmix(mine, theirs, cutmix_box) for mine, theirs in zip(self, partner)))
+
+    def flip(self) -> "PseudoTarget":
+        """The batch in reverse order (the in-batch CutMix partner)."""
+        return PseudoTarget(*(t.flip(0) for t in self))
+
+
+def apply_cutmix(tensor_a: torch.Tensor, tensor_b: torch.Tensor, box: torch.Tensor) -> torch.Tensor:
+    """``tensor_a`` with the pixels where ``box == 1`` taken from ``tensor_b`` (a new tensor).
+
+    ``box`` is ``(B,H,W)``; the tensors are ``(B,C,H,W)`` images / probability maps or
+    ``(B,H,W)`` label, confidence and ignore maps, so one box moves image and target alike.
+    """
+    inside = box == 1
+    if tensor_a.dim() == 4:
+        inside = inside.unsqueeze(1)
+    return torch.where(inside, tensor_b, tensor_a)
+
+
+@torch.no_grad()
+def pseudo_target_from_probs(probs: torch.Tensor, ignore_mask: torch.Tensor) -> PseudoTarget:
+    """Hard pseudo labels and confidences from class probabilities ``(B,K,H,W)``."""
+    confidence, pseudo_label = probs.float().max(dim=1)
+    return PseudoTarget(pseudo_label, confidence, ignore_mask)
+
+
+@torch.no_grad()
+def pseudo_target(logits: torch.Tensor, ignore_mask: torch.Tensor) -> PseudoTarget:
+    """Pseudo labels from weak-view logits ``(B,K,H,W)`` (detached, softmax in float32)."""
+    return pseudo_target_from_probs(logits.detach().float().softmax(dim=1), ignore_mask)
+
+
+@torch.no_grad()
+def predict_eval(model: nn.Module, image: torch.Tensor, ignore_mask: torch.Tensor,
+                 autocast: Callable = nullcontext) -> PseudoTarget:
+    """Pseudo labels from an eval-mode, no-grad pass (BatchNorm running statistics, no dropout),
+    leaving the model in the mode it was in: the official code's prediction of the CutMix partner
+    batch (``model.eval()``; ``model(img_u_w_mix)``; ``model.train()``)."""
+    was_training = model.training
+    model.eval()
+    try:
+        with autocast():
+            logits = model(image)
+    finally:
+        model.train(was_training)
+    return pseudo_target(logits, ignore_mask)
+
+
+def confident_pixels(target: PseudoTarget, conf_thresh: float) -> torch.Tensor:
+    """``(confidence >= conf_thresh) & (ignore_mask != 255)``: the pixels that teach."""
+    return (target.confidence >= conf_thresh) & (target.ignore_mask != PADDING)
+
+
+def num_valid_pixels(ignore_mask: torch.Tensor) -> torch.Tensor:
+    """Number of non-padding pixels (at least 1, so that an all-padding batch gives a zero loss
+    instead of the official code's 0/0 = NaN)."""
+    return (ignore_mask != PADDING).sum().clamp_min(1)
+
+
+def masked_mean(per_pixel_loss: torch.Tensor, target: PseudoTarget, conf_thresh: float) -> torch.Tensor:
+    """Sum of ``per_pixel_loss`` (B,H,W) over the confident non-padding pixels, divided by the
+    number of non-padding pixels. Padding pixels get an exactly zero gradient."""
+    keep = confident_pixels(target, conf_thresh)
+    return (per_pixel_loss * keep).sum() / num_valid_pixels(target.ignore_mask)
+
+
+def unsupervised_loss(logits: torch.Tensor, target: PseudoTarget, conf_thresh: float) -> torch.Tensor:
+    """Confidence-masked cross-entropy of the strong (or perturbed) prediction against the pseudo
+    labels, normalised by the number of non-padding pixels (official ``criterion_u``)."""
+    per_pixel = F.cross_entropy(logits.float(), target.pseudo_label, reduction="none")
+    return masked_mean(per_pixel, target, conf_thresh)
+
+
+@torch.no_grad()
+def mask_ratio(target: PseudoTarget, conf_thresh: float) -> torch.Tensor:
+    """Share of the non-padding pixels whose pseudo label is confident enough to teach."""
+    return confident_pixels(target, conf_thresh).sum() / num_valid_pixels(target.ignore_mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Common base of FixMatch, UniMatch and Mean Teacher
+
+
+class ConsistencyConfig(MethodConfig):
+    """Keys shared by FixMatch and UniMatch."""
+
+    conf_thresh: float = Field(0.95, ge=0.0, le=1.0)  # tau: 0.95 in every official config
+    mix_source: MixSource = DEFAULT_MIX_SOURCE
+    teacher: Literal["none", "ema"] = "none"  # "ema": pseudo labels from an EMA teacher
+    ema_momentum: float = Field(0.996, ge=0.0, le=1.0)  # with teacher=ema; UniMatch V2's value
+
+
+class ConsistencyMethod(Method):
+    """Base class: EMA teacher (optional), CutMix partner, evaluation of student and teacher.
+
+    Subclasses write ``train_step``. ``self.teacher`` is an :class:`EMATeacher` or None;
+    pseudo labels come from :attr:`pseudo_labeler`, the teacher when there is one.
+    """
+
+    uses_unlabeled = True
+
+    def __init__(self, cfg, model: nn.Module, num_classes: int, ignore_index: int = 255):
+        super().__init__(cfg, model, num_classes, ignore_index)
+        self.teacher: Optional[EMATeacher] = EMATeacher(model) if self.uses_teacher else None
+
+    @property
+    def uses_teacher(self) -> bool:
+        return getattr(self.mcfg, "teacher", "none") == "ema"
+
+    @property
+    def needs_mix_batch(self) -> bool:
+        return self.mcfg.mix_source == "separate_batch"
+
+    @property
+    def pseudo_labeler(self) -> nn.Module:
+        """The network whose predictions become pseudo labels: the teacher, else the student."""
+        return self.teacher if self.teacher is not None else self.model
+
+    def teacher_target(self, image: torch.Tensor, ignore_mask: torch.Tensor, ctx: StepContext) -> PseudoTarget:
+        """Pseudo labels of the EMA teacher (eval mode, no grad)."""
+        return predict_eval(self.teacher, image, ignore_mask, ctx.autocast)
+
+    def mix_partner_images(self, batch: Batch, num_views: int) -> list[torch.Tensor]:
+        """The partner's strong views, one per strong view of the unlabelled batch."""
+        if self.mcfg.mix_source == "separate_batch":
+            return [batch.unlabeled_mix[f"strong_{k}"] for k in range(1, num_views + 1)]
+        return [batch.unlabeled[f"strong_{k}"].flip(0) for k in range(1, num_views + 1)]
+
+    def separate_partner_target(self, batch: Batch, ctx: StepContext) -> Optional[PseudoTarget]:
+        """With ``separate_batch``: the partner batch's pseudo labels from an eval-mode pass of
+        the pseudo-labelling network, made before the training forward pass as official (so
+        BatchNorm's running statistics are not yet updated by this step). None with
+        ``in_batch``: the partner's target is then the weak target reversed."""
+        if self.mcfg.mix_source != "separate_batch":
+            return None
+        mix = batch.unlabeled_mix
+        return predict_eval(self.pseudo_labeler, mix["weak"], mix["ignore_mask"], ctx.autocast)
+
+    @torch.no_grad()
+    def after_step(self, ctx: StepContext) -> None:
+        if self.teacher is not None:
+            self.teacher.update(self.model, ctx.iteration, self.mcfg.ema_momentum)
+
+    def eval_models(self) -> dict[str, nn.Module]:
+        if self.teacher is None:
+            return {"student": self.model}
+        return {"student": self.model, "teacher": self.teacher.module}

@@ -1,0 +1,87 @@
+"""FixMatch for segmentation, as reproduced in UniMatch (Yang et al., CVPR 2023, official
+``fixmatch.py``): weak-to-strong consistency with a confidence threshold and CutMix.
+
+One step::
+
+    L_x = criterion_l(f(x), y)                                   labelled batch
+    pseudo_label, confidence = argmax / max softmax f(u_w)         weak view, no gradient
+    u_s    = CutMix(strong view of u, strong view of partner, cutmix_box)
+    target = CutMix(pseudo target of u, pseudo target of partner, cutmix_box)
+    L_s = sum CE(f(u_s), pseudo_label) [confidence >= tau] [not padding] / #non-padding pixels
+    loss = (weight_x * L_x + weight_s * L_s) / 2                  official: weights 1 and 1
+
+Faithful to the official code, where the paper is silent:
+
+* the labelled and the weak images go through the network together, in training mode
+  (``model(cat(img_x, img_u_w))``), and the strong images in a second pass;
+* with ``mix_source: separate_batch`` (official) the CutMix partner is a second unlabelled batch
+  whose pseudo labels come from an *eval-mode* pass made before the training passes;
+  ``in_batch`` (UniMatch V2's code) takes the batch reversed and reuses the weak predictions;
+* ``mask_ratio`` is measured on the weak view's own pseudo labels (before CutMix).
+
+``teacher: ema`` follows UniMatch V2's "FixMatch with an EMA teacher": the pseudo labels of the
+weak view and of the partner come from the EMA teacher (eval mode, no grad), the student never
+sees the weak view, and the labelled and strong images share one student forward pass
+(``model(cat(img_x, img_u_s))``).
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import Field
+
+from semiseg.methods.base import Batch, StepContext, StepResult, register_method
+from semiseg.methods.consistency import (
+    ConsistencyConfig,
+    ConsistencyMethod,
+    apply_cutmix,
+    mask_ratio,
+    pseudo_target,
+    unsupervised_loss,
+)
+
+
+class FixMatchConfig(ConsistencyConfig):
+    name: str = "fixmatch"
+    weight_x: float = Field(1.0, ge=0.0)  # loss = (weight_x * L_x + weight_s * L_s) / 2
+    weight_s: float = Field(1.0, ge=0.0)
+
+
+@register_method("fixmatch", FixMatchConfig)
+class FixMatch(ConsistencyMethod):
+    num_strong_views = 1
+
+    def train_step(self, batch: Batch, ctx: StepContext) -> StepResult:
+        cfg = self.mcfg
+        img_x, mask_x = batch.labeled["image"], batch.labeled["mask"]
+        u = batch.unlabeled
+        img_u_w, img_u_s, ignore_mask, cutmix_box = u["weak"], u["strong_1"], u["ignore_mask"], u["box_1"]
+
+        # The CutMix partner: its pseudo labels now (eval-mode pass) or, in-batch, after the weak pass.
+        target_mix = self.separate_partner_target(batch, ctx)
+        (img_u_s_mix,) = self.mix_partner_images(batch, 1)
+        img_u_s = apply_cutmix(img_u_s, img_u_s_mix, cutmix_box)
+
+        num_lb, num_ulb = img_x.shape[0], img_u_w.shape[0]
+        with ctx.autocast():
+            if self.teacher is None:
+                pred_x, pred_u_w = self.model(torch.cat((img_x, img_u_w))).split([num_lb, num_ulb])
+                pred_u_s = self.model(img_u_s)
+            else:
+                pred_x, pred_u_s = self.model(torch.cat((img_x, img_u_s))).split([num_lb, num_ulb])
+
+        if self.teacher is None:
+            target_w = pseudo_target(pred_u_w, ignore_mask)
+        else:
+            target_w = self.teacher_target(img_u_w, ignore_mask, ctx)
+        if target_mix is None:
+            target_mix = target_w.flip()
+        target_s = target_w.cutmix(target_mix, cutmix_box)
+
+        loss_x = self.criterion_l(pred_x.float(), mask_x)
+        loss_s = unsupervised_loss(pred_u_s, target_s, cfg.conf_thresh)
+        loss = (cfg.weight_x * loss_x + cfg.weight_s * loss_s) / 2.0
+
+        logs = {"loss_x": loss_x.detach(), "loss_s": loss_s.detach(),
+                "mask_ratio": mask_ratio(target_w, cfg.conf_thresh)}
+        return StepResult(loss, logs)
