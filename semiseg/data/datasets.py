@@ -139,7 +139,7 @@ class DatasetReader:
         root = Path(self.cfg.root).expanduser().absolute()
         if not root.is_dir():
             raise DataError(f"data root {root} does not exist (data.root={self.cfg.root!r}): expected the "
-                            f"{self.name} dataset folder")
+                            f"folder of the {self.name} dataset")
         return root
 
     def list_split(self, root: Path, split: str) -> list[Pair]:
@@ -330,7 +330,8 @@ class CocoReader(DatasetReader):
         return (image, self.mask_for_image(root, image)) if image else None
 
     def mask_for_image(self, root: Path, image: Path) -> Optional[Path]:
-        return _first_file(root / "masks" / f"{image.stem}.png", root / "masks" / image.parent.name / f"{image.stem}.png")
+        masks = root / "masks"
+        return _first_file(masks / f"{image.stem}.png", masks / image.parent.name / f"{image.stem}.png")
 
 
 class ADE20KReader(DatasetReader):

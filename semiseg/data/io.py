@@ -121,23 +121,29 @@ class LabelMap:
         return self.lut[raw].astype(np.uint8)
 
 
-def load_pair(image_path: Path, mask_path: Optional[Path], label_map: Optional[LabelMap],
-              read_mask_file: bool = True) -> tuple[Image.Image, Optional[Image.Image]]:
-    """Read an image and (optionally) its mask with every per-file check.
+def check_same_size(image: Image.Image, mask: np.ndarray, image_path: Path, mask_path: Path) -> None:
+    if mask.shape != (image.height, image.width):
+        raise DataError(f"image {image_path} is {image.width}x{image.height} but its mask {mask_path} is "
+                        f"{mask.shape[1]}x{mask.shape[0]}: expected the same size")
 
-    Returns the RGB image and the decoded mask as an 8-bit ``L`` image of internal labels (None
-    when ``read_mask_file`` is False). ``label_map`` None keeps the stored values (which must fit
-    in 0..255).
+
+_STORED_VALUES = LabelMap(np.arange(256), "values in [0, 255]")  # no label map: values kept as stored
+
+
+def decode_mask(raw: np.ndarray, label_map: Optional[LabelMap], path: Path) -> np.ndarray:
+    """Stored values -> uint8 internal labels; without a label map the values are kept (0..255)."""
+    return (label_map if label_map is not None else _STORED_VALUES).decode(raw, path)
+
+
+def load_pair(image_path: Path, mask_path: Optional[Path], label_map: Optional[LabelMap]
+              ) -> tuple[Image.Image, Image.Image]:
+    """An image and its decoded mask, with every per-file check.
+
+    Returns the RGB image and the mask as an 8-bit ``L`` image of internal labels.
     """
     image = read_image(image_path)
-    if not read_mask_file:
-        return image, None
     if mask_path is None:
         raise DataError(f"image {image_path} has no mask: expected a labelled image here")
     raw = read_mask(mask_path)
-    if raw.shape != (image.height, image.width):
-        raise DataError(f"image {image_path} is {image.width}x{image.height} but its mask {mask_path} is "
-                        f"{raw.shape[1]}x{raw.shape[0]}: expected the same size")
-    if label_map is None:
-        label_map = LabelMap(np.arange(256), "values in [0, 255]")
-    return image, Image.fromarray(label_map.decode(raw, mask_path))
+    check_same_size(image, raw, image_path, mask_path)
+    return image, Image.fromarray(decode_mask(raw, label_map, mask_path))

@@ -1,0 +1,247 @@
+"""Torch datasets for training and evaluation, data loaders, and the dataset check.
+
+The three datasets follow UniMatch's ``SemiDataset`` modes:
+
+* :class:`LabeledSet` (``train_l``): ``{"image", "mask", "id"}`` after the base resize, random
+  rescale (``data.scale_range``), crop (``data.crop_size``; mask padded with 255) and flip;
+  with ``strong=True`` (AllSpark) also the strong photometric set.
+* :class:`UnlabeledSet` (``train_u``): the same geometry once, then a weak view and
+  ``num_strong`` strong views, each strong view with its own photometric draw and CutMix box:
+  ``{"weak", "strong_1", "box_1", "strong_2", "box_2", "ignore_mask", "id"}`` (only the views
+  asked for). ``ignore_mask`` is 255 where the crop padded the image, 0 elsewhere. The masks of
+  unlabelled images are never read (UniMatch reads them only to find the padding, marked 254;
+  here a blank mask is padded with 255 instead, which gives the same ignore mask).
+* :class:`EvalSet` (``val``): the whole image after the base resize, ``{"image", "mask", "id",
+  "path"}``.
+
+Every file is checked when it is read (see :mod:`semiseg.data.io`); :func:`check_dataset` runs
+the same checks over a whole dataset and reports every bad file.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from semiseg.config import Config, DataConfig
+from semiseg.data import IGNORE_INDEX
+from semiseg.data.datasets import (DatasetInfo, Sample, dataset_info, list_samples, read_split_file,
+                                   resolve_root)
+from semiseg.data.io import check_same_size, decode_mask, load_pair, read_image, read_mask
+from semiseg.data.splits import is_count_or_fraction, resolve_labeled
+from semiseg.data.transforms import (base_resize, crop, cutmix_box, hflip, normalize, resize_scale,
+                                     strong_photometric)
+from semiseg.errors import DataError
+
+
+def _data_cfg(cfg: Union[Config, DataConfig]) -> DataConfig:
+    return cfg.data if isinstance(cfg, Config) else cfg
+
+
+class LabeledSet(Dataset):
+    """Labelled training crops (UniMatch's ``train_l``)."""
+
+    def __init__(self, samples: list[Sample], data_cfg: DataConfig, strong: bool = False):
+        self.samples = samples
+        self.cfg = data_cfg
+        self.strong = strong
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict:
+        sample, cfg = self.samples[index], self.cfg
+        img, mask = load_pair(sample.image, sample.mask, sample.label_map)
+        img, mask = base_resize(img, mask, cfg.resize)
+        img, mask = resize_scale(img, mask, cfg.scale_range)
+        img, mask = crop(img, mask, cfg.crop_size, ignore_value=IGNORE_INDEX)
+        img, mask = hflip(img, mask)
+        if self.strong:
+            img = strong_photometric(img)
+        image, mask = normalize(img, mask, cfg.mean, cfg.std)
+        return {"image": image, "mask": mask, "id": sample.id}
+
+
+class UnlabeledSet(Dataset):
+    """Unlabelled training crops with a weak and ``num_strong`` strong views (UniMatch's ``train_u``)."""
+
+    def __init__(self, samples: list[Sample], data_cfg: DataConfig, num_strong: int = 2):
+        if num_strong not in (0, 1, 2):
+            raise ValueError(f"num_strong must be 0, 1 or 2, got {num_strong}")
+        self.samples = samples
+        self.cfg = data_cfg
+        self.num_strong = num_strong
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict:
+        sample, cfg = self.samples[index], self.cfg
+        img, _ = base_resize(read_image(sample.image), None, cfg.resize)
+        # The ignore mask rides through the geometry like a label map: 0 on image pixels,
+        # 255 where the crop pads.
+        img, ignore_mask = resize_scale(img, Image.new("L", img.size, 0), cfg.scale_range)
+        img, ignore_mask = crop(img, ignore_mask, cfg.crop_size, ignore_value=IGNORE_INDEX)
+        img, ignore_mask = hflip(img, ignore_mask)
+
+        out = {"id": sample.id}
+        for k in range(1, self.num_strong + 1):  # per view: photometric draw, then its box (UniMatch's order)
+            out[f"strong_{k}"], _ = normalize(strong_photometric(img), None, cfg.mean, cfg.std)
+            out[f"box_{k}"] = cutmix_box(cfg.crop_size, p=0.5)
+        out["weak"], out["ignore_mask"] = normalize(img, ignore_mask, cfg.mean, cfg.std)
+        return out
+
+
+class EvalSet(Dataset):
+    """Whole images after the base resize, with their masks (UniMatch's ``val``)."""
+
+    def __init__(self, samples: list[Sample], data_cfg: DataConfig):
+        self.samples = samples
+        self.cfg = data_cfg
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict:
+        sample, cfg = self.samples[index], self.cfg
+        img, mask = base_resize(*load_pair(sample.image, sample.mask, sample.label_map), cfg.resize)
+        image, mask = normalize(img, mask, cfg.mean, cfg.std)
+        return {"image": image, "mask": mask, "id": sample.id, "path": str(sample.image)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Building the sets of a config
+
+
+@dataclass
+class TrainSets:
+    labeled: LabeledSet
+    unlabeled: Optional[UnlabeledSet]
+    info: DatasetInfo
+
+
+def repeat_to_length(samples: list[Sample], length: int, seed: int = 0) -> list[Sample]:
+    """UniMatch's ``nsample``: the list repeated ``ceil(length / len)`` times, shuffled (seeded),
+    truncated to ``length`` -- so a labelled epoch is as long as an unlabelled one."""
+    repeated = samples * math.ceil(length / len(samples))
+    random.Random(seed).shuffle(repeated)
+    return repeated[:length]
+
+
+def build_train_sets(cfg: Union[Config, DataConfig], num_strong: int, with_unlabeled: bool,
+                     strong_labeled: bool = False) -> TrainSets:
+    """The labelled set and (``with_unlabeled``) the unlabelled set of ``data.train_split``.
+
+    When there is an unlabelled set larger than the labelled one, the labelled list is repeated
+    to its length (:func:`repeat_to_length`); labelled images are never dropped (UniMatch
+    truncates when the labelled set is the larger).
+    """
+    data = _data_cfg(cfg)
+    info = dataset_info(data)
+    labeled, unlabeled = resolve_labeled(data, list_samples(data, data.train_split))
+    unlabeled_set = UnlabeledSet(unlabeled, data, num_strong) if with_unlabeled and unlabeled else None
+    if unlabeled_set is not None and len(unlabeled) > len(labeled):
+        labeled = repeat_to_length(labeled, len(unlabeled), data.split_seed)
+    return TrainSets(LabeledSet(labeled, data, strong=strong_labeled), unlabeled_set, info)
+
+
+def build_eval_set(cfg: Union[Config, DataConfig], split: str = "val") -> EvalSet:
+    """Every image of ``split`` with its mask, for scoring."""
+    data = _data_cfg(cfg)
+    samples = list_samples(data, split)
+    unmasked = next((s for s in samples if s.mask is None), None)
+    if unmasked is not None:
+        raise DataError(f"image {unmasked.image} of split '{split}' has no mask: every evaluation image needs one")
+    return EvalSet(samples, data)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loaders
+
+
+def _loader_seed(seed: int, rank: int, epoch: int) -> int:
+    return int(np.random.SeedSequence([seed, rank, epoch]).generate_state(1)[0])
+
+
+def seed_worker(worker_id: int) -> None:
+    """``worker_init_fn``: seed ``random`` and numpy from the seed torch gave this worker
+    (derived from the loader's generator), as torch's reproducibility notes recommend."""
+    worker_seed = torch.initial_seed() % 2**32
+    random.seed(worker_seed)
+    np.random.seed(worker_seed)
+
+
+def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool = True, drop_last: bool = True, seed: int = 0,
+                workers: int = 0, rank: int = 0, world_size: int = 1) -> DataLoader:
+    """A DataLoader whose order is a function of ``(seed, epoch)`` only.
+
+    The sampler is a ``DistributedSampler`` in every case (with ``world_size=1`` it is simply a
+    permutation seeded with ``seed + epoch``), so ranks see disjoint shards and :func:`set_epoch`
+    re-draws the order identically after a restart. Workers seed ``random``, numpy and torch
+    from the loader's generator (seeded from ``seed``, ``rank`` and the epoch). With persistent
+    workers the worker generators are seeded once, at the first epoch; for augmentations that
+    replay exactly from any iteration use :class:`semiseg.engine.sampling.Stream`.
+    """
+    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=drop_last,
+                      worker_init_fn=seed_worker, generator=torch.Generator().manual_seed(_loader_seed(seed, rank, 0)),
+                      persistent_workers=workers > 0)
+
+
+def set_epoch(loader: DataLoader, epoch: int) -> None:
+    """Re-seed the order (and the workers' seeds) of a :func:`make_loader` loader for ``epoch``."""
+    sampler = loader.sampler
+    sampler.set_epoch(epoch)
+    loader.generator.manual_seed(_loader_seed(sampler.seed, sampler.rank, epoch))
+
+
+# ---------------------------------------------------------------------------------------------
+# Checking a whole dataset
+
+
+def _attempt(problems: list[str], read, *args):
+    try:
+        return read(*args)
+    except DataError as e:
+        problems.append(str(e))
+        return None
+
+
+def check_sample(sample: Sample) -> list[str]:
+    """Every problem of one sample: unreadable image or mask, size mismatch, undefined mask values."""
+    problems: list[str] = []
+    image = _attempt(problems, read_image, sample.image)
+    if sample.mask is None:
+        return problems
+    raw = _attempt(problems, read_mask, sample.mask)
+    if raw is None:
+        return problems
+    if image is not None:
+        _attempt(problems, check_same_size, image, raw, sample.image, sample.mask)
+    _attempt(problems, decode_mask, raw, sample.label_map, sample.mask)
+    return problems
+
+
+def check_dataset(cfg: Union[Config, DataConfig], splits=("train", "val")) -> list[str]:
+    """Read every image and mask of the configured dataset's ``splits`` (and parse its labelled /
+    unlabelled split files); one line per problem, every bad file listed. Used by
+    ``semiseg check-data``."""
+    data = _data_cfg(cfg)
+    dataset_info(data)  # a config problem (folder without num_classes) or a missing root is raised,
+    resolve_root(data)  # not listed
+    problems: list[str] = []
+    for split in splits:
+        samples = _attempt(problems, list_samples, data, split) or []
+        for sample in samples:
+            problems.extend(check_sample(sample))
+    for split_file in (data.labeled, data.unlabeled):
+        if split_file is not None and not is_count_or_fraction(split_file):
+            _attempt(problems, read_split_file, split_file, data)
+    return problems

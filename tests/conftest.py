@@ -1,0 +1,69 @@
+"""Shared fixtures: an isolated dataset cache and tiny generated datasets."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from semiseg.config import DataConfig
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_cache(tmp_path_factory):
+    """Generated data (the synthetic dataset) goes to a per-session folder, not ~/.cache."""
+    old = os.environ.get("SEMISEG_CACHE")
+    os.environ["SEMISEG_CACHE"] = str(tmp_path_factory.mktemp("semiseg-cache"))
+    yield Path(os.environ["SEMISEG_CACHE"])
+    if old is None:
+        os.environ.pop("SEMISEG_CACHE", None)
+    else:
+        os.environ["SEMISEG_CACHE"] = old
+
+
+def write_png(path: Path, array: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+    return path
+
+
+@pytest.fixture
+def make_folder_dataset(tmp_path):
+    """Factory for a ``folder`` dataset: ``make_folder_dataset(n=12, size=(W, H), num_classes=3,
+    unlabeled=0, lists=False)`` -> root. Image ``i`` is random noise; its mask holds class ``i %
+    num_classes`` in the left half and random classes elsewhere, so every class occurs."""
+    counter = iter(range(1000))
+
+    def make(n: int = 12, size: tuple[int, int] = (24, 16), num_classes: int = 3, unlabeled: int = 0,
+             lists: bool = False, seed: int = 0) -> Path:
+        root = tmp_path / f"folder{next(counter)}"
+        rng = np.random.default_rng(seed)
+        w, h = size
+        for i in range(n):
+            write_png(root / "images" / f"img{i:03d}.png", rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+            mask = rng.integers(0, num_classes, (h, w), dtype=np.uint8)
+            mask[:, : w // 2] = i % num_classes
+            write_png(root / "masks" / f"img{i:03d}.png", mask)
+        for i in range(unlabeled):
+            write_png(root / "unlabeled" / f"u{i:03d}.png", rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        if lists:
+            names = [f"img{i:03d}" for i in range(n)]
+            line = "images/{0}.png masks/{0}.png\n".format
+            (root / "train.txt").write_text("".join(line(x) for x in names[: n - 2]))
+            (root / "val.txt").write_text("".join(line(x) for x in names[n - 2:]))
+        return root
+
+    return make
+
+
+@pytest.fixture
+def folder_config():
+    """``folder_config(root, **keys)`` -> a DataConfig for a folder dataset (3 classes by default)."""
+
+    def make(root: Path, **keys) -> DataConfig:
+        return DataConfig(**{"dataset": "folder", "root": str(root), "num_classes": 3, "crop_size": 16, **keys})
+
+    return make

@@ -1,0 +1,163 @@
+"""Torch datasets (labelled, unlabelled, eval) and reproducible loaders."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from conftest import write_png
+from torch.utils.data import Dataset
+
+from semiseg.config import load_config
+from semiseg.data import IGNORE_INDEX
+from semiseg.data.build import (LabeledSet, UnlabeledSet, build_eval_set, build_train_sets, make_loader,
+                                set_epoch)
+from semiseg.data.datasets import list_samples
+from semiseg.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+
+def seed_all(seed):
+    random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
+
+
+def to_uint8(image: torch.Tensor) -> np.ndarray:
+    """Undo ``normalize``: (3, H, W) -> (H, W, 3) 0..255."""
+    x = image * torch.tensor(IMAGENET_STD).view(3, 1, 1) + torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    return (x * 255).round().permute(1, 2, 0).numpy().astype(int)
+
+
+@pytest.fixture
+def colour_coded(tmp_path):
+    """A folder dataset whose image colour encodes the label (R = 40 + 60 * label) in 10x10 blocks."""
+    root = tmp_path / "coded"
+    rng = np.random.default_rng(0)
+    for i in range(10):
+        label = rng.integers(0, 3, (3, 4)).repeat(10, 0).repeat(10, 1)  # 30 x 40
+        rgb = np.stack([40 + 60 * label, 200 - 60 * label, np.full_like(label, 90)], -1).astype(np.uint8)
+        write_png(root / "images" / f"im{i}.png", rgb)
+        write_png(root / "masks" / f"im{i}.png", label.astype(np.uint8))
+    return root
+
+
+def interior(mask: np.ndarray, r: int = 3) -> np.ndarray:
+    """Pixels at least ``r`` from a label edge or the border (two resizes blur edges by ~2 px)."""
+    h, w = mask.shape
+    padded = np.pad(mask, r, constant_values=-1)
+    return np.all([padded[dy:dy + h, dx:dx + w] == mask for dy in range(2 * r + 1) for dx in range(2 * r + 1)], 0)
+
+
+@pytest.mark.parametrize("resize", [None, (48, 36)])
+def test_labeled_crops_keep_labels_on_their_pixels(colour_coded, folder_config, resize):
+    cfg = folder_config(colour_coded, crop_size=40, resize=resize)
+    dataset = LabeledSet(list_samples(cfg, "train"), cfg)
+    checked = 0
+    for seed in range(12):
+        seed_all(seed)
+        item = dataset[seed % len(dataset)]
+        assert item["image"].shape == (3, 40, 40) and item["mask"].shape == (40, 40)
+        assert item["image"].dtype == torch.float32 and item["mask"].dtype == torch.long
+        mask, rgb = item["mask"].numpy(), to_uint8(item["image"])
+        assert set(np.unique(mask)) <= {0, 1, 2, IGNORE_INDEX}
+        assert np.array_equal(mask == IGNORE_INDEX, np.abs(rgb).sum(-1) == 0)  # padding: black image, 255 mask
+        inside = interior(mask) & (mask != IGNORE_INDEX)
+        assert np.abs(rgb[..., 0][inside] - (40 + 60 * mask[inside])).max(initial=0) <= 1
+        checked += inside.sum()
+    assert checked > 12 * 40 * 40 / 4
+
+
+def test_strong_labeled_changes_colours_not_geometry(colour_coded, folder_config):
+    cfg = folder_config(colour_coded, crop_size=24)
+    samples = list_samples(cfg, "train")
+    plain, strong = LabeledSet(samples, cfg), LabeledSet(samples, cfg, strong=True)
+    changed = 0
+    for seed in range(6):
+        seed_all(seed)
+        a = plain[0]
+        seed_all(seed)
+        b = strong[0]
+        assert torch.equal(a["mask"], b["mask"])  # geometry is drawn first, identically
+        changed += not torch.equal(a["image"], b["image"])
+    assert changed >= 4
+
+
+@pytest.mark.parametrize("num_strong", [0, 1, 2])
+def test_unlabeled_views_and_ignore_mask(colour_coded, folder_config, num_strong):
+    cfg = folder_config(colour_coded, crop_size=64, scale_range=(0.5, 1.0))  # always padded
+    for mask in (colour_coded / "masks").iterdir():
+        mask.write_bytes(b"")  # unlabelled masks are never read
+    dataset = UnlabeledSet(list_samples(cfg, "train"), cfg, num_strong=num_strong)
+    seed_all(0)
+    item = dataset[0]
+    expected = {"id", "weak", "ignore_mask"} | {f"{k}_{i}" for k in ("strong", "box") for i in range(1, num_strong + 1)}
+    assert set(item) == expected
+    ignore = item["ignore_mask"].numpy()
+    assert item["ignore_mask"].dtype == torch.long and set(np.unique(ignore)) == {0, IGNORE_INDEX}
+    assert np.array_equal(ignore == IGNORE_INDEX, np.abs(to_uint8(item["weak"])).sum(-1) == 0)
+    for i in range(1, num_strong + 1):
+        assert item[f"strong_{i}"].shape == (3, 64, 64)
+        assert item[f"box_{i}"].shape == (64, 64) and set(item[f"box_{i}"].unique().tolist()) <= {0, 1}
+
+
+def test_eval_set_returns_whole_resized_images(colour_coded, folder_config):
+    cfg = folder_config(colour_coded, resize=(20, 15))
+    item = build_eval_set(cfg, "val")[0]
+    assert item["image"].shape == (3, 15, 20) and item["mask"].shape == (15, 20)
+    assert item["path"].endswith("im0.png") and item["id"] == "im0"
+    full = build_eval_set(folder_config(colour_coded), "val")[0]
+    assert full["image"].shape == (3, 30, 40)
+
+
+def test_labeled_set_is_repeated_to_the_unlabeled_length(make_folder_dataset, folder_config):
+    root = make_folder_dataset(n=22)  # 19 train images after the holdout
+    cfg = load_config({"data": {"dataset": "folder", "root": str(root), "num_classes": 3, "labeled": 4,
+                                "crop_size": 16}})
+    sets = build_train_sets(cfg, num_strong=2, with_unlabeled=True)
+    assert len(sets.unlabeled) == 15 and len(sets.labeled) == 15
+    ids = [s.id for s in sets.labeled.samples]
+    assert len(set(ids)) == 4 and all(3 <= ids.count(i) <= 4 for i in set(ids))  # ceil(15/4) copies, truncated
+    assert sets.info.num_classes == 3
+    alone = build_train_sets(cfg, num_strong=0, with_unlabeled=False)
+    assert len(alone.labeled) == 4 and alone.unlabeled is None
+
+
+# ------------------------------------------------------------------------------ loaders
+class Draws(Dataset):
+    """Its index and one draw from each global generator, as an augmentation would make."""
+
+    def __len__(self):
+        return 12
+
+    def __getitem__(self, i):
+        return torch.tensor([i, random.random(), np.random.rand(), torch.rand(()).item()], dtype=torch.float64)
+
+
+def epoch_batches(loader, epoch):
+    set_epoch(loader, epoch)
+    return [b for b in loader]
+
+
+def test_same_seed_and_epoch_give_the_same_order():
+    a, b = make_loader(Draws(), 4, seed=7), make_loader(Draws(), 4, seed=7)
+    order = lambda batches: torch.cat(batches)[:, 0].tolist()  # noqa: E731
+    assert order(epoch_batches(a, 3)) == order(epoch_batches(b, 3))
+    assert order(epoch_batches(a, 3)) != order(epoch_batches(a, 4))  # re-shuffled per epoch
+    assert order(epoch_batches(b, 4)) == order(epoch_batches(a, 4))  # resuming at epoch 4 replays it
+    assert sorted(order(epoch_batches(a, 0))) == list(range(12))
+    assert order(epoch_batches(make_loader(Draws(), 4, shuffle=False), 5)) == list(range(12))
+
+
+def test_ranks_get_disjoint_shards():
+    shards = [torch.cat(epoch_batches(make_loader(Draws(), 3, seed=1, rank=r, world_size=2), 2))[:, 0].tolist()
+              for r in range(2)]
+    assert len(shards[0]) == len(shards[1]) == 6 and not set(shards[0]) & set(shards[1])
+
+
+def test_workers_are_seeded_reproducibly():
+    runs = []
+    for _ in range(2):
+        loader = make_loader(Draws(), 3, seed=5, workers=2)
+        runs.append(torch.cat(epoch_batches(loader, 0)))
+        del loader
+    assert torch.equal(runs[0], runs[1])  # order and every worker's random draws replay
+    draws = runs[0][:, 1:]
+    assert len(torch.unique(draws[:, 0])) == 12  # workers do not repeat each other's draws
