@@ -1,0 +1,273 @@
+"""Scoring a network on a labelled split, following UniMatch's ``evaluate()`` (``supervised.py``).
+
+Modes (``eval.mode``):
+
+* ``original`` -- the whole image in one forward pass (UniMatch's default for Pascal/COCO);
+* ``center_crop`` -- only the central ``crop_size x crop_size`` window is predicted *and scored*:
+  the mask is cut to the same window (UniMatch's Cityscapes mode during training). An image
+  smaller than the crop is zero-padded to the crop for the forward pass (zero = the mean colour
+  after normalisation) and the padding is dropped again, so it is scored on its own pixels;
+* ``sliding_window`` -- ``crop_size`` windows every ``stride`` pixels (default
+  ``int(crop_size * 2 / 3)``, UniMatch's ``int(grid * 2 / 3)``); the softmax probabilities of
+  overlapping windows are summed and divided by the per-pixel window count (``eval.stride``
+  overrides the step; it is capped at the crop so that no pixel is skipped). Deviation: UniMatch
+  steps ``row += stride`` until the border and feeds the truncated windows it meets there (down
+  to slivers a few pixels wide); here the last window of each row/column is shifted back to end
+  at the border (mmsegmentation's ``slide_inference``), so every window is a full crop and every
+  pixel is covered. Images smaller than the crop are zero-padded to it, padding dropped after.
+
+Test-time augmentation (not in UniMatch; mmsegmentation's ``aug_test`` convention): for every
+scale in ``eval.scales`` (the input is resized bilinearly, the chosen mode runs at that size and
+the result is resized back) and, with ``eval.flip``, its horizontal mirror (flipped back), the
+*softmax probabilities* are averaged. The returned tensor is then ``log`` of the averaged
+probability: its softmax is that average and its argmax the prediction. A single plain pass
+(``original``/``center_crop``, scale 1, no flip) returns the network's raw logits.
+
+Scores come from one :class:`~semiseg.engine.metrics.ConfusionMatrix` accumulated over the split
+and, under ``torch.distributed``, all-reduced over ranks (UniMatch all-reduces intersection and
+union per batch; the sum is the same).
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Callable, Iterable, Iterator, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from semiseg.engine.metrics import ConfusionMatrix
+
+AutocastFactory = Optional[Callable[[], object]]
+
+
+# ---------------------------------------------------------------------------------------------
+# Geometry
+
+
+def default_stride(crop_size: int) -> int:
+    """UniMatch's sliding-window step: two thirds of the crop."""
+    return max(1, int(crop_size * 2 / 3))
+
+
+def window_starts(size: int, crop: int, stride: int) -> list[int]:
+    """Start offsets of the windows along one axis: every ``stride`` pixels, the last one moved
+    back to end exactly at the border. A ``size`` not larger than ``crop`` gives one window."""
+    if size <= crop:
+        return [0]
+    return list(range(0, size - crop, stride)) + [size - crop]
+
+
+def center_crop_box(height: int, width: int, crop_size: int) -> tuple[int, int, int, int]:
+    """``(top, left, h, w)`` of the central crop (UniMatch: ``start = (size - crop) // 2``);
+    an axis shorter than the crop is kept whole."""
+    h, w = min(height, crop_size), min(width, crop_size)
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def _pad_to(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Zero-pad the bottom/right of ``x`` up to at least ``height x width``."""
+    ph, pw = max(0, height - x.shape[-2]), max(0, width - x.shape[-1])
+    return F.pad(x, (0, pw, 0, ph)) if ph or pw else x
+
+
+def _resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Prediction
+
+
+def _forward(model: nn.Module, x: torch.Tensor, num_classes: int, autocast: AutocastFactory) -> torch.Tensor:
+    """``model(x)`` as float32 logits at the input size (resized bilinearly if the network
+    returns another size)."""
+    with autocast() if autocast is not None else nullcontext():
+        out = model(x)
+    if not isinstance(out, torch.Tensor) or out.dim() != 4 or out.shape[1] != num_classes:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"the network must return (B, {num_classes}, H, W) logits, got {got}")
+    return _resize(out.float(), x.shape[-2:])
+
+
+def _slide_probs(model: nn.Module, x: torch.Tensor, crop: int, stride: int, num_classes: int,
+                 autocast: AutocastFactory) -> torch.Tensor:
+    """Sliding-window softmax probabilities of ``x`` (B, 3, H, W) -> (B, K, H, W)."""
+    b, _, h, w = x.shape
+    padded = _pad_to(x, crop, crop)
+    ph, pw = padded.shape[-2:]
+    probs = padded.new_zeros(b, num_classes, ph, pw, dtype=torch.float32)
+    count = padded.new_zeros(1, 1, ph, pw, dtype=torch.float32)
+    for top in window_starts(ph, crop, stride):
+        for left in window_starts(pw, crop, stride):
+            window = padded[:, :, top:top + crop, left:left + crop]
+            probs[:, :, top:top + crop, left:left + crop] += _forward(model, window, num_classes, autocast).softmax(1)
+            count[:, :, top:top + crop, left:left + crop] += 1
+    return (probs / count)[:, :, :h, :w]
+
+
+def predict_logits(model: nn.Module, image: torch.Tensor, eval_cfg, num_classes: int,
+                   crop_size: Optional[int] = None, autocast: AutocastFactory = None) -> torch.Tensor:
+    """Logits of ``image`` (B, 3, H, W) under ``eval_cfg`` (mode, stride, flip, scales).
+
+    Returns ``(B, K, H, W)`` float32 logits for ``original`` and ``sliding_window``. For
+    ``center_crop`` the result covers only the window :func:`center_crop_box` gives, i.e.
+    ``(B, K, min(H, crop), min(W, crop))``; the caller cuts the mask the same way (``evaluate``
+    does). ``crop_size`` overrides ``eval_cfg.crop_size``; it is needed by the two crop modes.
+    ``autocast`` is an optional factory of a context manager wrapped around each forward pass.
+    See the module docstring for how passes are combined. Call under ``torch.inference_mode()``
+    (``evaluate`` does) to avoid building a graph.
+    """
+    if image.dim() != 4:
+        raise ValueError(f"expected a (B, 3, H, W) image batch, got shape {tuple(image.shape)}")
+    mode = eval_cfg.mode
+    crop = crop_size or getattr(eval_cfg, "crop_size", None)
+    if mode in ("center_crop", "sliding_window") and not crop:
+        raise ValueError(f"eval.mode={mode} needs a crop size (eval.crop_size or data.crop_size)")
+    height, width = image.shape[-2:]
+
+    if mode == "center_crop":
+        top, left, height, width = center_crop_box(image.shape[-2], image.shape[-1], crop)
+        image = _pad_to(image[:, :, top:top + height, left:left + width], crop, crop)
+    elif mode not in ("original", "sliding_window"):
+        raise ValueError(f"unknown eval.mode {mode!r}: expected original, center_crop or sliding_window")
+
+    scales = list(getattr(eval_cfg, "scales", None) or [1.0])
+    flips = (False, True) if getattr(eval_cfg, "flip", False) else (False,)
+    passes = [(float(s), f) for s in scales for f in flips]
+
+    if mode != "sliding_window" and passes == [(1.0, False)]:
+        return _forward(model, image, num_classes, autocast)[:, :, :height, :width]
+
+    # a stride above the crop would leave pixels no window covers
+    stride = min(getattr(eval_cfg, "stride", None) or default_stride(crop or 1), crop or 1)
+    full_size = image.shape[-2:]
+    total = None
+    for scale, flipped in passes:
+        x = image
+        if scale != 1.0:
+            x = _resize(x, (max(1, round(full_size[0] * scale)), max(1, round(full_size[1] * scale))))
+        if flipped:
+            x = x.flip(-1)
+        if mode == "sliding_window":
+            p = _slide_probs(model, x, crop, stride, num_classes, autocast)
+        else:
+            p = _forward(model, x, num_classes, autocast).softmax(1)
+        if flipped:
+            p = p.flip(-1)
+        p = _resize(p, full_size)
+        total = p if total is None else total + p
+    mean = total / len(passes)
+    return mean.clamp_min(torch.finfo(mean.dtype).tiny).log()[:, :, :height, :width]
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation loop
+
+
+def _as_list(batch: list) -> list:
+    """``collate_fn`` keeping the samples apart (images of a split may differ in size)."""
+    return batch
+
+
+def _groups(batch) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(images (B,3,H,W), masks (B,H,W)) groups of equal size from a loader item: either a list of
+    sample dicts (consecutive samples of equal size are stacked) or an already-collated dict."""
+    if isinstance(batch, dict):
+        image, mask = batch["image"], batch["mask"]
+        if image.dim() == 3:
+            image, mask = image.unsqueeze(0), mask.unsqueeze(0)
+        yield image, mask
+        return
+    run: list[dict] = []
+    for sample in batch:
+        if run and sample["image"].shape != run[0]["image"].shape:
+            yield torch.stack([s["image"] for s in run]), torch.stack([s["mask"] for s in run])
+            run = []
+        run.append(sample)
+    if run:
+        yield torch.stack([s["image"] for s in run]), torch.stack([s["mask"] for s in run])
+
+
+def _rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _default_device(model: nn.Module) -> torch.device:
+    for t in list(model.parameters()) + list(model.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+def evaluate(model: nn.Module, dataset_or_loader: Dataset | Iterable, eval_cfg, num_classes: int,
+             ignore_index: int = 255, device: Optional[torch.device | str] = None,
+             crop_size: Optional[int] = None, progress: bool = True, autocast: AutocastFactory = None,
+             num_workers: int = 0) -> dict:
+    """Score ``model`` on a split; returns ``mIoU``, ``per_class_iou``, ``pixel_acc``,
+    ``mean_acc``, ``per_class_acc`` (percent, see :mod:`semiseg.engine.metrics`) and
+    ``confusion`` (``K x K`` nested list, rows = ground truth).
+
+    ``dataset_or_loader`` is a dataset of ``{"image": (3,H,W) float, "mask": (H,W) long, ...}``
+    (images may differ in size; ``eval_cfg.batch_size`` samples are loaded together and those of
+    equal size share a forward pass) or any iterable of such lists / collated dicts. A dataset is
+    sharded by index ``range(rank, n, world_size)`` under torch.distributed -- no padding
+    duplicates, unlike ``DistributedSampler`` -- and the confusion matrix is all-reduced, so
+    every image counts exactly once. A loader is used as given (shard it yourself). Every rank
+    must call this function.
+
+    The model runs in eval mode under ``torch.inference_mode()`` and every submodule gets its
+    previous train/eval mode back afterwards. ``device`` defaults to the model's; ``autocast`` is an
+    optional context-manager factory for the forward passes; a tqdm bar is shown on rank 0 when
+    ``progress`` is true.
+    """
+    rank, world = _rank_world()
+    device = torch.device(device) if device is not None else _default_device(model)
+    if isinstance(dataset_or_loader, Dataset) and not isinstance(dataset_or_loader, DataLoader):
+        shard = Subset(dataset_or_loader, range(rank, len(dataset_or_loader), world))
+        loader: Iterable = DataLoader(shard, batch_size=getattr(eval_cfg, "batch_size", 1) or 1, shuffle=False,
+                                      num_workers=num_workers, collate_fn=_as_list,
+                                      pin_memory=device.type == "cuda")
+    else:
+        loader = dataset_or_loader
+
+    bar = None
+    if progress and rank == 0:
+        from tqdm import tqdm
+
+        total = len(loader) if hasattr(loader, "__len__") else None
+        bar = tqdm(total=total, desc=f"eval ({eval_cfg.mode})", dynamic_ncols=True, leave=False)
+
+    cm = ConfusionMatrix(num_classes, ignore_index, device=device)
+    modes = [(m, m.training) for m in model.modules()]  # restored exactly, submodule by submodule
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for batch in loader:
+                for image, mask in _groups(batch):
+                    image = image.to(device, non_blocking=True)
+                    mask = mask.to(device, non_blocking=True)
+                    logits = predict_logits(model, image, eval_cfg, num_classes, crop_size, autocast)
+                    if eval_cfg.mode == "center_crop":
+                        crop = crop_size or eval_cfg.crop_size
+                        top, left, h, w = center_crop_box(mask.shape[-2], mask.shape[-1], crop)
+                        mask = mask[..., top:top + h, left:left + w]
+                    logits = _resize(logits, mask.shape[-2:])  # only if the dataset gives other sizes
+                    cm.update(logits.argmax(1), mask)
+                if bar is not None:
+                    bar.update(1)
+    finally:
+        for m, training in modes:
+            m.training = training
+        if bar is not None:
+            bar.close()
+    cm.all_reduce()
+    result = cm.compute()
+    result["confusion"] = cm.matrix.cpu().tolist()
+    return result
