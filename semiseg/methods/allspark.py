@@ -1,0 +1,295 @@
+"""AllSpark (Wang et al., "AllSpark: Reborn Labeled Features from Unlabeled in Transformer for
+Semi-Supervised Semantic Segmentation", CVPR 2024), after the official ``train_allspark.py``
+(xmed-lab/AllSpark).
+
+The network is the segmentation model with an :class:`~semiseg.models.allspark_neck.AllSparkNeck`
+on its deepest feature (set as ``model.neck`` at construction, so :class:`SegModel` applies it in
+``forward`` and ``forward_fp``): in every training forward the labelled features are rebuilt by
+channel-wise cross-attention from the unlabelled channels of the batch, or, after a warm-up, from
+the class-wise semantic memory filled with them. See that module for the block itself.
+
+``method.name: allspark`` -- one step of the official script::
+
+    logits_u = f_eval(u)                       eval mode, no grad: neck in inference mode
+    pseudo_label = argmax logits_u
+    pred_x, pred_u = f(cat(x_strong, u))       training mode; the neck splits labelled | unlabelled
+                                               and enqueues u's channels grouped by logits_u first
+    L_x = criterion_l(pred_x, y)
+    L_u = CE(pred_u, pseudo_label)             no confidence threshold
+    loss = (L_x + L_u) / 2
+
+What the official script does, and is followed here:
+
+* the unlabelled images are the *weak* view only (random rescale, crop, flip; the script's
+  variable is called ``img_u_s`` but its dataset returns ``normalize(img)``); the pseudo labels
+  and the grouping map come from an eval-mode pass on that same view, and the student predicts
+  that same view: there is no strong unlabelled view and no CutMix;
+* the labelled images get the photometric strong augmentation (colour jitter, grey, blur):
+  ``strong_labeled = True`` (``method.strong_labeled``), which the data layer applies;
+* the channels are grouped against the eval-mode *logits* (``grouping_source: logits``;
+  ``probs`` groups against softmax probabilities, the paper's "probability map");
+* the pseudo-labelling pass predicts the whole unlabelled batch at once, so in the neck's
+  inference mode each image attends to the channels of the whole batch
+  (``pseudo_label_kv: batch``; ``image``: each image to its own channels, as at evaluation);
+* the memory is filled from the first step and read once ``iteration >= warm-up``
+  (official: ``epoch >= warmup_epoch``, 5 of 80 epochs on Pascal, 15 of 240 on Cityscapes);
+  ``memory_warmup_iters`` overrides ``memory_warmup_epochs * iters_per_epoch``;
+* one batch size for both loaders: the official layout ``cat(labelled, unlabelled)`` has two
+  equal halves, so ``train.unlabeled_batch_size`` different from ``train.batch_size`` is a
+  :class:`ConfigError`.
+
+Deviation: the official ``criterion_u`` is a plain mean of the cross-entropy over every pixel,
+including the pixels the crop padded (the script drops the unlabelled padding mask). Here the
+unsupervised loss is the codebase's :func:`~semiseg.methods.consistency.unsupervised_loss`: padded
+pixels are excluded and the sum is divided by the number of non-padding pixels; with the default
+``conf_thresh: 0`` every other pixel counts, as official.
+
+``method.name: allspark_unimatch`` -- the AllSpark neck inside UniMatch's weak-to-strong training
+(:class:`AllSparkUniMatch`, a subclass of :class:`~semiseg.methods.unimatch.UniMatch` that reuses
+its ``train_step`` unchanged and only tells the neck how each of UniMatch's training forwards is
+laid out; see that class).
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from typing import Literal, Optional
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from semiseg.config import Config, MethodConfig
+from semiseg.errors import ConfigError
+from semiseg.methods.base import Batch, Method, StepContext, StepResult, register_method
+from semiseg.methods.consistency import (
+    apply_cutmix,
+    mask_ratio,
+    pseudo_target,
+    unsupervised_loss,
+)
+from semiseg.methods.unimatch import UniMatch, UniMatchConfig
+from semiseg.models.allspark_neck import AllSparkNeck, CrossHeads, KVScope, NeckPass, feature_grid
+
+
+class AllSparkKeys(MethodConfig):
+    """Keys of the AllSpark neck and memory, shared by ``allspark`` and ``allspark_unimatch``."""
+
+    num_heads: int = Field(2, ge=1)  # official configs: 2
+    attn_dropout: float = Field(0.1, ge=0.0, lt=1.0)  # attention and projection dropout (official 0.1)
+    neck_dim: Optional[int] = Field(None, ge=1)  # attention width; None = the deepest feature's channels (official)
+    cross_heads: CrossHeads = "merged"  # "merged": official code; "per_head": the paper's multi-head reading
+    memory: bool = True  # false: never fill nor read the semantic memory (ablation)
+    memory_warmup_iters: Optional[int] = Field(None, ge=0)  # read the memory from this iteration on
+    memory_warmup_epochs: float = Field(5.0, ge=0.0)  # used when memory_warmup_iters is None (official Pascal: 5)
+    grouping_source: Literal["logits", "probs"] = "logits"  # what channels are grouped against (official: logits)
+    pseudo_label_kv: KVScope = "batch"  # neck keys/values in the pseudo-label pass (official: the whole batch)
+    strong_labeled: bool = True  # photometric strong augmentation of the labelled images (official AllSpark)
+
+
+class AllSparkConfig(AllSparkKeys):
+    name: str = "allspark"
+    conf_thresh: float = Field(0.0, ge=0.0, le=1.0)  # official: none (every pixel teaches)
+
+
+class AllSparkUniMatchConfig(UniMatchConfig, AllSparkKeys):
+    name: str = "allspark_unimatch"
+    strong_labeled: bool = False  # UniMatch's labelled pipeline
+
+
+# ---------------------------------------------------------------------------------------------
+# Pieces shared by both recipes
+
+
+def check_equal_batches(cfg: Config, method: str) -> None:
+    """The neck's labelled | unlabelled layout needs as many unlabelled as labelled images."""
+    tc = cfg.train
+    if tc.unlabeled_batch_size is not None and tc.unlabeled_batch_size != tc.batch_size:
+        raise ConfigError(
+            f"config error: keys 'train.batch_size' ({tc.batch_size}) and 'train.unlabeled_batch_size' "
+            f"({tc.unlabeled_batch_size}) must be equal for method {method!r}: the AllSpark neck pairs every "
+            "batch of labelled images with as many unlabelled ones (unset train.unlabeled_batch_size)")
+
+
+def attach_neck(cfg: Config, model: nn.Module, num_classes: int) -> AllSparkNeck:
+    """Build the AllSpark neck for ``model``'s deepest feature and set it as ``model.neck``.
+
+    The memory's patch count is the deepest feature's grid at ``data.crop_size`` (a dummy
+    encoder pass), not the official ``(crop // 32 + 1) ** 2``."""
+    if not hasattr(model, "neck") or not hasattr(model, "feature_channels"):
+        raise TypeError("AllSpark needs a SegModel-like network with a 'neck' slot and 'feature_channels'")
+    if model.neck is not None:
+        raise ValueError("the model already has a neck; AllSpark sets its own")
+    mcfg = cfg.method
+    grid = feature_grid(model, cfg.data.crop_size)
+    neck = AllSparkNeck(model.feature_channels[-1], num_classes, grid, embed_dim=mcfg.neck_dim,
+                        num_heads=mcfg.num_heads, attn_dropout=mcfg.attn_dropout, cross_heads=mcfg.cross_heads)
+    param = next(model.parameters(), None)
+    if param is not None:
+        neck.to(param.device)
+    model.neck = neck
+    return neck
+
+
+def neck_of(net: nn.Module) -> Optional[AllSparkNeck]:
+    """The AllSpark neck of a SegModel or of an EMA teacher wrapping one."""
+    neck = getattr(getattr(net, "module", net), "neck", None)
+    return neck if isinstance(neck, AllSparkNeck) else None
+
+
+class AllSparkMixin:
+    """Memory schedule, grouping map and eval-mode prediction, for both recipes."""
+
+    mcfg: AllSparkKeys
+    model: nn.Module
+
+    @property
+    def neck(self) -> AllSparkNeck:
+        return self.model.neck
+
+    def memory_warmup(self, ctx: StepContext) -> int:
+        """First iteration at which the labelled cross-attention reads the memory."""
+        if self.mcfg.memory_warmup_iters is not None:
+            return self.mcfg.memory_warmup_iters
+        return math.ceil(self.mcfg.memory_warmup_epochs * ctx.iters_per_epoch)
+
+    def memory_in_use(self, ctx: StepContext) -> bool:
+        return self.mcfg.memory and ctx.iteration >= self.memory_warmup(ctx)
+
+    def grouping_map(self, logits: torch.Tensor) -> torch.Tensor:
+        """The class map the channels are grouped against: the logits (official) or their softmax."""
+        logits = logits.detach().float()
+        return logits if self.mcfg.grouping_source == "logits" else logits.softmax(dim=1)
+
+    @torch.no_grad()
+    def eval_logits(self, net: nn.Module, image: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        """Logits of an eval-mode, no-grad pass of ``net`` (restoring its mode afterwards), the
+        neck's keys/values scoped by ``pseudo_label_kv``."""
+        neck = neck_of(net)
+        was_training = net.training
+        net.eval()
+        try:
+            with neck.kv_scope(self.mcfg.pseudo_label_kv) if neck is not None else nullcontext():
+                with ctx.autocast():
+                    logits = net(image)
+        finally:
+            net.train(was_training)
+        return logits.detach()
+
+
+# ---------------------------------------------------------------------------------------------
+# The official recipe
+
+
+@register_method("allspark", AllSparkConfig)
+class AllSpark(AllSparkMixin, Method):
+    """The official AllSpark recipe (see the module docstring)."""
+
+    uses_unlabeled = True
+    num_strong_views = 0  # the unlabelled images are used in their weak view only
+    strong_labeled = True  # class default; the instance follows method.strong_labeled
+
+    def __init__(self, cfg: Config, model: nn.Module, num_classes: int, ignore_index: int = 255):
+        check_equal_batches(cfg, "allspark")
+        attach_neck(cfg, model, num_classes)
+        super().__init__(cfg, model, num_classes, ignore_index)
+        self.strong_labeled = self.mcfg.strong_labeled
+
+    def train_step(self, batch: Batch, ctx: StepContext) -> StepResult:
+        cfg = self.mcfg
+        img_x, mask_x = batch.labeled["image"], batch.labeled["mask"]
+        img_u, ignore_mask = batch.unlabeled["weak"], batch.unlabeled["ignore_mask"]
+        num_lb, num_ulb = img_x.shape[0], img_u.shape[0]
+
+        # Pseudo labels and grouping map: eval-mode pass on the unlabelled images, before the student's.
+        logits_u = self.eval_logits(self.model, img_u, ctx)
+        target = pseudo_target(logits_u, ignore_mask)
+        grouping = self.grouping_map(logits_u) if cfg.memory else None
+
+        use_memory = self.memory_in_use(ctx)
+        with self.neck.plan([NeckPass(num_lb, grouping)], use_memory=use_memory):
+            with ctx.autocast():
+                pred_x, pred_u = self.model(torch.cat((img_x, img_u))).split([num_lb, num_ulb])
+
+        loss_x = self.criterion_l(pred_x.float(), mask_x)
+        loss_u = unsupervised_loss(pred_u, target, cfg.conf_thresh)
+        loss = (loss_x + loss_u) / 2.0
+        logs = {"loss_x": loss_x.detach(), "loss_u": loss_u.detach(),
+                "mask_ratio": mask_ratio(target, cfg.conf_thresh), "memory_in_use": float(use_memory)}
+        return StepResult(loss, logs)
+
+
+# ---------------------------------------------------------------------------------------------
+# AllSpark inside UniMatch
+
+
+@register_method("allspark_unimatch", AllSparkUniMatchConfig)
+class AllSparkUniMatch(AllSparkMixin, UniMatch):
+    """UniMatch (feature perturbation, dual strong views, CutMix partner, optional EMA teacher,
+    every ablation switch) with the AllSpark neck in the network; the loss is UniMatch's.
+
+    UniMatch's ``train_step`` runs unchanged; this class only tells the neck, through
+    :meth:`AllSparkNeck.plan`, which images of each of its training forwards are labelled:
+
+    * ``forward_fp(cat(img_x, img_u_w))`` (or ``model(cat(img_x, img_u_w))`` without the fp
+      stream): ``img_x`` labelled, the weak views unlabelled -- the official AllSpark layout. The
+      labelled features are rebuilt from the weak views' channels (or the memory), whose
+      channels fill the memory;
+    * ``model(cat(img_u_s1, img_u_s2))``: every image unlabelled. The unlabelled branch is
+      channel-wise *self*-attention within each image, so a strong view's prediction needs no
+      labelled partner; pairing the strong views with (again) the labelled images would only
+      add labelled predictions that UniMatch's loss has no use for;
+    * with ``teacher: ema`` and no fp stream UniMatch makes one pass ``model(cat(img_x,
+      img_u_s1, img_u_s2))``: ``img_x`` labelled, the CutMix-ed strong views unlabelled (they
+      feed the cross-attention and the memory).
+
+    The grouping map of the images that fill the memory must exist before the forward that
+    enqueues them (official order: enqueue, then attend), while UniMatch's weak predictions come
+    out of that same forward; so, as in official AllSpark, it comes from an extra eval-mode,
+    no-grad pass of the pseudo-labelling network (the EMA teacher if any) on those images. With
+    ``memory: false`` that pass is skipped.
+
+    ``strong_labeled`` defaults to false here (UniMatch's labelled pipeline); set
+    ``method.strong_labeled: true`` for AllSpark's.
+
+    With ``teacher: ema`` the teacher is a copy of the network, neck included; it always runs in
+    eval mode, so its memory is never filled nor read (the EMA merely averages it with the
+    student's, which is harmless).
+    """
+
+    strong_labeled = False
+
+    def __init__(self, cfg: Config, model: nn.Module, num_classes: int, ignore_index: int = 255):
+        check_equal_batches(cfg, "allspark_unimatch")
+        attach_neck(cfg, model, num_classes)  # before UniMatch's __init__, so an EMA teacher copies the neck
+        super().__init__(cfg, model, num_classes, ignore_index)
+        self.strong_labeled = self.mcfg.strong_labeled
+
+    def first_pass_unlabeled(self, batch: Batch) -> torch.Tensor:
+        """The unlabelled images of UniMatch's first training forward (those that fill the memory)."""
+        u = batch.unlabeled
+        if self.feature_perturbation or self.teacher is None:
+            return u["weak"]
+        n = self.num_strong_views
+        partners = self.mix_partner_images(batch, n)
+        return torch.cat([apply_cutmix(u[f"strong_{k}"], partner, u[f"box_{k}"])
+                          for k, partner in enumerate(partners, start=1)])
+
+    def neck_passes(self, batch: Batch, ctx: StepContext) -> list[NeckPass]:
+        num_lb = batch.labeled["image"].shape[0]
+        grouping = None
+        if self.mcfg.memory:
+            logits = self.eval_logits(self.pseudo_labeler, self.first_pass_unlabeled(batch), ctx)
+            grouping = self.grouping_map(logits)
+        passes = [NeckPass(num_lb, grouping)]
+        if self.feature_perturbation or self.teacher is None:
+            passes.append(NeckPass(0))  # the strong views' pass
+        return passes
+
+    def train_step(self, batch: Batch, ctx: StepContext) -> StepResult:
+        use_memory = self.memory_in_use(ctx)
+        with self.neck.plan(self.neck_passes(batch, ctx), use_memory=use_memory):
+            result = super().train_step(batch, ctx)
+        result.logs["memory_in_use"] = float(use_memory)
+        return result
