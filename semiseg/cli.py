@@ -57,7 +57,7 @@ def cmd_eval(args) -> int:
     which = args.model or cfg.eval.model
     net = method.inference_model(which)
     res = evaluate(net, dataset, cfg.eval, method.num_classes, device=torch.device(device), crop_size=crop,
-                   progress=not args.json)
+                   progress=not args.json, num_workers=cfg.data.workers)
     if args.json:
         out = {"mIoU": res["mIoU"], "per_class_iou": dict(zip(names, res["per_class_iou"])),
                "pixel_acc": res["pixel_acc"], "mean_acc": res.get("mean_acc"), "split": args.split,

@@ -80,15 +80,18 @@ def to_device(batch: Optional[dict], device: torch.device, channels_last: bool =
     return out
 
 
-def load_init_weights(model: nn.Module, path: str) -> None:
+def load_init_weights(model: nn.Module, path: str) -> dict:
     """``train.init_from``: copy the network weights of an earlier run (its best checkpoint if
-    it has one) into ``model``; optimiser and schedule start fresh."""
+    it has one) into ``model``; optimiser and schedule start fresh.
+
+    Every weight of ``model`` must be in the checkpoint with the same shape. Weights of parts
+    a method attaches later (AllSpark's ``neck.*``) are returned, to be loaded once the method
+    has built them; a plain network started from such a run simply leaves them out.
+    """
     from semiseg.engine.checkpoint import load_weights
 
     state, _meta = load_weights(path)
-    weights = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
-    if not weights:
-        weights = state
+    weights = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")} or state
     own = model.state_dict()
     bad = [k for k, v in weights.items() if k in own and own[k].shape != v.shape]
     missing = [k for k in own if k not in weights]
@@ -99,6 +102,7 @@ def load_init_weights(model: nn.Module, path: str) -> None:
             f"train.init_from {path}: weights do not fit this model ({what}); "
             "same model.encoder, model.head and number of classes are required")
     model.load_state_dict({k: weights[k] for k in own})
+    return {k: v for k, v in weights.items() if k.startswith("neck.")}
 
 
 class Trainer:
@@ -117,7 +121,7 @@ class Trainer:
         from semiseg.data.build import build_eval_set, build_train_sets
         from semiseg.data.datasets import dataset_info
         from semiseg.engine.checkpoint import CheckpointManager
-        from semiseg.methods import METHODS, build_method
+        from semiseg.methods import build_method
         from semiseg.models import build_model
 
         cfg, tc = self.cfg, self.cfg.train
@@ -126,16 +130,16 @@ class Trainer:
         seed_everything(tc.seed + self.dist.rank)
 
         self.info = dataset_info(cfg.data)
-        method_cls = METHODS[cfg.method.name]
         model = build_model(cfg.model, self.info.num_classes)
-        if tc.init_from:
-            load_init_weights(model, tc.init_from)
+        later_weights = load_init_weights(model, tc.init_from) if tc.init_from else {}
         if self.dist.enabled and self.device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model.to(self.device)
         if tc.channels_last:
             model.to(memory_format=torch.channels_last)
         self.method = build_method(cfg, model, self.info.num_classes, self.info.ignore_index).to(self.device)
+        if later_weights and getattr(model, "neck", None) is not None:
+            model.load_state_dict(later_weights, strict=False)
         D.broadcast_module(self.method)
         if tc.compile:
             for part in (model.encoder, model.decoder):
@@ -224,7 +228,7 @@ class Trainer:
         for name, net in self.method.eval_models().items():
             res = evaluate(net, self.val_set, self.cfg.eval, self.info.num_classes,
                            ignore_index=self.info.ignore_index, device=self.device, crop_size=crop,
-                           progress=False, autocast=self.autocast)
+                           progress=False, autocast=self.autocast, num_workers=self.cfg.data.workers)
             results[name] = res
             self.logger.log({"iter": it, "type": "eval", "model": name, "mIoU": res["mIoU"],
                              "pixel_acc": res["pixel_acc"], "per_class_iou": res["per_class_iou"]})
