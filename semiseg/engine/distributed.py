@@ -77,6 +77,29 @@ def average_gradients(params, world_size: int) -> None:
         offset += n
 
 
+def average_batchnorm_stats(module: torch.nn.Module, world_size: int) -> None:
+    """Average BatchNorm running statistics over ranks (one flat all-reduce).
+
+    On CUDA, SyncBatchNorm already keeps them equal; on the CPU (gloo) each rank would
+    otherwise drift with its own batches, and eval-mode passes (pseudo labels, evaluation)
+    would differ between ranks.
+    """
+    if world_size <= 1:
+        return
+    stats = [b for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+             and not isinstance(m, torch.nn.SyncBatchNorm)
+             for b in (m.running_mean, m.running_var) if b is not None]
+    if not stats:
+        return
+    flat = torch.cat([b.reshape(-1) for b in stats])
+    dist.all_reduce(flat)
+    flat /= world_size
+    offset = 0
+    for b in stats:
+        b.copy_(flat[offset : offset + b.numel()].view_as(b))
+        offset += b.numel()
+
+
 def broadcast_module(module: torch.nn.Module, src: int = 0) -> None:
     """Make every rank start from rank ``src``'s parameters and buffers."""
     if not (dist.is_available() and dist.is_initialized()):
@@ -91,6 +114,17 @@ def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(value)
         value /= dist.get_world_size()
     return value
+
+
+def all_reduce_means(values: dict[str, float]) -> dict[str, float]:
+    """Average a dict of scalars over ranks (every rank must pass the same keys)."""
+    if not (dist.is_available() and dist.is_initialized()) or not values:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+    dist.all_reduce(t)
+    t /= dist.get_world_size()
+    return dict(zip(keys, t.tolist()))
 
 
 def barrier() -> None:

@@ -314,13 +314,14 @@ class Trainer:
                         torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
                     self.scaler.step(self.optimizer)
                     self.scaler.update()
+                    D.average_batchnorm_stats(self.method, self.dist.world_size)
                     self.method.after_step(ctx)
                     means.add({"loss": loss.detach(), **result.logs})
                 it += 1
                 if bar is not None:
                     bar.update(1)
                 if it % tc.log_every == 0 or it == tc.iters:
-                    row = means.pop()
+                    row = D.all_reduce_means(means.pop())  # logged values are means over ranks
                     now = time.perf_counter()
                     row = {"iter": it, "type": "train", "lr": lr, **row, "nonfinite_skips": skips,
                            "sec_per_iter": (now - t_window) / max(1, (it - 1) % tc.log_every + 1)}
