@@ -148,6 +148,39 @@ def cmd_check_data(args) -> int:
     return 0
 
 
+def cmd_pseudo_label(args) -> int:
+    """Stage two of pct: tag-restricted pseudo-label PNGs (semiseg.pseudo_label)."""
+    import torch
+
+    from semiseg.api import build_method_from_checkpoint
+    from semiseg.data.datasets import dataset_info
+    from semiseg.data.tags import resolve_background
+    from semiseg.pseudo_label import score_with_tags, split_samples, write_pseudo_labels
+
+    if not args.out and not args.score:
+        raise SemisegError("pseudo-label: give --out DIR (write PNGs) and/or --score (mIoU with tags)")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    cfg, method, _meta = build_method_from_checkpoint(args.checkpoint, args.overrides, device)
+    net = method.inference_model(args.model or cfg.eval.model)
+    if args.out:
+        written = write_pseudo_labels(cfg, net, split_samples(cfg, args.split), args.out, method.num_classes,
+                                      device, progress=True)
+        print(f"wrote {len(written)} pseudo labels to {args.out}")
+    if args.score:
+        background = resolve_background(cfg.data, list(dataset_info(cfg.data).class_names))
+        res = score_with_tags(cfg, net, args.split, method.num_classes, device, background)
+        print(json.dumps({"mIoU_with_tags": res["mIoU"], "pixel_acc": res["pixel_acc"], "split": args.split,
+                          "images": res["images"], "model": args.model or cfg.eval.model}))
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from semiseg.bench import main as bench_main
+    from semiseg.config import load_config
+
+    return bench_main(load_config(args.config, args.overrides), args.steps, args.warmup, args.json)
+
+
 def cmd_demo(args) -> int:
     from semiseg.demo import run_demo
 
@@ -200,11 +233,29 @@ def build_parser() -> argparse.ArgumentParser:
     _add_set(p)
     p.set_defaults(func=cmd_check_data)
 
+    p = sub.add_parser("bench", help="time training steps of a config (s/step, images/s, memory, FLOPs, MFU)")
+    p.add_argument("config")
+    _add_set(p)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_bench)
+
     p = sub.add_parser("demo", help="train on the built-in synthetic data and compare methods")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--iters", type=int, default=None)
     p.add_argument("--methods", default="supervised,unimatch")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("pseudo-label", help="pct stage two: write tag-restricted pseudo-label PNGs")
+    p.add_argument("checkpoint")
+    p.add_argument("--split", default="unlabeled",
+                   help="unlabeled (default: the weak images), labeled, a split name or a split file")
+    p.add_argument("--out", help="folder for <id>.png pseudo labels (then: --set data.extra_labels=DIR)")
+    p.add_argument("--score", action="store_true", help="print the mIoU with ground-truth-derived tags")
+    p.add_argument("--model", help="which network of the run (pct: hybrid, the default, or pseudo)")
+    _add_set(p)
+    p.set_defaults(func=cmd_pseudo_label)
     return parser
 
 
