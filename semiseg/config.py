@@ -62,6 +62,16 @@ class DataConfig(Section):
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     workers: int = Field(2, ge=0)
     synthetic: SyntheticConfig = SyntheticConfig()
+    # Image-level tags (semiseg.data.tags): None = no tags; "masks" = derived from the masks;
+    # else a CSV/JSON tags file (under the data root, or from the working directory).
+    tags: Optional[str] = None
+    tags_min_pixels: int = Field(1, ge=1)  # a class is tagged from a mask with at least this many pixels
+    # The class every image contains (always tagged): an index, null (CamVid), or "auto"
+    # (0 when the first class is named "background").
+    background_class: Optional[Union[int, Literal["auto"]]] = "auto"
+    # Stage two of pct: a folder of pseudo-label PNGs (<id>.png, class indices, 255 = ignore);
+    # the unlabelled images that have one join the labelled set with it as their mask.
+    extra_labels: Optional[str] = None
 
     @field_validator("labeled")
     @classmethod
@@ -151,7 +161,7 @@ class EvalConfig(Section):
     flip: bool = False
     scales: list[float] = [1.0]
     batch_size: int = Field(1, ge=1)
-    model: Literal["student", "teacher", "auto"] = "auto"  # which weights to score
+    model: Literal["student", "teacher", "hybrid", "pseudo", "auto"] = "auto"  # which weights to score
 
     @field_validator("scales")
     @classmethod

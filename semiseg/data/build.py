@@ -48,10 +48,11 @@ def _data_cfg(cfg: Union[Config, DataConfig]) -> DataConfig:
 class LabeledSet(Dataset):
     """Labelled training crops (UniMatch's ``train_l``)."""
 
-    def __init__(self, samples: list[Sample], data_cfg: DataConfig, strong: bool = False):
+    def __init__(self, samples: list[Sample], data_cfg: DataConfig, strong: bool = False, tags=None):
         self.samples = samples
         self.cfg = data_cfg
         self.strong = strong
+        self.tags = tags  # a semiseg.data.tags.TagSource: adds "tags" derived from the whole mask
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -59,6 +60,7 @@ class LabeledSet(Dataset):
     def __getitem__(self, index: int) -> dict:
         sample, cfg = self.samples[index], self.cfg
         img, mask = load_pair(sample.image, sample.mask, sample.label_map)
+        tags = self.tags.for_labels(np.asarray(mask)) if self.tags is not None else None
         img, mask = base_resize(img, mask, cfg.resize)
         img, mask = resize_scale(img, mask, cfg.scale_range)
         img, mask = crop(img, mask, cfg.crop_size, ignore_value=IGNORE_INDEX)
@@ -66,18 +68,22 @@ class LabeledSet(Dataset):
         if self.strong:
             img = strong_photometric(img)
         image, mask = normalize(img, mask, cfg.mean, cfg.std)
-        return {"image": image, "mask": mask, "id": sample.id}
+        out = {"image": image, "mask": mask, "id": sample.id}
+        if tags is not None:
+            out["tags"] = torch.from_numpy(tags.astype(np.float32))
+        return out
 
 
 class UnlabeledSet(Dataset):
     """Unlabelled training crops with a weak and ``num_strong`` strong views (UniMatch's ``train_u``)."""
 
-    def __init__(self, samples: list[Sample], data_cfg: DataConfig, num_strong: int = 2):
+    def __init__(self, samples: list[Sample], data_cfg: DataConfig, num_strong: int = 2, tags=None):
         if num_strong not in (0, 1, 2):
             raise ValueError(f"num_strong must be 0, 1 or 2, got {num_strong}")
         self.samples = samples
         self.cfg = data_cfg
         self.num_strong = num_strong
+        self.tags = tags  # a semiseg.data.tags.TagSource: adds "tags" (tags file, else the mask)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -96,6 +102,8 @@ class UnlabeledSet(Dataset):
             out[f"strong_{k}"], _ = normalize(strong_photometric(img), None, cfg.mean, cfg.std)
             out[f"box_{k}"] = cutmix_box(cfg.crop_size, p=0.5)
         out["weak"], out["ignore_mask"] = normalize(img, ignore_mask, cfg.mean, cfg.std)
+        if self.tags is not None:
+            out["tags"] = torch.from_numpy(self.tags.for_sample(sample).astype(np.float32))
         return out
 
 
@@ -143,13 +151,44 @@ def build_train_sets(cfg: Union[Config, DataConfig], num_strong: int, with_unlab
     to its length (:func:`repeat_to_length`); labelled images are never dropped (UniMatch
     truncates when the labelled set is the larger).
     """
+    from semiseg.data.tags import build_tag_source
+
     data = _data_cfg(cfg)
     info = dataset_info(data)
     labeled, unlabeled = resolve_labeled(data, list_samples(data, data.train_split))
-    unlabeled_set = UnlabeledSet(unlabeled, data, num_strong) if with_unlabeled and unlabeled else None
+    if data.extra_labels:
+        labeled, unlabeled = add_extra_labels(labeled, unlabeled, data.extra_labels, info.num_classes)
+    tags = build_tag_source(data, info)
+    unlabeled_set = UnlabeledSet(unlabeled, data, num_strong, tags=tags) if with_unlabeled and unlabeled else None
     if unlabeled_set is not None and len(unlabeled) > len(labeled):
         labeled = repeat_to_length(labeled, len(unlabeled), data.split_seed)
-    return TrainSets(LabeledSet(labeled, data, strong=strong_labeled), unlabeled_set, info)
+    return TrainSets(LabeledSet(labeled, data, strong=strong_labeled, tags=tags), unlabeled_set, info)
+
+
+def add_extra_labels(labeled: list[Sample], unlabeled: list[Sample], folder: str, num_classes: int
+                     ) -> tuple[list[Sample], list[Sample]]:
+    """``data.extra_labels``: every unlabelled image with a ``<folder>/<id>.png`` (a pseudo label
+    written by ``semiseg pseudo-label``; class indices, 255 = ignore) joins the labelled list with
+    it as its mask; the others stay unlabelled."""
+    from pathlib import Path
+
+    from semiseg.data.io import LabelMap
+
+    root = Path(folder).expanduser()
+    if not root.is_dir():
+        raise DataError(f"data.extra_labels folder {root} does not exist: expected the --out folder of "
+                        "'semiseg pseudo-label'")
+    label_map = LabelMap.identity(num_classes, (IGNORE_INDEX,))
+    extra, rest = [], []
+    for s in unlabeled:
+        png = root / f"{s.id}.png"
+        if png.is_file():
+            extra.append(Sample(s.id, s.image, png, label_map))
+        else:
+            rest.append(s)
+    if not extra:
+        raise DataError(f"data.extra_labels folder {root} holds no <id>.png for any unlabelled image")
+    return labeled + extra, rest
 
 
 def build_eval_set(cfg: Union[Config, DataConfig], split: str = "val") -> EvalSet:

@@ -17,11 +17,21 @@ The recipe, in the notation of the official UniMatch code (LiheYoung/UniMatch):
 
 :class:`ConsistencyMethod` is their common base: the optional EMA teacher, where the CutMix
 partner comes from (``mix_source``) and what is scored at evaluation.
+
+Image tags (``method.use_tags: true``, beyond the papers): when the unlabelled images carry
+class tags (``data.tags``, see :mod:`semiseg.data.tags`), the weak-view pseudo labels -- of the
+batch and of the CutMix partner, from the student or the EMA teacher -- come from the softmax
+restricted to the image's tags (the class-aware softmax of Wang et al., PR 2022,
+:mod:`semiseg.methods.cce`): an untagged class is never a pseudo label, and the confidence is the
+restricted softmax's. It applies wherever :func:`pseudo_target` is used (FixMatch, UniMatch,
+AllSpark-UniMatch); during a step :func:`restrict_to_tags` tells :func:`pseudo_target` the tags
+of each unlabelled batch, recognised by its ``ignore_mask`` tensor.
 """
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
+from contextvars import ContextVar
 from typing import Callable, Literal, NamedTuple, Optional
 
 import torch
@@ -30,7 +40,9 @@ from pydantic import Field
 from torch import nn
 
 from semiseg.config import MethodConfig
+from semiseg.errors import ConfigError
 from semiseg.methods.base import Batch, Method, StepContext
+from semiseg.methods.cce import restrict_logits
 from semiseg.methods.teacher import EMATeacher
 
 PADDING = 255  # value of ``ignore_mask`` on pixels added by padding the crop
@@ -79,10 +91,36 @@ def pseudo_target_from_probs(probs: torch.Tensor, ignore_mask: torch.Tensor) -> 
     return PseudoTarget(pseudo_label, confidence, ignore_mask)
 
 
+# id(ignore_mask tensor) -> (B,K) tags of that unlabelled batch, set by restrict_to_tags
+_BATCH_TAGS: ContextVar[dict] = ContextVar("semiseg_batch_tags", default={})
+
+
+@contextmanager
+def restrict_to_tags(*streams: Optional[dict]):
+    """While active, :func:`pseudo_target` restricts the softmax of each given unlabelled batch
+    (a ``Batch.unlabeled``-like dict with ``tags`` and ``ignore_mask``) to its images' tags."""
+    table = {id(s["ignore_mask"]): s["tags"] for s in streams
+             if s is not None and "tags" in s and "ignore_mask" in s}
+    token = _BATCH_TAGS.set(table)
+    try:
+        yield
+    finally:
+        _BATCH_TAGS.reset(token)
+
+
 @torch.no_grad()
-def pseudo_target(logits: torch.Tensor, ignore_mask: torch.Tensor) -> PseudoTarget:
-    """Pseudo labels from weak-view logits ``(B,K,H,W)`` (detached, softmax in float32)."""
-    return pseudo_target_from_probs(logits.detach().float().softmax(dim=1), ignore_mask)
+def pseudo_target(logits: torch.Tensor, ignore_mask: torch.Tensor, tags: Optional[torch.Tensor] = None
+                  ) -> PseudoTarget:
+    """Pseudo labels from weak-view logits ``(B,K,H,W)`` (detached, softmax in float32).
+
+    With ``tags`` ``(B,K)`` -- given, or registered for this ``ignore_mask`` by
+    :func:`restrict_to_tags` -- the softmax is restricted to each image's tagged classes."""
+    logits = logits.detach().float()
+    if tags is None:
+        tags = _BATCH_TAGS.get().get(id(ignore_mask))
+    if tags is not None:
+        logits = restrict_logits(logits, tags)
+    return pseudo_target_from_probs(logits.softmax(dim=1), ignore_mask)
 
 
 @torch.no_grad()
@@ -143,6 +181,7 @@ class ConsistencyConfig(MethodConfig):
     mix_source: MixSource = DEFAULT_MIX_SOURCE
     teacher: Literal["none", "ema"] = "none"  # "ema": pseudo labels from an EMA teacher
     ema_momentum: float = Field(0.996, ge=0.0, le=1.0)  # with teacher=ema; UniMatch V2's value
+    use_tags: bool = False  # restrict pseudo labels to the unlabelled images' tags (needs data.tags)
 
 
 class ConsistencyMethod(Method):
@@ -157,6 +196,16 @@ class ConsistencyMethod(Method):
     def __init__(self, cfg, model: nn.Module, num_classes: int, ignore_index: int = 255):
         super().__init__(cfg, model, num_classes, ignore_index)
         self.teacher: Optional[EMATeacher] = EMATeacher(model) if self.uses_teacher else None
+        if getattr(self.mcfg, "use_tags", False):
+            if getattr(cfg.data, "tags", None) is None:
+                raise ConfigError("key 'method.use_tags': needs image tags; set data.tags to 'masks' or a tags file")
+            untagged_step = self.train_step
+
+            def train_step_with_tags(batch: Batch, ctx: StepContext):
+                with restrict_to_tags(batch.unlabeled, batch.unlabeled_mix):
+                    return untagged_step(batch, ctx)
+
+            self.train_step = train_step_with_tags
 
     @property
     def uses_teacher(self) -> bool:

@@ -1,0 +1,147 @@
+"""Stage two of PCT (Wang et al., Pattern Recognition 2022): pseudo-label PNGs for the weak images,
+and scoring a network *with* tags.
+
+``semiseg pseudo-label CHECKPOINT --split unlabeled --out DIR`` predicts every image of the split
+with the checkpoint's default network (HybridNet for ``pct``, as the official ``run.py`` uses
+the HybridNet checkpoint for ``inference.py``), restricts the prediction to the image's tags
+(``data.tags`` of the checkpoint's config, or ``--set data.tags=...``) and writes
+``DIR/<id>.png``: one class index per pixel (8-bit), at the image's original size. The
+configured test-time augmentation applies (``--set eval.flip=true --set
+eval.scales=[0.5,0.75,1.0,1.25,1.5]``, the official ``TEST_FLIP`` / ``TEST_MULTISCALE``).
+Deviation: the passes' softmax probabilities are averaged (:func:`~semiseg.engine.evaluator.
+predict_logits`), the official code averages logits; the restricted argmax is then taken, after
+bilinear resizing to the original size.
+
+A supervised run with ``data.extra_labels: DIR`` then trains on the strong ground truth plus these
+pseudo labels (:func:`semiseg.data.build.add_extra_labels`) and needs no tags at test time.
+
+``--score`` reports the mIoU of the tag-restricted predictions on a split with masks, the tags
+derived from the ground truth (every class with a pixel, plus the background): the quality of
+the pseudo labels (official ``test.py``, "evaluation with image-level labels"); ``semiseg eval``
+gives the usual score without tags.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from semiseg.data import IGNORE_INDEX
+from semiseg.errors import DataError
+
+
+def split_samples(cfg, split: str):
+    """The samples of ``split``: ``unlabeled`` / ``labeled`` (the config's partition of the
+    training split), a split file, or a split name of the dataset."""
+    from semiseg.data.datasets import list_samples, read_split_file, resolve_root
+    from semiseg.data.splits import resolve_labeled
+
+    data = cfg.data
+    if split in ("unlabeled", "labeled"):
+        labeled, unlabeled = resolve_labeled(data, list_samples(data, data.train_split))
+        return unlabeled if split == "unlabeled" else labeled
+    path = Path(split)
+    if path.suffix == ".txt" or (resolve_root(data) / path).is_file() or path.is_file():
+        return read_split_file(split, data)
+    return list_samples(data, split)
+
+
+def _eval_cfg(cfg):
+    """The config's test-time settings, ``center_crop`` replaced by whole images (every pixel
+    needs a label)."""
+    mode = cfg.eval.mode if cfg.eval.mode != "center_crop" else "original"
+    return cfg.eval.model_copy(update={"mode": mode})
+
+
+@torch.inference_mode()
+def restricted_prediction(net: nn.Module, image: torch.Tensor, tags: torch.Tensor, eval_cfg, num_classes: int,
+                          crop_size: Optional[int] = None, out_size: Optional[tuple[int, int]] = None
+                          ) -> torch.Tensor:
+    """``(B, H, W)`` labels: the tag-restricted argmax of ``net``'s (test-time augmented) logits
+    of ``image`` ``(B, 3, h, w)``, resized bilinearly to ``out_size = (H, W)`` first."""
+    from semiseg.engine.evaluator import predict_logits
+    from semiseg.methods.cce import restrict_logits
+
+    logits = predict_logits(net, image, eval_cfg, num_classes, crop_size)
+    if out_size is not None and tuple(logits.shape[-2:]) != tuple(out_size):
+        logits = F.interpolate(logits, size=tuple(out_size), mode="bilinear", align_corners=False)
+    return restrict_logits(logits, tags.to(logits.device)).argmax(1)
+
+
+def write_pseudo_labels(cfg, net: nn.Module, samples, out_dir: str | Path, num_classes: int,
+                        device: str | torch.device = "cpu", progress: bool = False) -> list[Path]:
+    """One ``<id>.png`` per sample in ``out_dir`` (tag-restricted labels at the original size)."""
+    from semiseg.data.io import read_image
+    from semiseg.data.tags import TagSource, build_tag_source, resolve_background
+    from semiseg.data.transforms import base_resize, normalize
+
+    tags_source = build_tag_source(cfg.data)
+    if tags_source is None:  # no data.tags: the masks are the only possible source
+        from semiseg.data.datasets import dataset_info
+
+        info = dataset_info(cfg.data)
+        tags_source = TagSource(num_classes, list(info.class_names), resolve_background(cfg.data, info.class_names),
+                                cfg.data.tags_min_pixels)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    eval_cfg, crop = _eval_cfg(cfg), cfg.eval.crop_size or cfg.data.crop_size
+    device = torch.device(device)
+    was_training = net.training
+    net.eval()
+    written = []
+    iterator = samples
+    if progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(samples, desc="pseudo-label", dynamic_ncols=True, leave=False)
+    try:
+        for sample in iterator:
+            tags = torch.from_numpy(tags_source.for_sample(sample)).unsqueeze(0)
+            img = read_image(sample.image)
+            size = (img.height, img.width)
+            x, _ = normalize(base_resize(img, None, cfg.data.resize)[0], None, cfg.data.mean, cfg.data.std)
+            labels = restricted_prediction(net, x.unsqueeze(0).to(device), tags, eval_cfg, num_classes, crop, size)
+            path = out / f"{sample.id}.png"
+            Image.fromarray(labels[0].cpu().numpy().astype(np.uint8), mode="L").save(path)
+            written.append(path)
+    finally:
+        net.train(was_training)
+    return written
+
+
+def score_with_tags(cfg, net: nn.Module, split: str, num_classes: int, device: str | torch.device = "cpu",
+                    background: Optional[int] = None) -> dict:
+    """mIoU etc. of the tag-restricted predictions on ``split`` (a split with masks), the tags
+    of each image derived from its ground truth (any pixel; ``background`` always)."""
+    from semiseg.data.build import EvalSet
+    from semiseg.engine.metrics import ConfusionMatrix
+    from semiseg.methods.cce import tags_from_labels
+
+    samples = split_samples(cfg, split)
+    if any(s.mask is None for s in samples):
+        raise DataError(f"--score: split '{split}' has images without masks; scoring needs ground truth")
+    dataset = EvalSet(samples, cfg.data)
+    eval_cfg, crop = _eval_cfg(cfg), cfg.eval.crop_size or cfg.data.crop_size
+    device = torch.device(device)
+    cm = ConfusionMatrix(num_classes, IGNORE_INDEX, device=device)
+    was_training = net.training
+    net.eval()
+    try:
+        for i in range(len(dataset)):
+            item = dataset[i]
+            mask = item["mask"].unsqueeze(0).to(device)
+            tags = tags_from_labels(mask, num_classes, IGNORE_INDEX, background)
+            pred = restricted_prediction(net, item["image"].unsqueeze(0).to(device), tags, eval_cfg, num_classes,
+                                         crop, tuple(mask.shape[-2:]))
+            cm.update(pred, mask)
+    finally:
+        net.train(was_training)
+    result = cm.compute()
+    result["images"] = len(dataset)
+    return result
