@@ -23,15 +23,14 @@ class tags (``data.tags``, see :mod:`semiseg.data.tags`), the weak-view pseudo l
 batch and of the CutMix partner, from the student or the EMA teacher -- come from the softmax
 restricted to the image's tags (the class-aware softmax of Wang et al., PR 2022,
 :mod:`semiseg.methods.cce`): an untagged class is never a pseudo label, and the confidence is the
-restricted softmax's. It applies wherever :func:`pseudo_target` is used (FixMatch, UniMatch,
-AllSpark-UniMatch); during a step :func:`restrict_to_tags` tells :func:`pseudo_target` the tags
-of each unlabelled batch, recognised by its ``ignore_mask`` tensor.
+restricted softmax's. :meth:`ConsistencyMethod.weak_target`, :meth:`~ConsistencyMethod.teacher_target`
+and :meth:`~ConsistencyMethod.separate_partner_target` pass each batch's ``tags`` to
+:func:`pseudo_target` (FixMatch, UniMatch, AllSpark-UniMatch).
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager, nullcontext
-from contextvars import ContextVar
+from contextlib import nullcontext
 from typing import Callable, Literal, NamedTuple, Optional
 
 import torch
@@ -91,33 +90,13 @@ def pseudo_target_from_probs(probs: torch.Tensor, ignore_mask: torch.Tensor) -> 
     return PseudoTarget(pseudo_label, confidence, ignore_mask)
 
 
-# id(ignore_mask tensor) -> (B,K) tags of that unlabelled batch, set by restrict_to_tags
-_BATCH_TAGS: ContextVar[dict] = ContextVar("semiseg_batch_tags", default={})
-
-
-@contextmanager
-def restrict_to_tags(*streams: Optional[dict]):
-    """While active, :func:`pseudo_target` restricts the softmax of each given unlabelled batch
-    (a ``Batch.unlabeled``-like dict with ``tags`` and ``ignore_mask``) to its images' tags."""
-    table = {id(s["ignore_mask"]): s["tags"] for s in streams
-             if s is not None and "tags" in s and "ignore_mask" in s}
-    token = _BATCH_TAGS.set(table)
-    try:
-        yield
-    finally:
-        _BATCH_TAGS.reset(token)
-
-
 @torch.no_grad()
 def pseudo_target(logits: torch.Tensor, ignore_mask: torch.Tensor, tags: Optional[torch.Tensor] = None
                   ) -> PseudoTarget:
     """Pseudo labels from weak-view logits ``(B,K,H,W)`` (detached, softmax in float32).
 
-    With ``tags`` ``(B,K)`` -- given, or registered for this ``ignore_mask`` by
-    :func:`restrict_to_tags` -- the softmax is restricted to each image's tagged classes."""
+    With ``tags`` ``(B,K)`` the softmax is restricted to each image's tagged classes."""
     logits = logits.detach().float()
-    if tags is None:
-        tags = _BATCH_TAGS.get().get(id(ignore_mask))
     if tags is not None:
         logits = restrict_logits(logits, tags)
     return pseudo_target_from_probs(logits.softmax(dim=1), ignore_mask)
@@ -125,7 +104,7 @@ def pseudo_target(logits: torch.Tensor, ignore_mask: torch.Tensor, tags: Optiona
 
 @torch.no_grad()
 def predict_eval(model: nn.Module, image: torch.Tensor, ignore_mask: torch.Tensor,
-                 autocast: Callable = nullcontext) -> PseudoTarget:
+                 autocast: Callable = nullcontext, tags: Optional[torch.Tensor] = None) -> PseudoTarget:
     """Pseudo labels from an eval-mode, no-grad pass (BatchNorm running statistics, no dropout),
     leaving the model in the mode it was in: the official code's prediction of the CutMix partner
     batch (``model.eval()``; ``model(img_u_w_mix)``; ``model.train()``)."""
@@ -136,7 +115,7 @@ def predict_eval(model: nn.Module, image: torch.Tensor, ignore_mask: torch.Tenso
             logits = model(image)
     finally:
         model.train(was_training)
-    return pseudo_target(logits, ignore_mask)
+    return pseudo_target(logits, ignore_mask, tags)
 
 
 def confident_pixels(target: PseudoTarget, conf_thresh: float) -> torch.Tensor:
@@ -196,16 +175,9 @@ class ConsistencyMethod(Method):
     def __init__(self, cfg, model: nn.Module, num_classes: int, ignore_index: int = 255):
         super().__init__(cfg, model, num_classes, ignore_index)
         self.teacher: Optional[EMATeacher] = EMATeacher(model) if self.uses_teacher else None
-        if getattr(self.mcfg, "use_tags", False):
-            if getattr(cfg.data, "tags", None) is None:
-                raise ConfigError("key 'method.use_tags': needs image tags; set data.tags to 'masks' or a tags file")
-            untagged_step = self.train_step
-
-            def train_step_with_tags(batch: Batch, ctx: StepContext):
-                with restrict_to_tags(batch.unlabeled, batch.unlabeled_mix):
-                    return untagged_step(batch, ctx)
-
-            self.train_step = train_step_with_tags
+        self.use_tags = getattr(self.mcfg, "use_tags", False)
+        if self.use_tags and getattr(cfg.data, "tags", None) is None:
+            raise ConfigError("key 'method.use_tags': needs image tags; set data.tags to 'masks' or a tags file")
 
     @property
     def uses_teacher(self) -> bool:
@@ -220,9 +192,18 @@ class ConsistencyMethod(Method):
         """The network whose predictions become pseudo labels: the teacher, else the student."""
         return self.teacher if self.teacher is not None else self.model
 
-    def teacher_target(self, image: torch.Tensor, ignore_mask: torch.Tensor, ctx: StepContext) -> PseudoTarget:
-        """Pseudo labels of the EMA teacher (eval mode, no grad)."""
-        return predict_eval(self.teacher, image, ignore_mask, ctx.autocast)
+    def tags_of(self, unlabeled: dict) -> Optional[torch.Tensor]:
+        """The batch's image tags when ``use_tags`` restricts pseudo labels to them."""
+        return unlabeled.get("tags") if self.use_tags else None
+
+    def weak_target(self, logits: torch.Tensor, unlabeled: dict) -> PseudoTarget:
+        """Pseudo target of an unlabelled batch from the student's weak-view logits."""
+        return pseudo_target(logits, unlabeled["ignore_mask"], self.tags_of(unlabeled))
+
+    def teacher_target(self, unlabeled: dict, ctx: StepContext) -> PseudoTarget:
+        """Pseudo target of an unlabelled batch's weak view from the EMA teacher (eval mode, no grad)."""
+        return predict_eval(self.teacher, unlabeled["weak"], unlabeled["ignore_mask"], ctx.autocast,
+                            self.tags_of(unlabeled))
 
     def mix_partner_images(self, batch: Batch, num_views: int) -> list[torch.Tensor]:
         """The partner's strong views, one per strong view of the unlabelled batch."""
@@ -238,7 +219,7 @@ class ConsistencyMethod(Method):
         if self.mcfg.mix_source != "separate_batch":
             return None
         mix = batch.unlabeled_mix
-        return predict_eval(self.pseudo_labeler, mix["weak"], mix["ignore_mask"], ctx.autocast)
+        return predict_eval(self.pseudo_labeler, mix["weak"], mix["ignore_mask"], ctx.autocast, self.tags_of(mix))
 
     @torch.no_grad()
     def after_step(self, ctx: StepContext) -> None:

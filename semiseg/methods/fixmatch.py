@@ -36,7 +36,6 @@ from semiseg.methods.consistency import (
     ConsistencyMethod,
     apply_cutmix,
     mask_ratio,
-    pseudo_target,
     unsupervised_loss,
 )
 
@@ -55,7 +54,7 @@ class FixMatch(ConsistencyMethod):
         cfg = self.mcfg
         img_x, mask_x = batch.labeled["image"], batch.labeled["mask"]
         u = batch.unlabeled
-        img_u_w, img_u_s, ignore_mask, cutmix_box = u["weak"], u["strong_1"], u["ignore_mask"], u["box_1"]
+        img_u_w, img_u_s, cutmix_box = u["weak"], u["strong_1"], u["box_1"]
 
         # The CutMix partner: its pseudo labels now (eval-mode pass) or, in-batch, after the weak pass.
         target_mix = self.separate_partner_target(batch, ctx)
@@ -71,9 +70,9 @@ class FixMatch(ConsistencyMethod):
                 pred_x, pred_u_s = self.model(torch.cat((img_x, img_u_s))).split([num_lb, num_ulb])
 
         if self.teacher is None:
-            target_w = pseudo_target(pred_u_w, ignore_mask)
+            target_w = self.weak_target(pred_u_w, u)
         else:
-            target_w = self.teacher_target(img_u_w, ignore_mask, ctx)
+            target_w = self.teacher_target(u, ctx)
         if target_mix is None:
             target_mix = target_w.flip()
         target_s = target_w.cutmix(target_mix, cutmix_box)

@@ -45,7 +45,6 @@ from semiseg.methods.consistency import (
     ConsistencyMethod,
     apply_cutmix,
     mask_ratio,
-    pseudo_target,
     unsupervised_loss,
 )
 
@@ -81,7 +80,7 @@ class UniMatch(ConsistencyMethod):
         cfg, n = self.mcfg, self.num_strong_views
         img_x, mask_x = batch.labeled["image"], batch.labeled["mask"]
         u = batch.unlabeled
-        img_u_w, ignore_mask = u["weak"], u["ignore_mask"]
+        img_u_w = u["weak"]
         cutmix_boxes = [u[f"box_{k}"] for k in range(1, n + 1)]
 
         # CutMix each strong view with the partner's corresponding strong view, through its own box.
@@ -104,9 +103,9 @@ class UniMatch(ConsistencyMethod):
                 pred_x, *pred_u_s = self.model(torch.cat((img_x, *img_u_s))).split([num_lb] + [num_ulb] * n)
 
         if self.teacher is None:
-            target_w = pseudo_target(pred_u_w, ignore_mask)
+            target_w = self.weak_target(pred_u_w, u)
         else:
-            target_w = self.teacher_target(img_u_w, ignore_mask, ctx)
+            target_w = self.teacher_target(u, ctx)
         if target_mix is None:
             target_mix = target_w.flip()
 
