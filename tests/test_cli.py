@@ -1,0 +1,62 @@
+"""CLI verbs that the end-to-end tests do not cover: split and check-data."""
+
+import subprocess
+import sys
+
+import numpy as np
+from PIL import Image
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "semiseg", *map(str, args)], capture_output=True, text=True)
+
+
+def folder_sets(root):
+    return ["--set", "data.dataset=folder", "--set", f"data.root={root}", "--set", "data.num_classes=3"]
+
+
+def test_split_writes_seeded_partition_usable_as_data_labeled(make_folder_dataset, tmp_path):
+    root = make_folder_dataset(n=12, lists=True)
+    out = tmp_path / "split"
+    r = cli("split", "synthetic", *folder_sets(root), "--labeled", "4", "--seed", "3", "--balanced", "--out", out)
+    assert r.returncode == 0, r.stderr
+    labeled = (out / "labeled.txt").read_text().splitlines()
+    unlabeled = (out / "unlabeled.txt").read_text().splitlines()
+    assert len(labeled) == 4 and len(unlabeled) == 6  # train.txt lists 10 images
+    assert not set(labeled) & set(unlabeled)
+    # Every class appears in the labelled part (masks hold class i % 3 on their left half).
+    classes = set()
+    for line in labeled:
+        classes |= set(np.unique(np.array(Image.open(root / line.split()[1]))).tolist())
+    assert classes == {0, 1, 2}
+    # Same seed, same partition; the files are valid data.labeled / data.unlabeled split files.
+    r2 = cli("split", "synthetic", *folder_sets(root), "--labeled", "4", "--seed", "3", "--balanced",
+             "--out", tmp_path / "again")
+    assert r2.returncode == 0 and (tmp_path / "again" / "labeled.txt").read_text() == "\n".join(labeled) + "\n"
+    from semiseg.config import load_config
+    from semiseg.data.datasets import list_samples
+    from semiseg.data.splits import resolve_labeled
+
+    cfg = load_config(None, ["data.dataset=folder", f"data.root={root}", "data.num_classes=3",
+                             f"data.labeled={out / 'labeled.txt'}", f"data.unlabeled={out / 'unlabeled.txt'}"])
+    lab, unlab = resolve_labeled(cfg.data, list_samples(cfg.data, "train"))
+    assert len(lab) == 4 and len(unlab) == 6
+
+
+def test_check_data_reports_every_bad_file(make_folder_dataset):
+    root = make_folder_dataset(n=12, lists=True)
+    (root / "images" / "img001.png").write_bytes(b"")  # zero-byte image
+    Image.fromarray(np.full((16, 24), 9, np.uint8)).save(root / "masks" / "img002.png")  # class 9 of 3
+    Image.fromarray(np.zeros((5, 5), np.uint8)).save(root / "masks" / "img003.png")  # size mismatch
+    r = cli("check-data", "synthetic", *folder_sets(root))
+    assert r.returncode == 1
+    lines = r.stdout.strip().splitlines()
+    assert len(lines) == 3
+    assert any("img001.png" in x for x in lines)
+    assert any("img002.png" in x and "9" in x for x in lines)
+    assert any("img003.png" in x for x in lines)
+
+
+def test_check_data_clean_dataset(make_folder_dataset):
+    r = cli("check-data", "synthetic", *folder_sets(make_folder_dataset(n=6, lists=True)))
+    assert r.returncode == 0 and "no problems" in r.stdout
