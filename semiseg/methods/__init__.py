@@ -5,5 +5,6 @@ from semiseg.methods import supervised  # noqa: F401
 from semiseg.methods import fixmatch, meanteacher, unimatch  # noqa: F401
 from semiseg.methods import allspark  # noqa: F401
 from semiseg.methods import pct  # noqa: F401
+from semiseg.methods import contrastive_memory  # noqa: F401
 
 __all__ = ["METHODS", "Batch", "Method", "StepContext", "StepResult", "build_method", "register_method"]
