@@ -187,6 +187,29 @@ def cmd_demo(args) -> int:
     return run_demo(out=args.out, iters=args.iters, methods=args.methods.split(","))
 
 
+def cmd_report(args) -> int:
+    from semiseg.report import write_report
+
+    path = write_report(args.run_dir, out=args.out, num_images=args.images, evaluate=not args.no_eval)
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from semiseg.sweep import main as sweep_main
+
+    return sweep_main(args)
+
+
+def cmd_export(args) -> int:
+    from semiseg.export import export_onnx
+
+    path = export_onnx(args.checkpoint, args.out, which=args.model or "auto", opset=args.opset, size=args.size,
+                       dynamic=not args.static, overrides=args.overrides, verify=args.verify)
+    print(f"wrote {path}")
+    return 0
+
+
 # ----------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     from semiseg import __version__
@@ -256,6 +279,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="which network of the run (pct: hybrid, the default, or pseudo)")
     _add_set(p)
     p.set_defaults(func=cmd_pseudo_label)
+
+    p = sub.add_parser("report", help="write RUN_DIR/report.html: curves, per-class IoU, confusion, samples")
+    p.add_argument("run_dir")
+    p.add_argument("--out", help="HTML file to write (default: RUN_DIR/report.html)")
+    p.add_argument("--images", type=int, default=4, help="validation images shown with their predictions")
+    p.add_argument("--no-eval", action="store_true", help="curves only: skip the fresh evaluation")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("sweep", help="train methods x labelled-set sizes x seeds and plot mIoU vs. labels")
+    p.add_argument("config")
+    p.add_argument("--labeled", required=True, help="comma-separated data.labeled values, e.g. 23,46,92")
+    p.add_argument("--methods", default="supervised,unimatch", help="comma-separated method names")
+    p.add_argument("--seeds", default="0", help="comma-separated train.seed values")
+    p.add_argument("--out", help="sweep folder (default: runs/sweep-CONFIG)")
+    p.add_argument("--dry-run", action="store_true", help="print the train commands, one per line; run nothing")
+    _add_set(p)
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("export", help="export the inference network of a checkpoint (ONNX)")
+    p.add_argument("checkpoint")
+    p.add_argument("--format", default="onnx", choices=["onnx"])
+    p.add_argument("--out", required=True, help="file to write, e.g. model.onnx")
+    p.add_argument("--model", help="which network of the run (default: eval.model of its config)")
+    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--size", type=int, help="side of the example input used for tracing (default: crop size)")
+    p.add_argument("--static", action="store_true", help="fixed input size instead of dynamic batch/H/W")
+    p.add_argument("--verify", action="store_true", help="compare onnxruntime with PyTorch after writing")
+    _add_set(p)
+    p.set_defaults(func=cmd_export)
     return parser
 
 

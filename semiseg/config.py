@@ -179,7 +179,9 @@ class Config(Section):
     eval: EvalConfig = EvalConfig()
 
     def to_dict(self) -> dict:
-        return self.model_dump(mode="json")
+        # serialize_as_any: method sections are MethodConfig subclasses; without it pydantic dumps
+        # only the base fields (name) and config.yaml / checkpoints lose every method key
+        return self.model_dump(mode="json", serialize_as_any=True)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -26,15 +26,6 @@ TINY = [
 ]
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    path = tmp_path_factory.mktemp("cache")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("SEMISEG_CACHE", str(path))
-    yield path
-    mp.undo()
-
-
 def tiny_cfg(*extra):
     return load_config(None, TINY + list(extra))
 
@@ -45,7 +36,7 @@ def weights(run_dir, name="last"):
 
 
 @pytest.fixture(scope="module")
-def run(cache, tmp_path_factory):
+def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "sup"
     result = semiseg.train(tiny_cfg(), out=out, progress=False)
     return result
@@ -68,10 +59,9 @@ def test_run_directory_contents(run):
     assert list((d / "tensorboard").iterdir())
 
 
-def test_resume_equals_uninterrupted(cache, tmp_path):
+def test_resume_equals_uninterrupted(tmp_path):
     full = Trainer(tiny_cfg(), tmp_path / "full", progress=False).fit()
     Trainer(tiny_cfg(), tmp_path / "cut", progress=False).fit(stop_after=2)
-    part, _ = weights(tmp_path / "cut")
     _, meta = weights(tmp_path / "cut")
     assert meta["iter"] == 2
     resumed = Trainer(tiny_cfg(), tmp_path / "cut", resume=True, progress=False).fit()
@@ -85,7 +75,7 @@ def test_resume_equals_uninterrupted(cache, tmp_path):
     assert strip(rows(tmp_path / "full")) == strip(rows(tmp_path / "cut"))
 
 
-def test_init_from_copies_weights_with_fresh_optimizer(run, cache, tmp_path):
+def test_init_from_copies_weights_with_fresh_optimizer(run, tmp_path):
     trainer = Trainer(tiny_cfg(f"train.init_from={run.run_dir}", "train.iters=1"), tmp_path / "ft", progress=False)
     trainer._build()
     best, _ = weights(run.run_dir, "best")
@@ -95,7 +85,7 @@ def test_init_from_copies_weights_with_fresh_optimizer(run, cache, tmp_path):
     assert not trainer.optimizer.state  # fresh momentum buffers
 
 
-def test_init_from_mismatched_classes(run, cache, tmp_path):
+def test_init_from_mismatched_encoder(run, tmp_path):
     cfg = tiny_cfg(f"train.init_from={run.run_dir}", "model.encoder=resnet34")
     with pytest.raises(CheckpointError, match="init_from"):
         Trainer(cfg, tmp_path / "x", progress=False).fit()
@@ -109,33 +99,26 @@ def test_load_model_predict(run):
     assert pred.max() < model.num_classes
 
 
-def cli(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "semiseg", *map(str, args)], capture_output=True, text=True,
-                          env=env)
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "semiseg", *map(str, args)], capture_output=True, text=True)
 
 
-def test_eval_cli_json_and_table(run, cache):
-    import os
-
-    env = dict(os.environ, SEMISEG_CACHE=str(cache))
-    r = cli("eval", run.run_dir, "--json", env=env)
+def test_eval_cli_json_and_table(run):
+    r = cli("eval", run.run_dir, "--json")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert 0 <= out["mIoU"] <= 100
     assert len(out["per_class_iou"]) == load_model(run.run_dir).num_classes
-    r = cli("eval", run.run_dir, env=env)
+    r = cli("eval", run.run_dir)
     assert r.returncode == 0 and "mIoU" in r.stdout
 
 
-def test_predict_cli_writes_masks_and_overlays(run, cache, tmp_path):
-    import os
-
+def test_predict_cli_writes_masks_and_overlays(run, tmp_path):
     src = tmp_path / "in" / "sub"
     src.mkdir(parents=True)
     Image.fromarray(np.zeros((30, 40, 3), np.uint8)).save(src / "a.png")
     Image.fromarray(np.zeros((30, 40, 3), np.uint8)).save(tmp_path / "in" / "b.jpg")
-    r = cli("predict", run.run_dir, tmp_path / "in", "--out", tmp_path / "out",
-            env=dict(os.environ, SEMISEG_CACHE=str(cache)))
+    r = cli("predict", run.run_dir, tmp_path / "in", "--out", tmp_path / "out")
     assert r.returncode == 0, r.stderr
     for name in ("a", "b"):
         mask = Image.open(tmp_path / "out" / f"{name}.png")
@@ -151,12 +134,9 @@ def test_predict_cli_writes_masks_and_overlays(run, cache, tmp_path):
         (["--set", "data.labeled=nosuch_split.txt"], "nosuch_split.txt"),
     ],
 )
-def test_bad_input_one_line_nonzero(cache, tmp_path, args, needle):
-    import os
-
+def test_bad_input_one_line_nonzero(tmp_path, args, needle):
     overrides = sum((["--set", o] for o in TINY), [])
-    r = cli("train", "synthetic", *overrides, *args, "--out", tmp_path / "r",
-            env=dict(os.environ, SEMISEG_CACHE=str(cache)))
+    r = cli("train", "synthetic", *overrides, *args, "--out", tmp_path / "r")
     assert r.returncode != 0
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1, r.stderr

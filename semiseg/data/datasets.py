@@ -37,7 +37,8 @@ Split files (the community's format, e.g. UniMatch's ``splits/``): one sample pe
 ``IMAGE MASK`` (paths relative to the dataset root) or one field: an image path (its mask is
 found by the layout's rule, if any) or a bare id resolved by the dataset (``2007_000032`` for
 Pascal). Blank lines and ``#`` comments are skipped. A path that leaves the dataset root
-(``../`` or an absolute path elsewhere) is an error naming the split file and line.
+(``../`` or an absolute path elsewhere) is an error naming the split file and line, and so is an
+image listed twice (a duplicate id would silently count double; the message names both lines).
 """
 
 from __future__ import annotations
@@ -443,6 +444,7 @@ def _read_split(split_file: Path, root: Path, reader: DatasetReader) -> list[Sam
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"split file {split_file} cannot be read ({e}): expected a text file") from None
     samples = []
+    seen: dict[Path, int] = {}  # image -> first line: a repeated image is an error, not a silent double weight
     for lineno, line in enumerate(lines, 1):
         fields = line.split()
         if not fields or fields[0].startswith("#"):
@@ -462,6 +464,10 @@ def _read_split(split_file: Path, root: Path, reader: DatasetReader) -> list[Sam
             image, mask = pair
         if not image.is_file():
             raise DataError(f"{where}: image {image} does not exist")
+        if image in seen:
+            raise DataError(f"{where}: duplicate id {fields[0]!r} (image {image} is already listed on line "
+                            f"{seen[image]}): expected each image once")
+        seen[image] = lineno
         samples.append(reader.sample(image, mask))
     if not samples:
         raise DataError(f"split file {split_file} lists no images")

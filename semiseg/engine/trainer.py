@@ -213,11 +213,21 @@ class Trainer:
     def _save(self, it: int, best: float, skips: int, is_best: bool = False) -> None:
         if not self.dist.is_main:
             return
-        for name, p in self.method.named_parameters():
-            if not torch.isfinite(p).all():
-                raise TrainingError(f"refusing to checkpoint: parameter {name} holds NaN/inf at iteration {it}")
+        for kind, named in (("parameter", self.method.named_parameters()), ("buffer", self.method.named_buffers())):
+            for name, p in named:
+                if p.is_floating_point() and not torch.isfinite(p).all():
+                    raise TrainingError(f"refusing to checkpoint: {kind} {name} holds NaN/inf at iteration {it}")
         tensors, meta = self._state_tensors(it, best, skips)
-        self.ckpt.save(it, tensors, meta, is_best=is_best)
+        if is_best:
+            # best before last: a kill between the two writes must not leave a ``last`` whose
+            # best_mIoU already counts this evaluation while ``best`` still holds older weights
+            # (the resumed run would never rewrite it). Killed before ``last``, the resumed run
+            # repeats this step and writes the same ``best`` again.
+            from semiseg.engine.checkpoint import WEIGHTS_PREFIX, save_checkpoint
+
+            weights = {k: v for k, v in tensors.items() if k.startswith(WEIGHTS_PREFIX)}
+            save_checkpoint(self.ckpt.best_path, weights, {**meta, "weights_only": True})
+        self.ckpt.save(it, tensors, meta)
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, it: int) -> dict:
@@ -292,9 +302,16 @@ class Trainer:
                 batch = self._next_batch(iters)
                 ctx = self._context(it, lr)
                 self.method.train()
+                # buffers the forward passes update (BatchNorm statistics, memories) are put back
+                # when the step is skipped: a NaN forward would otherwise leave NaN statistics
+                buffers = list(self.method.buffers()) if tc.nonfinite == "skip" else []
+                saved = [b.detach().clone() for b in buffers]
                 result = self.method.train_step(batch, ctx)
                 loss = result.loss
                 if not torch.isfinite(loss.detach()):
+                    with torch.no_grad():
+                        for b, old in zip(buffers, saved):
+                            b.copy_(old)
                     skips += 1
                     consecutive_bad += 1
                     self.optimizer.zero_grad(set_to_none=True)

@@ -1,0 +1,129 @@
+"""``semiseg export``: the inference network of a checkpoint as an ONNX model.
+
+The exported graph is the network alone (:meth:`Method.inference_model`): input ``image``, a
+normalised float32 batch ``N x 3 x H x W`` (``(x / 255 - data.mean) / data.std``, RGB); output
+``logits``, ``N x K x H x W`` (the network upsamples to the input size). Batch, height and width
+are dynamic axes. Evaluation modes (sliding window, flips, scales) and the resize back to the
+original image size are pre/post-processing the caller does, as :class:`semiseg.api.Predictor`
+does in Python. Normalisation constants, class names and the input size the model was trained
+at are written into the ONNX ``metadata_props``.
+
+The legacy TorchScript-based exporter is used (``torch.onnx.export(..., dynamo=False)``): the
+dynamo exporter needs ``onnxscript``, which is not a dependency. It needs the ``onnx`` package
+(``pip install 'semiseg[export]'``); ``onnxruntime`` is only needed to check the result
+(``verify=True``).
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from semiseg.errors import SemisegError
+
+FORMATS = ("onnx",)
+DEFAULT_OPSET = 17
+
+
+class ExportError(SemisegError):
+    exit_code = 6
+
+
+class _Logits(nn.Module):
+    """The network as a plain ``image -> logits`` module (float32 output)."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.net(image).float()
+
+
+def export_onnx(checkpoint: str | Path, out: str | Path, which: str = "auto", opset: int = DEFAULT_OPSET,
+                size: Optional[int] = None, dynamic: bool = True, overrides=None, verify: bool = False) -> Path:
+    """Write the ONNX model of ``checkpoint`` (a file or run directory) to ``out``; returns it.
+
+    ``size`` is the side of the example input used for tracing (default: ``data.crop_size``).
+    With ``verify`` the file is run in onnxruntime on a second, differently sized input and
+    compared with PyTorch (raises ExportError beyond 1e-3 relative to the logit range).
+    """
+    try:
+        import onnx  # noqa: F401  (torch.onnx needs it to serialise)
+    except ImportError:
+        raise ExportError("export --format onnx needs the onnx package: pip install 'semiseg[export]'") from None
+    from semiseg.api import build_method_from_checkpoint
+
+    cfg, method, meta = build_method_from_checkpoint(checkpoint, overrides, "cpu")
+    net = _Logits(method.inference_model(which)).eval()
+    side = int(size or cfg.eval.crop_size or cfg.data.crop_size)
+    example = torch.randn(1, 3, side, side)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    axes = {"image": {0: "batch", 2: "height", 3: "width"}, "logits": {0: "batch", 2: "height", 3: "width"}}
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # tracer warnings about shape arithmetic (it stays dynamic)
+            torch.onnx.export(net, (example,), str(out), input_names=["image"], output_names=["logits"],
+                              dynamic_axes=axes if dynamic else None, opset_version=opset, dynamo=False,
+                              do_constant_folding=True)
+    except SemisegError:
+        raise
+    except Exception as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ExportError(f"export of {checkpoint} to ONNX failed: {first}") from None
+    _add_metadata(out, cfg, meta, method.num_classes, side, which)
+    if verify:
+        if dynamic:  # another batch size and a non-square size than the traced example
+            verify_onnx(out, net, (2, 3, side + 8, side + 24))
+        else:
+            verify_onnx(out, net, (1, 3, side, side))
+    return out
+
+
+def _add_metadata(path: Path, cfg, meta: dict, num_classes: int, side: int, which: str) -> None:
+    import onnx
+
+    model = onnx.load(str(path))
+    props = {
+        "semiseg.mean": json.dumps(list(cfg.data.mean)), "semiseg.std": json.dumps(list(cfg.data.std)),
+        "semiseg.class_names": json.dumps(meta.get("class_names") or [f"class_{i}" for i in range(num_classes)]),
+        "semiseg.num_classes": str(num_classes), "semiseg.crop_size": str(side),
+        "semiseg.method": str(meta.get("method", cfg.method.name)), "semiseg.model": which,
+        "semiseg.encoder": cfg.model.encoder, "semiseg.iter": str(meta.get("iter", "")),
+    }
+    for k, v in props.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = k, v
+    onnx.save(model, str(path))
+
+
+def verify_onnx(path: Path, net: nn.Module, shape: tuple[int, int, int, int], rtol: float = 1e-3) -> float:
+    """Run ``path`` in onnxruntime on a random input of ``shape`` and compare with ``net``;
+    returns the max abs difference (ExportError if too large)."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise ExportError("verifying an ONNX export needs onnxruntime: pip install 'semiseg[export]'") from None
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = net(x).numpy()
+    try:
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        got = sess.run(["logits"], {"image": x.numpy()})[0]
+    except Exception as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ExportError(f"ONNX model {path} does not run in onnxruntime on input {tuple(shape)}: {first}") from None
+    if got.shape != ref.shape:
+        raise ExportError(f"ONNX model {path} returns shape {got.shape}, PyTorch {ref.shape}")
+    diff = float(np.abs(got - ref).max())
+    scale = float(np.abs(ref).max()) or 1.0
+    if diff > rtol * scale + 1e-4:
+        raise ExportError(f"ONNX model {path} differs from PyTorch by {diff:.3g} (logits up to {scale:.3g})")
+    return diff

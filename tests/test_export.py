@@ -1,0 +1,80 @@
+"""``semiseg export --format onnx``: the ONNX graph runs in onnxruntime with dynamic batch and
+size and gives the PyTorch logits."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+TINY = [
+    "data.dataset=synthetic", "data.synthetic.num_train=16", "data.synthetic.num_val=2",
+    "data.synthetic.image_size=40", "data.crop_size=32", "data.labeled=6", "data.workers=0",
+    "model.encoder=test_resnet", "model.decoder_channels=8", "train.batch_size=2", "train.iters=2",
+    "train.eval_every=2", "train.log_every=1", "method.name=fixmatch", "method.teacher=ema",
+]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    from semiseg.config import load_config
+    from semiseg.engine.trainer import Trainer
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out = tmp_path_factory.mktemp("export") / "run"
+        Trainer(load_config(None, TINY), out, progress=False).fit()
+    finally:
+        torch.set_num_threads(n)
+    return out
+
+
+def _cli(*args):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "semiseg", *map(str, args)], capture_output=True, text=True, env=env)
+
+
+@pytest.mark.parametrize("which", ["student", "teacher"])
+def test_onnx_matches_pytorch_with_dynamic_shapes(run, tmp_path, which):
+    from semiseg.api import build_method_from_checkpoint
+
+    out = tmp_path / f"{which}.onnx"
+    r = _cli("export", run, "--format", "onnx", "--out", out, "--model", which)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == f"wrote {out}"
+    model = onnx.load(str(out))
+    onnx.checker.check_model(model)
+    props = {p.key: p.value for p in model.metadata_props}
+    assert props["semiseg.num_classes"] == "6" or int(props["semiseg.num_classes"]) > 1
+    assert props["semiseg.model"] == which
+
+    _, method, _ = build_method_from_checkpoint(run)
+    net = method.inference_model(which).eval()
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    g = torch.Generator().manual_seed(0)
+    for shape in [(1, 3, 32, 32), (3, 3, 40, 56), (2, 3, 24, 48)]:  # batch, height and width vary
+        x = torch.randn(*shape, generator=g)
+        with torch.no_grad():
+            ref = net(x).float().numpy()
+        got = sess.run(["logits"], {"image": x.numpy()})[0]
+        assert got.shape == ref.shape == (shape[0], method.num_classes, shape[2], shape[3])
+        np.testing.assert_allclose(got, ref, rtol=1e-3, atol=1e-4)
+
+
+def test_export_verify_flag_and_bad_checkpoint(run, tmp_path):
+    r = _cli("export", run, "--out", tmp_path / "m.onnx", "--verify", "--static")
+    assert r.returncode == 0, r.stderr
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x80\x04not a checkpoint")
+    r = _cli("export", bad, "--out", tmp_path / "x.onnx")
+    assert r.returncode == 4 and not (tmp_path / "x.onnx").exists()
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "pickle" in lines[0] and str(bad) in lines[0]
