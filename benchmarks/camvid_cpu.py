@@ -89,6 +89,8 @@ def main() -> int:
     import semiseg
 
     out = Path(args.out or REPO / "runs" / "bench" / f"{args.track}-{args.method}-{args.split}-s{args.seed}")
+    if not args.out and out.exists():  # a fresh run each time: never train into an earlier one
+        out = out.with_name(f"{out.name}-{datetime.now():%Y%m%d-%H%M%S}")
     overrides = overrides_for(args)
     t0 = time.perf_counter()
     result = semiseg.train(REPO / "configs" / "camvid.yaml", overrides=overrides, out=out)

@@ -141,3 +141,22 @@ def test_bad_input_one_line_nonzero(tmp_path, args, needle):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1, r.stderr
     assert needle in lines[0]
+
+
+def test_existing_run_is_never_overwritten(run):
+    before = (run.run_dir / "checkpoints" / "last.safetensors").read_bytes()
+    r = cli("train", "synthetic", *sum((["--set", o] for o in TINY), []), "--out", run.run_dir)
+    assert r.returncode != 0
+    assert "--resume" in r.stderr.strip().splitlines()[-1] and str(run.run_dir) in r.stderr
+    assert (run.run_dir / "checkpoints" / "last.safetensors").read_bytes() == before
+
+
+def test_resume_before_first_checkpoint_starts_fresh(tmp_path):
+    run_dir = tmp_path / "killed_early"
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text('{"iter": 2, "type": "train", "loss": 1.0}\n')
+    with pytest.warns(UserWarning, match="no checkpoint"):
+        result = Trainer(tiny_cfg("train.iters=2", "train.eval_every=2"), run_dir, resume=True, progress=False).fit()
+    assert result.iteration == 2
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in rows if r["type"] == "train"] == [2]  # the stale row was dropped

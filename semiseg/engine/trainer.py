@@ -188,12 +188,13 @@ class Trainer:
         }
         return tensors, meta
 
-    def _restore(self) -> tuple[int, float, int]:
+    def _restore(self) -> Optional[tuple[int, float, int]]:
+        """Load the newest valid checkpoint; None when the run has none yet."""
         from semiseg.engine.checkpoint import restore_rng_state, unflatten_state
 
         found = self.ckpt.load_latest()
         if found is None:
-            raise CheckpointError(f"--resume: no valid checkpoint under {self.run_dir / 'checkpoints'}")
+            return None
         path, tensors, meta = found
         weights = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
         try:
@@ -269,6 +270,10 @@ class Trainer:
         """Train to ``train.iters``; ``stop_after=N`` behaves like a stop signal after iteration N
         (checkpoint, then return), which is how tests and schedulers cut a run in pieces."""
         cfg, tc = self.cfg, self.cfg.train
+        ckpt_dir = self.run_dir / "checkpoints"
+        if not self.resume and ckpt_dir.is_dir() and any(ckpt_dir.glob("*.safetensors")):
+            raise SemisegError(f"{self.run_dir} already holds a run: continue it with --resume, "
+                               "or choose another --out")
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
@@ -276,7 +281,13 @@ class Trainer:
         self._build()
         start, best, skips = 0, -1.0, 0
         if self.resume:
-            start, best, skips = self._restore()
+            restored = self._restore()
+            if restored is None:  # killed before its first checkpoint
+                import warnings
+
+                warnings.warn(f"--resume: no checkpoint in {ckpt_dir} yet; starting {self.run_dir} from iteration 0")
+            else:
+                start, best, skips = restored
             self.logger.truncate_after(start)
         if start >= tc.iters:
             return TrainResult(self.run_dir, {}, start)
