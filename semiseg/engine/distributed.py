@@ -60,44 +60,34 @@ def resolve_device(pref: str, info: DistInfo) -> torch.device:
     return torch.device(pref)
 
 
-def average_gradients(params, world_size: int) -> None:
-    """All-reduce and average the gradients of ``params`` in one flat buffer."""
-    if world_size <= 1:
+def average_in_place(tensors: list[torch.Tensor], world_size: int) -> None:
+    """Average ``tensors`` over ranks in place, with one all-reduce of a flat buffer."""
+    if world_size <= 1 or not tensors:
         return
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
+    flat = torch.cat([t.reshape(-1) for t in tensors])
     dist.all_reduce(flat)
     flat /= world_size
     offset = 0
-    for g in grads:
-        n = g.numel()
-        g.copy_(flat[offset : offset + n].view_as(g))
-        offset += n
+    for t in tensors:
+        t.copy_(flat[offset : offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
+def average_gradients(params, world_size: int) -> None:
+    average_in_place([p.grad for p in params if p.grad is not None], world_size)
 
 
 def average_batchnorm_stats(module: torch.nn.Module, world_size: int) -> None:
-    """Average BatchNorm running statistics over ranks (one flat all-reduce).
+    """Average BatchNorm running statistics over ranks.
 
     On CUDA, SyncBatchNorm already keeps them equal; on the CPU (gloo) each rank would
     otherwise drift with its own batches, and eval-mode passes (pseudo labels, evaluation)
     would differ between ranks.
     """
-    if world_size <= 1:
-        return
     stats = [b for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
              and not isinstance(m, torch.nn.SyncBatchNorm)
              for b in (m.running_mean, m.running_var) if b is not None]
-    if not stats:
-        return
-    flat = torch.cat([b.reshape(-1) for b in stats])
-    dist.all_reduce(flat)
-    flat /= world_size
-    offset = 0
-    for b in stats:
-        b.copy_(flat[offset : offset + b.numel()].view_as(b))
-        offset += b.numel()
+    average_in_place(stats, world_size)
 
 
 def broadcast_module(module: torch.nn.Module, src: int = 0) -> None:

@@ -205,6 +205,18 @@ class ConsistencyMethod(Method):
         return predict_eval(self.teacher, unlabeled["weak"], unlabeled["ignore_mask"], ctx.autocast,
                             self.tags_of(unlabeled))
 
+    def weak_and_partner_targets(self, weak_logits: Optional[torch.Tensor], unlabeled: dict,
+                                 partner: Optional[PseudoTarget], ctx: StepContext
+                                 ) -> tuple[PseudoTarget, PseudoTarget]:
+        """(weak target, CutMix partner's target). The weak target comes from the teacher when
+        there is one, else from the student's weak-view logits; the partner's is the separate
+        batch's (``partner``) or, in-batch, the weak target reversed."""
+        if self.teacher is not None:
+            target_w = self.teacher_target(unlabeled, ctx)
+        else:
+            target_w = self.weak_target(weak_logits, unlabeled)
+        return target_w, partner if partner is not None else target_w.flip()
+
     def mix_partner_images(self, batch: Batch, num_views: int) -> list[torch.Tensor]:
         """The partner's strong views, one per strong view of the unlabelled batch."""
         if self.mcfg.mix_source == "separate_batch":

@@ -62,6 +62,7 @@ class FixMatch(ConsistencyMethod):
         img_u_s = apply_cutmix(img_u_s, img_u_s_mix, cutmix_box)
 
         num_lb, num_ulb = img_x.shape[0], img_u_w.shape[0]
+        pred_u_w = None  # with an EMA teacher the student does not see the weak view
         with ctx.autocast():
             if self.teacher is None:
                 pred_x, pred_u_w = self.model(torch.cat((img_x, img_u_w))).split([num_lb, num_ulb])
@@ -69,12 +70,7 @@ class FixMatch(ConsistencyMethod):
             else:
                 pred_x, pred_u_s = self.model(torch.cat((img_x, img_u_s))).split([num_lb, num_ulb])
 
-        if self.teacher is None:
-            target_w = self.weak_target(pred_u_w, u)
-        else:
-            target_w = self.teacher_target(u, ctx)
-        if target_mix is None:
-            target_mix = target_w.flip()
+        target_w, target_mix = self.weak_and_partner_targets(pred_u_w, u, target_mix, ctx)
         target_s = target_w.cutmix(target_mix, cutmix_box)
 
         loss_x = self.criterion_l(pred_x.float(), mask_x)

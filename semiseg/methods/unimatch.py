@@ -102,12 +102,7 @@ class UniMatch(ConsistencyMethod):
             else:
                 pred_x, *pred_u_s = self.model(torch.cat((img_x, *img_u_s))).split([num_lb] + [num_ulb] * n)
 
-        if self.teacher is None:
-            target_w = self.weak_target(pred_u_w, u)
-        else:
-            target_w = self.teacher_target(u, ctx)
-        if target_mix is None:
-            target_mix = target_w.flip()
+        target_w, target_mix = self.weak_and_partner_targets(pred_u_w, u, target_mix, ctx)
 
         weight_x, weight_s, weight_fp = self.loss_weights()
         loss_x = self.criterion_l(pred_x.float(), mask_x)
