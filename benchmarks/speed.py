@@ -45,6 +45,7 @@ def main() -> int:
 
     from semiseg.bench import run_bench
     from semiseg.config import load_config
+    from semiseg.errors import ConfigError
 
     print(f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {machine()}")
     print(f"command: python benchmarks/speed.py {' '.join(shlex.quote(a) for a in sys.argv[1:])}\n")
@@ -52,7 +53,10 @@ def main() -> int:
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for method in args.methods.split(","):
         for name, sets in parse_variants(args.variants):
-            cfg = load_config(args.config, [f"method.name={method}", *args.overrides, *sets])
+            try:
+                cfg = load_config(args.config, [f"method.name={method}", *args.overrides, *sets])
+            except ConfigError:  # a variant of keys this method does not have
+                continue
             r = run_bench(cfg, steps=args.steps, warmup=args.warmup)
             print(f"| {method} | {name} | {r['sec_per_step']:.3f} | {r['images_per_sec']:.1f} | "
                   f"{r['flops_per_step'] / 1e9:.1f} | {r['achieved_tflops'] * 1e3:.0f} | {100 * r['mfu']:.0f}% | "
