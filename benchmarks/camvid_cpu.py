@@ -103,7 +103,8 @@ def main() -> int:
         "track": args.track, "method": args.method, "split": args.split, "seed": args.seed,
         "mIoU": result.metrics["mIoU"], "sec_per_step": sum(steps) / max(1, len(steps)),
         "wall_min": wall / 60, "machine": machine(),
-        "command": "python benchmarks/camvid_cpu.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        "command": (f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else "")
+        + "python benchmarks/camvid_cpu.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
         "run_dir": str(out),
     }
     print(json.dumps(row))
