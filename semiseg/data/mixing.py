@@ -31,10 +31,11 @@ def mix_targets(target_a: torch.Tensor, target_b: torch.Tensor, box: torch.Tenso
 
 def classmix_mask(pseudo_label: torch.Tensor, exclude: Sequence[int] = (),
                   generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """ClassMix's mask (Olsson et al.; as in Alonso et al.'s official code): half of the classes
-    present in ``pseudo_label`` ``(H, W)``, ``(n + n % 2) // 2`` of ``n`` (rounded up), chosen at
-    random after removing ``exclude`` (e.g. background); returns the ``(H, W)`` bool mask of the
-    pixels of the chosen classes."""
+    """ClassMix's mask (Olsson et al., WACV 2021): half of the classes present in ``pseudo_label``
+    ``(H, W)``, ``(n + n % 2) // 2`` of ``n`` (rounded up), chosen at random after removing
+    ``exclude`` (e.g. background); returns the ``(H, W)`` bool mask of the pixels of the chosen
+    classes. Alonso et al.'s official code differs (``n // 2 + 1`` classes, exclusion only when
+    other classes remain): :mod:`semiseg.methods.contrastive_memory` follows that one."""
     classes = torch.unique(pseudo_label)
     if len(exclude):
         classes = classes[~torch.isin(classes, torch.as_tensor(list(exclude), device=classes.device))]
