@@ -67,3 +67,26 @@ def folder_config():
         return DataConfig(**{"dataset": "folder", "root": str(root), "num_classes": 3, "crop_size": 16, **keys})
 
     return make
+
+
+@pytest.fixture(scope="session")
+def train_run(tmp_path_factory):
+    """``train_run(overrides, name)`` -> the directory of a finished training run of the config
+    ``overrides`` (one thread, no progress bar), for tests that need a real run to act on."""
+
+    def train(overrides: list[str], name: str = "run") -> Path:
+        import torch
+
+        from semiseg.config import load_config
+        from semiseg.engine.trainer import Trainer
+
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            out = tmp_path_factory.mktemp(name) / "run"
+            Trainer(load_config(None, overrides), out, progress=False).fit()
+        finally:
+            torch.set_num_threads(threads)
+        return out
+
+    return train

@@ -194,18 +194,8 @@ def _one_line(r, code, *fragments):
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    from semiseg.config import load_config
-    from semiseg.engine.trainer import Trainer
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        out = tmp_path_factory.mktemp("bad") / "run"
-        Trainer(load_config(None, TINY), out, progress=False).fit()
-    finally:
-        torch.set_num_threads(n)
-    return out
+def run(train_run):
+    return train_run(TINY, "bad")
 
 
 @pytest.mark.parametrize("override,fragments", [

@@ -23,18 +23,8 @@ TINY = [
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    from semiseg.config import load_config
-    from semiseg.engine.trainer import Trainer
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        out = tmp_path_factory.mktemp("export") / "run"
-        Trainer(load_config(None, TINY), out, progress=False).fit()
-    finally:
-        torch.set_num_threads(n)
-    return out
+def run(train_run):
+    return train_run(TINY, "export")
 
 
 def _cli(*args):

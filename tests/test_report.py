@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 TINY = [
@@ -28,18 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    from semiseg.config import load_config
-    from semiseg.engine.trainer import Trainer
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        out = tmp_path_factory.mktemp("report") / "run"
-        Trainer(load_config(None, TINY), out, progress=False).fit()
-    finally:
-        torch.set_num_threads(n)
-    return out
+def run(train_run):
+    return train_run(TINY, "report")
 
 
 @pytest.fixture(scope="module")
