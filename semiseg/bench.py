@@ -96,12 +96,12 @@ def run_bench(cfg: Config, steps: int = 10, warmup: int = 3, loader_batches: int
             next(it)
     loader_ips = loader_batches * images_per_step / (time.perf_counter() - t0)
 
-    peak = matmul_peak_flops(device, cfg.train.precision)
+    peak = matmul_peak_flops(device, trainer.precision)
     achieved = flops / sec
     return {
         "method": cfg.method.name, "encoder": cfg.model.encoder, "head": cfg.model.head,
         "crop_size": cfg.data.crop_size, "batch_size": cfg.train.batch_size,
-        "images_per_step": images_per_step, "precision": cfg.train.precision,
+        "images_per_step": images_per_step, "precision": trainer.precision,
         "channels_last": cfg.train.channels_last, "compile": cfg.train.compile,
         "device": str(device), "threads": torch.get_num_threads(),
         "steps": steps, "sec_per_step": sec, "images_per_sec": images_per_step / sec,

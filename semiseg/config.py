@@ -144,7 +144,7 @@ class TrainConfig(Section):
     checkpoint_every: int = Field(0, ge=0)  # 0 = only at eval and at the end
     keep_last: int = Field(2, ge=1)
     init_from: Optional[str] = None  # run dir or checkpoint: weights only, fresh optimizer
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on a CPU with native bf16, else fp32
     channels_last: bool = False
     compile: bool = False
     deterministic: bool = False

@@ -7,7 +7,7 @@ masks), so an image and its targets can never come apart.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Literal, Optional, Sequence
 
 import torch
 
@@ -29,26 +29,44 @@ def mix_targets(target_a: torch.Tensor, target_b: torch.Tensor, box: torch.Tenso
     return cutmix(target_a, target_b, box)
 
 
+ClassMixVariant = Literal["classmix", "alonso"]
+
+
 def classmix_mask(pseudo_label: torch.Tensor, exclude: Sequence[int] = (),
-                  generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """ClassMix's mask (Olsson et al., WACV 2021): half of the classes present in ``pseudo_label``
-    ``(H, W)``, ``(n + n % 2) // 2`` of ``n`` (rounded up), chosen at random after removing
-    ``exclude`` (e.g. background); returns the ``(H, W)`` bool mask of the pixels of the chosen
-    classes. Alonso et al.'s official code differs (``n // 2 + 1`` classes, exclusion only when
-    other classes remain): :mod:`semiseg.methods.contrastive_memory` follows that one."""
+                  generator: Optional[torch.Generator] = None, variant: ClassMixVariant = "classmix",
+                  ignore_index: Optional[int] = None) -> torch.Tensor:
+    """ClassMix's mask: the ``(H, W)`` bool mask of the pixels of about half of the classes present
+    in ``pseudo_label`` ``(H, W)``, chosen at random. ``variant`` says how many and which:
+
+    * ``classmix`` (Olsson et al., WACV 2021): ``(n + n % 2) // 2`` of the ``n`` candidates
+      (rounded-up half); the candidates are the present classes minus ``exclude`` (e.g.
+      background) and ``ignore_index``, always -- an image with nothing else selects nothing.
+    * ``alonso`` (the official code of Alonso et al., ICCV 2021, ``transformmasks``):
+      ``n // 2 + 1`` of them; ``ignore_index`` and then each class of ``exclude`` are removed
+      from the candidates only while another candidate remains.
+    """
     classes = torch.unique(pseudo_label)
-    if len(exclude):
-        classes = classes[~torch.isin(classes, torch.as_tensor(list(exclude), device=classes.device))]
-    n = classes.numel()
-    order = torch.randperm(n, generator=generator).to(classes.device)
-    chosen = classes[order[: (n + n % 2) // 2]]
-    return torch.isin(pseudo_label, chosen)
+    drops = ([] if ignore_index is None else [ignore_index]) + list(exclude)
+    if variant == "classmix":
+        if drops:
+            classes = classes[~torch.isin(classes, torch.as_tensor(drops, device=classes.device))]
+        count = (classes.numel() + classes.numel() % 2) // 2
+    elif variant == "alonso":
+        for drop in drops:
+            if classes.numel() > 1 and bool((classes == drop).any()):
+                classes = classes[classes != drop]
+        count = classes.numel() // 2 + 1
+    else:
+        raise ValueError(f"classmix variant {variant!r}: expected 'classmix' or 'alonso'")
+    order = torch.randperm(classes.numel(), generator=generator).to(classes.device)
+    return torch.isin(pseudo_label, classes[order[:count]])
 
 
 def classmix_masks(pseudo_labels: torch.Tensor, exclude: Sequence[int] = (),
-                   generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                   generator: Optional[torch.Generator] = None, variant: ClassMixVariant = "classmix",
+                   ignore_index: Optional[int] = None) -> torch.Tensor:
     """:func:`classmix_mask` for each image of a ``(B, H, W)`` batch."""
-    return torch.stack([classmix_mask(label, exclude, generator) for label in pseudo_labels])
+    return torch.stack([classmix_mask(label, exclude, generator, variant, ignore_index) for label in pseudo_labels])
 
 
 def classmix(source: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

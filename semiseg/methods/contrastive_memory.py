@@ -97,7 +97,7 @@ from pydantic import Field
 from torch import nn
 
 from semiseg.config import MethodConfig
-from semiseg.data.mixing import classmix
+from semiseg.data.mixing import classmix, classmix_masks
 from semiseg.methods.base import Batch, Method, StepContext, StepResult, register_method
 from semiseg.methods.meanteacher import sigmoid_rampup
 from semiseg.methods.memory_bank import (
@@ -175,24 +175,6 @@ def official_memory_per_image(memory_per_class: int, num_labeled: int, num_class
     three classes per image there)."""
     ratio = round(memory_per_class / num_labeled)
     return max(1, int(num_classes / 3 * ratio)) if pascal else max(1, int(ratio))
-
-
-def classmix_masks(labels: torch.Tensor, exclude: Sequence[int] = (), ignore_index: int = 255,
-                   generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """One ClassMix mask per image of ``labels`` ``(B, H, W)``: the pixels of ``n // 2 + 1`` of the
-    image's ``n`` classes, chosen at random (official count). The ignore label, then each class of
-    ``exclude``, is removed from the candidates only when another candidate remains (official)."""
-    masks = []
-    for label in labels:
-        classes = torch.unique(label)
-        for drop in (ignore_index, *exclude):
-            if classes.numel() > 1 and bool((classes == drop).any()):
-                classes = classes[classes != drop]
-        n = classes.numel()
-        order = torch.randperm(n, generator=generator).to(classes.device)
-        chosen = classes[order[: n // 2 + 1]]
-        masks.append(torch.isin(label, chosen))
-    return torch.stack(masks)
 
 
 def mix_with_next(tensors: Sequence[torch.Tensor], masks: torch.Tensor) -> list[torch.Tensor]:
@@ -404,7 +386,7 @@ class ContrastiveMemory(Method):
                  ) -> tuple[torch.Tensor, ...]:
         """ClassMix of a batch with itself (image ``j + 1`` onto image ``j``); returns the mixed
         ``(images, labels[, confidence], masks)`` where ``masks[j]`` is image ``j``'s class mask."""
-        masks = classmix_masks(labels, self.mcfg.classmix_exclude, self.ignore_index)
+        masks = classmix_masks(labels, self.mcfg.classmix_exclude, variant="alonso", ignore_index=self.ignore_index)
         tensors = [images, labels] if confidence is None else [images, labels, confidence]
         return (*mix_with_next(tensors, masks), masks)
 

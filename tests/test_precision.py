@@ -1,0 +1,64 @@
+"""``train.precision``: what ``auto`` resolves to, and that the trainer really runs the chosen
+precision (autocast dtype of the forward, fp32 master weights)."""
+
+import pytest
+import torch
+
+import semiseg.engine.trainer as T
+from semiseg.config import load_config
+from semiseg.errors import SemisegError
+
+ZEN4 = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 avx512_vnni\n"
+ZEN3 = "processor\t: 0\nflags\t\t: fpu sse2 avx2 fma\n"
+SAPPHIRE = "flags\t\t: avx512f amx_tile amx_bf16 amx_int8\n"
+
+
+def test_native_bf16_is_read_from_the_cpu_flags():
+    assert T.cpu_has_native_bf16(ZEN4)
+    assert T.cpu_has_native_bf16(SAPPHIRE)
+    assert not T.cpu_has_native_bf16(ZEN3)
+    assert not T.cpu_has_native_bf16("")  # no flags line: assume emulation
+
+
+@pytest.mark.parametrize("native, expected", [(True, "bf16"), (False, "fp32")])
+def test_auto_is_bf16_only_on_a_cpu_with_native_bf16(monkeypatch, native, expected):
+    monkeypatch.setattr(T, "cpu_has_native_bf16", lambda cpuinfo=None: native)
+    assert T.resolve_precision("auto", torch.device("cpu")) == expected
+
+
+def test_auto_keeps_fp32_on_cuda_and_explicit_values_pass_through(monkeypatch):
+    monkeypatch.setattr(T, "cpu_has_native_bf16", lambda cpuinfo=None: True)
+    assert T.resolve_precision("auto", torch.device("cuda", 0)) == "fp32"
+    for p in ("fp32", "bf16", "fp16"):
+        assert T.resolve_precision(p, torch.device("cpu")) == p
+
+
+def test_auto_is_the_default():
+    assert load_config(None, []).train.precision == "auto"
+
+
+def test_fp16_on_the_cpu_is_a_config_error():
+    with pytest.raises(SemisegError, match=r"train\.precision.*fp16 needs CUDA"):
+        T.autocast_factory("fp16", torch.device("cpu"))
+
+
+def test_unknown_precision_names_the_key():
+    with pytest.raises(SemisegError, match=r"train\.precision"):
+        load_config(None, ["train.precision=fp8"])
+
+
+@pytest.mark.parametrize("precision, dtype", [("bf16", torch.bfloat16), ("fp32", torch.float32)])
+def test_trainer_forward_runs_in_the_chosen_precision(tmp_path, precision, dtype):
+    cfg = load_config(None, [
+        "data.dataset=synthetic", "data.synthetic.num_train=8", "data.synthetic.num_val=2",
+        "data.synthetic.image_size=32", "data.crop_size=32", "data.labeled=4", "model.decoder_channels=16",
+        f"train.precision={precision}", "train.batch_size=2", "train.iters=1",
+    ])
+    trainer = T.Trainer(cfg, run_dir=tmp_path / "run", progress=False)
+    trainer._build()
+    assert trainer.precision == precision
+    model = trainer.method.model
+    with trainer.autocast():
+        out = model(torch.randn(2, 3, 32, 32))
+    assert out.dtype == dtype
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # master weights stay fp32
