@@ -12,9 +12,13 @@ TINY = ["data.synthetic.num_train=24", "data.synthetic.num_val=2", "data.synthet
 
 
 def test_bench_fields_and_image_count():
-    r = run_bench(load_config("synthetic", TINY + ["method.name=unimatch"]), steps=1, warmup=1, loader_batches=2)
+    official = ["method.name=unimatch", "method.mix_source=separate_batch"]
+    r = run_bench(load_config("synthetic", TINY + official), steps=1, warmup=1, loader_batches=2)
     # UniMatch with the official separate CutMix batch: labelled + unlabelled + partner batches.
     assert r["images_per_step"] == 6
+    default = run_bench(load_config("synthetic", TINY + ["method.name=unimatch"]), steps=1, warmup=1, loader_batches=2)
+    assert default["images_per_step"] == 4  # in_batch (the default): the partner is the same batch
+    assert default["flops_per_step"] < r["flops_per_step"]  # no eval-mode partner pass
     for key in ("sec_per_step", "images_per_sec", "peak_memory_mb", "flops_per_step", "achieved_tflops",
                 "matmul_peak_tflops", "loader_images_per_sec"):
         assert r[key] > 0, key

@@ -489,3 +489,19 @@ def test_gather_from_ranks():
         r0, r1 = torch.load(f"{out}.0"), torch.load(f"{out}.1")
     assert torch.equal(r0, r1)
     assert r0[:, 0].tolist() == [0.0, 1.0, 1.0]
+
+
+def test_start_iterations_beyond_the_schedule_warn_naming_the_key():
+    def build(iters, **keys):
+        overrides = {"method.name": "contrastive_memory", "method.proj_dim": 8, "train.iters": iters,
+                     **{f"method.{k}": v for k, v in keys.items()}}
+        return ContrastiveMemory(load_config(None, overrides), TinySeg(8), K)
+
+    with pytest.warns(UserWarning, match=r"method\.contrastive_start_iter=2000 is not below train\.iters=1200: "
+                                         r"the contrastive terms never start"):
+        build(1200)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        build(1200, memory_start_iter=300, contrastive_start_iter=600, rampup_iters=600)

@@ -310,7 +310,7 @@ def test_batchnorm_layout_matches_official_with_eval_mode_partner():
         model.norm.running_mean.fill_(0.3)
         model.norm.running_var.fill_(2.0)
     initial = {k: v.clone() for k, v in model.state_dict().items()}
-    method = build(FixMatch, "fixmatch", model=model, conf_thresh=0.6)
+    method = build(FixMatch, "fixmatch", model=model, conf_thresh=0.6, mix_source="separate_batch")
     method.train()
     batch = make_batch()
     result = method.train_step(batch, ctx())
@@ -386,14 +386,15 @@ def test_unimatch_weights_are_configurable_and_redistributed():
     batch = make_batch(seed=7)
     thresh = 0.7
     # explicit weights: (2 L_x + 0.15 L_s1 + 0.15 L_s2 + 0.1 L_fp) / 2
-    method = build(UniMatch, "unimatch", conf_thresh=thresh, weight_x=2.0, weight_s=0.3, weight_fp=0.1)
+    method = build(UniMatch, "unimatch", conf_thresh=thresh, weight_x=2.0, weight_s=0.3, weight_fp=0.1,
+                   mix_source="separate_batch")
     method.train()
     result = method.train_step(batch, ctx())
     total, *_ = reference_unimatch(method.model, batch, thresh, "separate_batch", weights=(2.0, 0.15, 0.15, 0.1))
     assert close(result.loss, total)
 
     # no fp stream: the strong views take its weight, (L_x + 0.5 L_s1 + 0.5 L_s2) / 2
-    method = build(UniMatch, "unimatch", conf_thresh=thresh, feature_perturbation=False)
+    method = build(UniMatch, "unimatch", conf_thresh=thresh, feature_perturbation=False, mix_source="separate_batch")
     method.train()
     result = method.train_step(batch, ctx())
     assert "loss_fp" not in result.logs
@@ -402,7 +403,7 @@ def test_unimatch_weights_are_configurable_and_redistributed():
     assert close(result.loss, total)
 
     # one strong view: the instance asks the data for one, (L_x + 0.5 L_s + 0.5 L_fp) / 2
-    method = build(UniMatch, "unimatch", conf_thresh=thresh, dual_strong=False)
+    method = build(UniMatch, "unimatch", conf_thresh=thresh, dual_strong=False, mix_source="separate_batch")
     assert method.num_strong_views == 1 and UniMatch.num_strong_views == 2
     batch_one = make_batch(seed=7)
     for u in (batch_one.unlabeled, batch_one.unlabeled_mix):
@@ -578,7 +579,7 @@ def test_fixmatch_with_teacher_takes_pseudo_labels_from_the_teacher(mix_source):
 
 def test_unimatch_with_teacher_supervises_fp_stream_with_teacher_labels():
     batch = make_batch(seed=4)
-    method = build(UniMatch, "unimatch", teacher="ema", conf_thresh=0.5)
+    method = build(UniMatch, "unimatch", teacher="ema", conf_thresh=0.5, mix_source="separate_batch")
     make_teacher_differ(method)
     method.train()
     result = method.train_step(batch, ctx())
@@ -670,7 +671,7 @@ def test_mean_teacher_step(consistency, mix_source):
 
 def test_config_keys_and_defaults():
     cfg = load_config({"method": {"name": "unimatch"}}).method
-    assert (cfg.conf_thresh, cfg.mix_source, cfg.teacher, cfg.fp_dropout) == (0.95, "separate_batch", "none", 0.5)
+    assert (cfg.conf_thresh, cfg.mix_source, cfg.teacher, cfg.fp_dropout) == (0.95, "in_batch", "none", 0.5)
     assert (cfg.feature_perturbation, cfg.dual_strong, cfg.weight_x, cfg.weight_s, cfg.weight_fp) == \
            (True, True, 1.0, 0.5, 0.5)
     cfg = load_config({"method": {"name": "fixmatch"}}).method

@@ -1,5 +1,5 @@
-"""``train.precision``: what ``auto`` resolves to, and that the trainer really runs the chosen
-precision (autocast dtype of the forward, fp32 master weights)."""
+"""``train.precision`` and ``train.channels_last``: what ``auto`` resolves to, and that the trainer
+really runs the chosen precision (autocast dtype of the forward, fp32 master weights) and layout."""
 
 import pytest
 import torch
@@ -11,6 +11,11 @@ from semiseg.errors import SemisegError
 ZEN4 = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 avx512_vnni\n"
 ZEN3 = "processor\t: 0\nflags\t\t: fpu sse2 avx2 fma\n"
 SAPPHIRE = "flags\t\t: avx512f amx_tile amx_bf16 amx_int8\n"
+TINY = [
+    "data.dataset=synthetic", "data.synthetic.num_train=8", "data.synthetic.num_val=2",
+    "data.synthetic.image_size=32", "data.crop_size=32", "data.labeled=4", "model.decoder_channels=16",
+    "train.batch_size=2", "train.iters=1",
+]
 
 
 def test_native_bf16_is_read_from_the_cpu_flags():
@@ -49,11 +54,7 @@ def test_unknown_precision_names_the_key():
 
 @pytest.mark.parametrize("precision, dtype", [("bf16", torch.bfloat16), ("fp32", torch.float32)])
 def test_trainer_forward_runs_in_the_chosen_precision(tmp_path, precision, dtype):
-    cfg = load_config(None, [
-        "data.dataset=synthetic", "data.synthetic.num_train=8", "data.synthetic.num_val=2",
-        "data.synthetic.image_size=32", "data.crop_size=32", "data.labeled=4", "model.decoder_channels=16",
-        f"train.precision={precision}", "train.batch_size=2", "train.iters=1",
-    ])
+    cfg = load_config(None, TINY + [f"train.precision={precision}"])
     trainer = T.Trainer(cfg, run_dir=tmp_path / "run", progress=False)
     trainer._build()
     assert trainer.precision == precision
@@ -62,3 +63,18 @@ def test_trainer_forward_runs_in_the_chosen_precision(tmp_path, precision, dtype
         out = model(torch.randn(2, 3, 32, 32))
     assert out.dtype == dtype
     assert all(p.dtype == torch.float32 for p in model.parameters())  # master weights stay fp32
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_channels_last_converts_weights_and_batches(tmp_path, channels_last):
+    cfg = load_config(None, TINY + [f"train.channels_last={channels_last}"])
+    assert load_config(None, []).train.channels_last  # the default
+    trainer = T.Trainer(cfg, run_dir=tmp_path / "run", progress=False)
+    trainer._build()
+    convs = [p for p in trainer.method.model.parameters() if p.dim() == 4 and p.shape[-1] > 1]
+    assert convs and all(p.is_contiguous(memory_format=torch.channels_last) == channels_last for p in convs)
+    batch = T.to_device({"image": torch.randn(2, 3, 8, 8), "mask": torch.zeros(2, 8, 8)}, torch.device("cpu"),
+                        channels_last=channels_last)
+    assert batch["image"].is_contiguous(memory_format=torch.channels_last) == channels_last
+    assert batch["mask"].is_contiguous()
+

@@ -87,6 +87,7 @@ from __future__ import annotations
 
 import math
 import random
+import warnings
 from typing import Literal, Optional, Sequence
 
 import torch
@@ -330,6 +331,13 @@ class ClassBalance(nn.Module):
 # The method
 
 
+STARTS_NEVER = {
+    "memory_start_iter": "the memory bank is never filled",
+    "contrastive_start_iter": "the contrastive terms never start",
+    "rampup_iters": "the pseudo-label loss never reaches full weight and ClassMix never starts",
+}
+
+
 @register_method("contrastive_memory", ContrastiveMemoryConfig)
 class ContrastiveMemory(Method):
     uses_unlabeled = True
@@ -344,6 +352,11 @@ class ContrastiveMemory(Method):
         self.memory = ClassMemory(num_classes, mc.memory_per_class, mc.proj_dim)
         self.balance = ClassBalance(num_classes) if mc.class_balance else None
         self.memory_per_image = self._resolve_memory_per_image(cfg)
+        iters = cfg.train.iters
+        for key in ("memory_start_iter", "contrastive_start_iter", "rampup_iters"):
+            if getattr(mc, key) >= iters:
+                warnings.warn(f"method.{key}={getattr(mc, key)} is not below train.iters={iters}: "
+                              f"{STARTS_NEVER[key]} in this run; scale it to the schedule")
 
     def _resolve_memory_per_image(self, cfg) -> int:
         """``memory_per_image``, or the official rule when ``data.labeled`` is an image count

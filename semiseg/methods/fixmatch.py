@@ -16,7 +16,8 @@ Faithful to the official code, where the paper is silent:
   (``model(cat(img_x, img_u_w))``), and the strong images in a second pass;
 * with ``mix_source: separate_batch`` (official) the CutMix partner is a second unlabelled batch
   whose pseudo labels come from an *eval-mode* pass made before the training passes;
-  ``in_batch`` (UniMatch V2's code) takes the batch reversed and reuses the weak predictions;
+  ``in_batch`` (UniMatch V2's code, semiseg's default because it saves that pass) takes the batch
+  reversed and reuses the weak predictions;
 * ``mask_ratio`` is measured on the weak view's own pseudo labels (before CutMix).
 
 ``teacher: ema`` follows UniMatch V2's "FixMatch with an EMA teacher": the pseudo labels of the

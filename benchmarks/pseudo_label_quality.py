@@ -1,0 +1,120 @@
+#!/usr/bin/env python
+"""How good are a trained network's pseudo labels on the unlabelled pool, per confidence threshold?
+
+Self-training (FixMatch, UniMatch, Mean Teacher, the memory-bank method) learns from the pixels
+whose confidence passes ``method.conf_thresh``. Whether that can pay depends on how many pixels
+pass, how often they are right, and which classes they cover. This script answers that for a run
+(the network that would start self-training, e.g. a track-S supervised run for track W) on an
+image list whose masks exist but are never used for training -- CamVid's unlabelled pool
+``splits/1_8/unlabeled.txt`` has them -- and prints one Markdown row per threshold:
+
+    python benchmarks/pseudo_label_quality.py runs/bench/S-supervised-1_8-s0
+
+Columns: the share of non-void pixels kept (confidence >= threshold), the accuracy of the kept
+pixels, the mIoU of the kept pseudo labels against the masks (pixels not kept count as missed),
+and the share of kept pixels that belong to the rarest half of the classes by ground-truth pixel count
+(how much of the training signal reaches them). ``--json`` writes every figure and the per-class
+counts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def measure(run: str, image_list: str, thresholds: list[float], data_root: str | None = None) -> dict:
+    from semiseg.api import build_method_from_checkpoint
+    from semiseg.data.build import EvalSet
+    from semiseg.data.datasets import dataset_info, read_split_file
+    from semiseg.engine.evaluator import predict_logits
+
+    overrides = [f"data.root={data_root}"] if data_root else []
+    cfg, method, meta = build_method_from_checkpoint(run, overrides)
+    network = method.inference_model("auto").eval()
+    k, ignore = method.num_classes, dataset_info(cfg.data).ignore_index
+    list_path = Path(image_list)
+    if not list_path.is_absolute():
+        list_path = Path(cfg.data.root) / list_path
+    samples = read_split_file(list_path, cfg.data)
+    missing = [s.image for s in samples if s.mask is None]
+    if missing:
+        raise SystemExit(f"{list_path}: image {missing[0]} has no mask; pseudo-label quality needs masks to score")
+    dataset = EvalSet(samples, cfg.data)
+    eval_cfg = cfg.eval.model_copy(update={"mode": "original", "flip": False, "scales": [1.0]})
+    n = len(thresholds)
+    kept = torch.zeros(n, dtype=torch.long)
+    correct = torch.zeros(n, dtype=torch.long)
+    tp = torch.zeros(n, k, dtype=torch.long)  # kept, predicted c, truly c
+    pred = torch.zeros(n, k, dtype=torch.long)  # kept, predicted c
+    gt = torch.zeros(k, dtype=torch.long)
+    kept_gt = torch.zeros(n, k, dtype=torch.long)  # kept pixels by their true class
+    valid_total = 0
+    with torch.inference_mode():
+        for item in dataset:
+            logits = predict_logits(network, item["image"][None], eval_cfg, k)[0].float()
+            conf, label = logits.softmax(0).max(0)
+            mask = item["mask"].long()
+            valid = mask != ignore
+            valid_total += int(valid.sum())
+            gt += torch.bincount(mask[valid], minlength=k)[:k]
+            for i, t in enumerate(thresholds):
+                keep = valid & (conf >= t)
+                right = keep & (label == mask)
+                kept[i] += int(keep.sum())
+                correct[i] += int(right.sum())
+                tp[i] += torch.bincount(label[right], minlength=k)[:k]
+                pred[i] += torch.bincount(label[keep], minlength=k)[:k]
+                kept_gt[i] += torch.bincount(mask[keep], minlength=k)[:k]
+    rare = torch.argsort(gt)[: k // 2]
+    rows = []
+    for i, t in enumerate(thresholds):
+        union = gt + pred[i] - tp[i]
+        present = union > 0  # as the evaluator: classes absent from both do not count
+        iou = tp[i].double() / union.clamp(min=1).double()
+        rows.append({
+            "threshold": t,
+            "kept": kept[i].item() / max(1, valid_total),
+            "accuracy_of_kept": correct[i].item() / max(1, kept[i].item()),
+            "mIoU_of_kept": 100 * iou[present].mean().item(),
+            "rare_share_of_kept": kept_gt[i][rare].sum().item() / max(1, kept[i].item()),
+            "per_class_iou": (100 * iou).tolist(),
+            "per_class_kept_share_of_gt": (kept_gt[i].double() / gt.clamp(min=1).double()).tolist(),
+        })
+    return {"run": str(run), "images": len(dataset), "list": str(list_path), "class_names": meta.get("class_names"),
+            "rare_classes": rare.tolist(), "gt_share": (gt.double() / gt.sum()).tolist(), "rows": rows}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run", help="run directory (its best checkpoint) or checkpoint file")
+    p.add_argument("--list", default="splits/1_8/unlabeled.txt", help="image list, relative to data.root")
+    p.add_argument("--thresholds", default="0,0.5,0.7,0.8,0.9,0.95,0.99")
+    p.add_argument("--data-root", help="override data.root of the run's config")
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args()
+    thresholds = [float(x) for x in args.thresholds.split(",")]
+    out = measure(args.run, args.list, thresholds, args.data_root)
+    if args.json:
+        print(json.dumps(out, indent=1))
+        return 0
+    names = out["class_names"] or [str(c) for c in range(len(out["gt_share"]))]
+    rare = ", ".join(names[c] for c in out["rare_classes"])
+    print(f"{out['run']} on {out['images']} images of {out['list']} (rarest half of the classes: {rare})\n")
+    print("| threshold | pixels kept | accuracy of kept | mIoU of kept | rare classes' share of kept |")
+    print("| --- | --- | --- | --- | --- |")
+    for r in out["rows"]:
+        print(f"| {r['threshold']:g} | {100 * r['kept']:.1f}% | {100 * r['accuracy_of_kept']:.1f}% | "
+              f"{r['mIoU_of_kept']:.2f} | {100 * r['rare_share_of_kept']:.1f}% |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
