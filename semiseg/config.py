@@ -145,7 +145,7 @@ class TrainConfig(Section):
     keep_last: int = Field(2, ge=1)
     init_from: Optional[str] = None  # run dir or checkpoint: weights only, fresh optimizer
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on a CPU with native bf16, else fp32
-    channels_last: bool = True  # measured faster or equal for every method on the CPU (BENCHMARKS.md)
+    channels_last: bool = True  # measured faster or equal for supervised, FixMatch, UniMatch on the CPU (BENCHMARKS.md)
     compile: bool = False
     deterministic: bool = False
     nonfinite: Literal["skip", "stop"] = "skip"
