@@ -30,31 +30,39 @@ def write_png(path: Path, array: np.ndarray) -> Path:
     return path
 
 
+def write_folder_dataset(root: Path, n: int = 12, size: tuple[int, int] = (24, 16), num_classes: int = 3,
+                         unlabeled: int = 0, lists: bool = False, seed: int = 0, void: bool = False) -> Path:
+    """A ``folder`` dataset at ``root``. Image ``i`` is random noise; its mask holds class ``i %
+    num_classes`` in the left half and random classes elsewhere, so every class occurs (``void``:
+    the first four pixels of the top row are 255). ``lists`` writes ``train.txt`` (all but the last
+    two images) and ``val.txt`` (the last two)."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    for i in range(n):
+        write_png(root / "images" / f"img{i:03d}.png", rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        mask = rng.integers(0, num_classes, (h, w), dtype=np.uint8)
+        mask[:, : w // 2] = i % num_classes
+        if void:
+            mask[0, :4] = 255
+        write_png(root / "masks" / f"img{i:03d}.png", mask)
+    for i in range(unlabeled):
+        write_png(root / "unlabeled" / f"u{i:03d}.png", rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+    if lists:
+        names = [f"img{i:03d}" for i in range(n)]
+        line = "images/{0}.png masks/{0}.png\n".format
+        (root / "train.txt").write_text("".join(line(x) for x in names[: n - 2]))
+        (root / "val.txt").write_text("".join(line(x) for x in names[n - 2:]))
+    return root
+
+
 @pytest.fixture
 def make_folder_dataset(tmp_path):
-    """Factory for a ``folder`` dataset: ``make_folder_dataset(n=12, size=(W, H), num_classes=3,
-    unlabeled=0, lists=False)`` -> root. Image ``i`` is random noise; its mask holds class ``i %
-    num_classes`` in the left half and random classes elsewhere, so every class occurs."""
+    """Factory for a ``folder`` dataset under ``tmp_path``: ``make_folder_dataset(**keys)`` -> root,
+    with the keys of :func:`write_folder_dataset`."""
     counter = iter(range(1000))
 
-    def make(n: int = 12, size: tuple[int, int] = (24, 16), num_classes: int = 3, unlabeled: int = 0,
-             lists: bool = False, seed: int = 0) -> Path:
-        root = tmp_path / f"folder{next(counter)}"
-        rng = np.random.default_rng(seed)
-        w, h = size
-        for i in range(n):
-            write_png(root / "images" / f"img{i:03d}.png", rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
-            mask = rng.integers(0, num_classes, (h, w), dtype=np.uint8)
-            mask[:, : w // 2] = i % num_classes
-            write_png(root / "masks" / f"img{i:03d}.png", mask)
-        for i in range(unlabeled):
-            write_png(root / "unlabeled" / f"u{i:03d}.png", rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
-        if lists:
-            names = [f"img{i:03d}" for i in range(n)]
-            line = "images/{0}.png masks/{0}.png\n".format
-            (root / "train.txt").write_text("".join(line(x) for x in names[: n - 2]))
-            (root / "val.txt").write_text("".join(line(x) for x in names[n - 2:]))
-        return root
+    def make(**keys) -> Path:
+        return write_folder_dataset(tmp_path / f"folder{next(counter)}", **keys)
 
     return make
 

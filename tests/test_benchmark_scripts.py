@@ -8,28 +8,13 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
+from conftest import write_folder_dataset  # noqa: E402
 from pseudo_label_quality import measure  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def folder_run(tmp_path_factory, train_run):
-    import numpy as np
-    from PIL import Image
-
-    root = tmp_path_factory.mktemp("plq") / "data"
-    rng = np.random.default_rng(0)
-    names = []
-    for i in range(10):
-        img = rng.integers(0, 256, (16, 24, 3), dtype=np.uint8)
-        mask = rng.integers(0, 3, (16, 24), dtype=np.uint8)
-        mask[:, :12] = i % 3
-        mask[0, :4] = 255  # void pixels are never scored
-        for folder, arr in (("images", img), ("masks", mask)):
-            (root / folder).mkdir(parents=True, exist_ok=True)
-            Image.fromarray(arr).save(root / folder / f"img{i}.png")
-        names.append(f"images/img{i}.png masks/img{i}.png\n")
-    (root / "train.txt").write_text("".join(names[:8]))
-    (root / "val.txt").write_text("".join(names[8:]))
+    root = write_folder_dataset(tmp_path_factory.mktemp("plq") / "data", n=10, lists=True, void=True)
     run = train_run(["data.dataset=folder", f"data.root={root}", "data.num_classes=3", "data.crop_size=16",
                      "model.encoder=test_resnet", "model.decoder_channels=8", "train.batch_size=2", "train.iters=2",
                      "train.precision=fp32"], "plq")
