@@ -75,6 +75,9 @@ def append_row(path: Path, row: dict) -> None:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--method", default="supervised")
+    p.add_argument("--config", default="camvid",
+                   help="config name under configs/ or a YAML path (default camvid: the protocol's model); "
+                        "camvid_allspark swaps in pvt_v2_b0 + SegFormer head for the AllSpark rows")
     p.add_argument("--split", default="1_8", help="1_16, 1_8, 1_4, 1_2 or all")
     p.add_argument("--track", default="S", choices=sorted(TRACKS))
     p.add_argument("--seed", type=int, default=0)
@@ -93,7 +96,10 @@ def main() -> int:
         out = out.with_name(f"{out.name}-{datetime.now():%Y%m%d-%H%M%S}")
     overrides = overrides_for(args)
     t0 = time.perf_counter()
-    result = semiseg.train(REPO / "configs" / "camvid.yaml", overrides=overrides, out=out)
+    config = Path(args.config) if args.config.endswith((".yaml", ".yml")) else REPO / "configs" / f"{args.config}.yaml"
+    if not config.is_file():
+        raise SystemExit(f"--config {args.config}: no such config file ({config})")
+    result = semiseg.train(config, overrides=overrides, out=out)
     wall = time.perf_counter() - t0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r["sec_per_iter"] for r in rows if r.get("type") == "train" and "sec_per_iter" in r]

@@ -35,3 +35,48 @@ def test_threshold_zero_keeps_every_scored_pixel_and_matches_the_evaluator(folde
     assert rows[0]["mIoU_of_kept"] == pytest.approx(final["mIoU"], abs=1e-6)
     shares = rows[0]["per_class_kept_share_of_gt"]
     assert shares == [1.0] * 3  # with nothing filtered, every ground-truth pixel is kept
+
+
+TINY_CONFIG = """\
+data: {dataset: folder, num_classes: 3, crop_size: 16, workers: 0}
+model: {encoder: test_resnet, decoder_channels: 8, pretrained: false}
+method: {name: supervised}
+train: {batch_size: 2, eval_every: 0}
+"""
+
+
+def test_camvid_cpu_trains_the_named_config_with_the_protocol_keys_and_appends_its_row(tmp_path, monkeypatch):
+    import camvid_cpu
+
+    root = write_folder_dataset(tmp_path / "data", n=10, lists=True)
+    lines = (root / "train.txt").read_text().splitlines(keepends=True)
+    (root / "splits" / "1_8").mkdir(parents=True)
+    (root / "splits" / "1_8" / "labeled.txt").write_text("".join(lines[:3]))
+    (root / "splits" / "1_8" / "unlabeled.txt").write_text("".join(lines[3:]))
+    config = tmp_path / "tiny.yaml"
+    config.write_text(TINY_CONFIG)
+    results = tmp_path / "BENCHMARKS.md"
+    results.write_text("# Benchmarks\n\nkept text\n")
+    run = tmp_path / "run"
+    monkeypatch.setattr(sys, "argv", ["camvid_cpu.py", "--config", str(config), "--data-root", str(root),
+                                      "--out", str(run), "--results", str(results),
+                                      "--set", "train.iters=2", "--set", "train.precision=fp32"])
+    assert camvid_cpu.main() == 0
+    saved = (run / "config.yaml").read_text()
+    assert "test_resnet" in saved and "splits/1_8/labeled.txt" in saved  # the file, then the protocol keys
+    assert "lr: 0.02" in saved and "iters: 2" in saved  # track S lr; --set wins over the track's iters
+    text = results.read_text()
+    assert text.startswith("# Benchmarks\n\nkept text\n")
+    row = text.rstrip("\n").splitlines()[-1].split(" | ")
+    assert row[1:5] == ["S", "supervised", "1_8", "0"]
+    assert f"--config {config}" in row[-1]
+
+
+def test_camvid_cpu_names_a_missing_config(tmp_path, monkeypatch, capsys):
+    import camvid_cpu
+
+    monkeypatch.setattr(sys, "argv", ["camvid_cpu.py", "--config", "no_such_config", "--results",
+                                      str(tmp_path / "B.md")])
+    with pytest.raises(SystemExit, match=r"--config no_such_config: no such config file .*no_such_config\.yaml"):
+        camvid_cpu.main()
+    assert not (tmp_path / "B.md").exists()
