@@ -90,15 +90,16 @@ def main() -> int:
     args = p.parse_args()
 
     import semiseg
+    from semiseg.config import config_file
 
+    config = config_file(args.config)
+    if not config.is_file():
+        raise SystemExit(f"--config {args.config}: no such config file ({config})")
     out = Path(args.out or REPO / "runs" / "bench" / f"{args.track}-{args.method}-{args.split}-s{args.seed}")
     if not args.out and out.exists():  # a fresh run each time: never train into an earlier one
         out = out.with_name(f"{out.name}-{datetime.now():%Y%m%d-%H%M%S}")
     overrides = overrides_for(args)
     t0 = time.perf_counter()
-    config = Path(args.config) if args.config.endswith((".yaml", ".yml")) else REPO / "configs" / f"{args.config}.yaml"
-    if not config.is_file():
-        raise SystemExit(f"--config {args.config}: no such config file ({config})")
     result = semiseg.train(config, overrides=overrides, out=out)
     wall = time.perf_counter() - t0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -292,6 +292,15 @@ def validate(raw: dict, source: str = "<config>") -> Config:
         raise ConfigError(f"config error in {source}: {_describe(e.errors()[0])}") from None
 
 
+def config_file(path: str | Path) -> Path:
+    """The YAML file ``path`` names: ``path`` itself, or, for a bare name that is not a file, the
+    built-in config of that name (``camvid`` -> ``semiseg/configs/camvid.yaml``; it may not exist)."""
+    p = Path(path)
+    if not p.is_file() and p.suffix == "":
+        return Path(__file__).parent / "configs" / f"{p.name}.yaml"
+    return p
+
+
 def load_config(path: str | Path | dict | Config | None = None, overrides=None) -> Config:
     """Load, override and validate a config.
 
@@ -305,10 +314,7 @@ def load_config(path: str | Path | dict | Config | None = None, overrides=None) 
     elif path is None:
         raw, source = {}, "<defaults>"
     else:
-        p = Path(path)
-        packaged = Path(__file__).parent / "configs" / f"{p.name}.yaml"
-        if not p.is_file() and p.suffix == "" and packaged.is_file():
-            p = packaged  # a built-in config by name: `semiseg train camvid`
+        p = config_file(path)
         source = str(p)
         if not p.is_file():
             raise ConfigError(f"config error: file {p} does not exist")

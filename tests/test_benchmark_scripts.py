@@ -72,7 +72,7 @@ def test_camvid_cpu_trains_the_named_config_with_the_protocol_keys_and_appends_i
     assert f"--config {config}" in row[-1]
 
 
-def test_camvid_cpu_names_a_missing_config(tmp_path, monkeypatch, capsys):
+def test_camvid_cpu_names_a_missing_config(tmp_path, monkeypatch):
     import camvid_cpu
 
     monkeypatch.setattr(sys, "argv", ["camvid_cpu.py", "--config", "no_such_config", "--results",
