@@ -80,3 +80,60 @@ def test_camvid_cpu_names_a_missing_config(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match=r"--config no_such_config: no such config file .*no_such_config\.yaml"):
         camvid_cpu.main()
     assert not (tmp_path / "B.md").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# allspark_kv_probe.py
+
+
+def test_kv_source_swaps_the_labelled_branch_keys_for_the_training_forward_it_names():
+    """In eval mode, kv_source('memory') equals the training-mode labelled branch reading the
+    memory, and kv_source('self') the training-mode unlabelled branch; both undo on exit."""
+    import torch
+    from allspark_kv_probe import kv_source
+
+    from semiseg.models.allspark_neck import AllSparkNeck, NeckPass
+
+    torch.manual_seed(0)
+    neck = AllSparkNeck(6, 3, (2, 3), num_heads=2, attn_dropout=0.0).eval()
+    x = torch.randn(2, 6, 2, 3)
+    with torch.no_grad():
+        plain = neck(x)
+        with kv_source(neck, "memory"):
+            from_memory = neck(x)
+        with kv_source(neck, "self"):
+            from_self = neck(x)
+        after = neck(x)
+        neck.train()
+        with neck.plan([NeckPass(2)], use_memory=True):
+            trained_labelled = neck(x)
+        with neck.plan([NeckPass(0)]):
+            trained_unlabelled = neck(x)
+    assert torch.allclose(from_memory, trained_labelled, atol=1e-5)
+    assert torch.allclose(from_self, trained_unlabelled, atol=1e-5)
+    assert not torch.allclose(from_memory, plain, atol=1e-3) and not torch.allclose(from_self, plain, atol=1e-3)
+    assert torch.equal(after, plain)
+    with pytest.raises(ValueError, match="source must be one of"):
+        with kv_source(neck, "batch"):
+            pass
+
+
+def test_kv_probe_scores_a_run_with_each_source_and_matches_the_evaluator_for_image(tmp_path_factory, train_run):
+    from allspark_kv_probe import probe
+
+    root = write_folder_dataset(tmp_path_factory.mktemp("kvp") / "data", n=10, lists=True)
+    run = train_run(["data.dataset=folder", f"data.root={root}", "data.num_classes=3", "data.crop_size=64",
+                     "data.labeled=3", "model.encoder=test_resnet", "model.head=segformer", "model.embed_dim=8",
+                     "model.output_stride=32", "method.name=allspark", "train.batch_size=2", "train.iters=2",
+                     "train.precision=fp32", "eval.mode=sliding_window"], "kvp")
+    rows = probe(str(run))
+    assert [(r["mode"], r["source"]) for r in rows] == [
+        ("sliding_window", "image"), ("sliding_window", "memory"), ("sliding_window", "self"),
+        ("original", "image"), ("original", "self")]
+    final = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()][-1]
+    assert final["type"] == "eval"
+    assert rows[0]["mIoU"] == pytest.approx(final["mIoU"], abs=1e-6)  # image = what evaluation scores
+    with pytest.raises(SystemExit, match="no AllSpark neck"):
+        probe(str(train_run(["data.dataset=folder", f"data.root={root}", "data.num_classes=3", "data.crop_size=16",
+                             "model.encoder=test_resnet", "model.decoder_channels=8", "train.batch_size=2",
+                             "train.iters=1", "train.precision=fp32"], "kvp2")))
