@@ -453,6 +453,52 @@ def test_allspark_unimatch_tells_the_neck_which_images_are_labelled(keys, layout
         assert set(m.eval_models()) == {"student", "teacher"}
 
 
+@pytest.mark.parametrize("memory", [True, False])
+def test_allspark_unimatch_pseudo_labels_come_from_the_labelled_branch_by_default(memory, monkeypatch):
+    """Default pseudo_label_source 'eval_pass': the weak target is made from an eval-mode pass
+    (the neck's cross-attention branch, keys/values of the whole batch), with or without the
+    memory; every unsupervised term (strong views, fp stream) learns that target."""
+    import copy
+
+    from semiseg.methods import unimatch as unimatch_module
+    from semiseg.methods.consistency import pseudo_target
+
+    m = build("allspark_unimatch", conf_thresh=0.0, mix_source="in_batch", memory=memory)
+    assert m.mcfg.pseudo_label_source == "eval_pass"
+    batch = make_batch(seed=5)
+    reference = copy.deepcopy(m.model).eval()
+    with torch.no_grad(), reference.neck.kv_scope("batch"):
+        expected = pseudo_target(reference(batch.unlabeled["weak"]), batch.unlabeled["ignore_mask"])
+    seen, targets = [], []
+    weak_target = m.weak_target
+    monkeypatch.setattr(m, "weak_target", lambda logits, u: seen.append(logits) or weak_target(logits, u))
+    loss = unimatch_module.unsupervised_loss
+    monkeypatch.setattr(unimatch_module, "unsupervised_loss", lambda p, t, c: targets.append(t) or loss(p, t, c))
+    m.train()
+    m.train_step(batch, ctx())
+    assert len(seen) == 1 and not seen[0].requires_grad  # no-grad eval pass, not the training forward
+    fp_target = targets[-1]
+    assert torch.equal(fp_target.pseudo_label, expected.pseudo_label)
+    assert torch.allclose(fp_target.confidence, expected.confidence, atol=1e-5)
+    box = batch.unlabeled["box_1"]
+    assert torch.equal(targets[0].pseudo_label, expected.pseudo_label.where(box != 1, expected.pseudo_label.flip(0)))
+    assert m._eval_logits_u is None  # nothing kept for the next step
+
+
+def test_allspark_unimatch_weak_forward_takes_the_training_forward_prediction(monkeypatch):
+    m = build("allspark_unimatch", conf_thresh=0.0, mix_source="in_batch", memory=False,
+              pseudo_label_source="weak_forward")
+    evals = []
+    monkeypatch.setattr(m, "eval_logits", lambda *a: evals.append(a))
+    seen = []
+    weak_target = m.weak_target
+    monkeypatch.setattr(m, "weak_target", lambda logits, u: seen.append(logits) or weak_target(logits, u))
+    m.train()
+    m.train_step(make_batch(seed=5), ctx())
+    assert evals == []  # no memory and labels from the training forward: no eval-mode pass at all
+    assert len(seen) == 1 and seen[0].requires_grad  # the clean weak logits of forward_fp
+
+
 def test_plan_must_match_the_forwards():
     n = neck().train()
     with pytest.raises(RuntimeError, match="not made"):

@@ -64,6 +64,7 @@ from semiseg.config import Config, MethodConfig
 from semiseg.errors import ConfigError
 from semiseg.methods.base import Batch, Method, StepContext, StepResult, register_method
 from semiseg.methods.consistency import (
+    PseudoTarget,
     apply_cutmix,
     mask_ratio,
     pseudo_target,
@@ -96,6 +97,11 @@ class AllSparkConfig(AllSparkKeys):
 class AllSparkUniMatchConfig(UniMatchConfig, AllSparkKeys):
     name: str = "allspark_unimatch"
     strong_labeled: bool = False  # UniMatch's labelled pipeline
+    # Where the weak view's pseudo labels come from (without an EMA teacher): "eval_pass", an
+    # eval-mode pass, i.e. the neck's labelled (cross-attention) branch, as in official AllSpark;
+    # "weak_forward": UniMatch's training-mode weak prediction, i.e. the unlabelled
+    # (self-attention) branch, which no label ever reaches (see AllSparkUniMatch).
+    pseudo_label_source: Literal["eval_pass", "weak_forward"] = "eval_pass"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,8 +253,21 @@ class AllSparkUniMatch(AllSparkMixin, UniMatch):
     The grouping map of the images that fill the memory must exist before the forward that
     enqueues them (official order: enqueue, then attend), while UniMatch's weak predictions come
     out of that same forward; so, as in official AllSpark, it comes from an extra eval-mode,
-    no-grad pass of the pseudo-labelling network (the EMA teacher if any) on those images. With
-    ``memory: false`` that pass is skipped.
+    no-grad pass of the pseudo-labelling network (the EMA teacher if any) on those images.
+
+    Pseudo labels (``pseudo_label_source``). In the neck, an unlabelled image in a training
+    forward goes through the *self*-attention branch, and an eval-mode pass runs every image
+    through the labelled *cross*-attention branch. Official AllSpark takes its pseudo labels from
+    an eval-mode pass, so the labelled branch, which the labels train, teaches the unlabelled
+    one. UniMatch's own weak prediction (``"weak_forward"``) would come from the self-attention
+    branch, so that branch would teach itself and no label would ever anchor it; on CamVid
+    (track W, pvt_v2_b0, seed 0) it drifted to one class everywhere with the mask ratio rising
+    to 1 (BENCHMARKS.md). The default ``"eval_pass"`` keeps AllSpark's anchor: without a teacher,
+    the weak view's pseudo labels (and, with ``in_batch``, the partner's) come from the eval-mode
+    pass above (keys/values scoped by ``pseudo_label_kv``), which is made even with ``memory:
+    false``; the clean weak logits of the training forward are then unused, and the fp stream
+    and the strong views learn from the labelled branch. An EMA teacher already predicts in eval
+    mode, so the key changes nothing with ``teacher: ema``.
 
     ``strong_labeled`` defaults to false here (UniMatch's labelled pipeline); set
     ``method.strong_labeled: true`` for AllSpark's.
@@ -265,6 +284,7 @@ class AllSparkUniMatch(AllSparkMixin, UniMatch):
         attach_neck(cfg, model, num_classes)  # before UniMatch's __init__, so an EMA teacher copies the neck
         super().__init__(cfg, model, num_classes, ignore_index)
         self.strong_labeled = self.mcfg.strong_labeled
+        self._eval_logits_u: Optional[torch.Tensor] = None  # set by neck_passes for one step
 
     def first_pass_unlabeled(self, batch: Batch) -> torch.Tensor:
         """The unlabelled images of UniMatch's first training forward (those that fill the memory)."""
@@ -276,20 +296,38 @@ class AllSparkUniMatch(AllSparkMixin, UniMatch):
         return torch.cat([apply_cutmix(u[f"strong_{k}"], partner, u[f"box_{k}"])
                           for k, partner in enumerate(partners, start=1)])
 
+    def labels_from_eval_pass(self) -> bool:
+        """Whether the weak view's pseudo labels come from the eval-mode pass (the labelled branch)."""
+        return self.teacher is None and self.mcfg.pseudo_label_source == "eval_pass"
+
     def neck_passes(self, batch: Batch, ctx: StepContext) -> list[NeckPass]:
+        """The neck's layout of UniMatch's training forwards; makes the eval-mode pass on the
+        first forward's unlabelled images (grouping map, and pseudo labels with ``eval_pass``)."""
         num_lb = batch.labeled["image"].shape[0]
         grouping = None
-        if self.mcfg.memory:
+        self._eval_logits_u = None
+        if self.mcfg.memory or self.labels_from_eval_pass():
             logits = self.eval_logits(self.pseudo_labeler, self.first_pass_unlabeled(batch), ctx)
-            grouping = self.grouping_map(logits)
+            grouping = self.grouping_map(logits) if self.mcfg.memory else None
+            self._eval_logits_u = logits if self.labels_from_eval_pass() else None
         passes = [NeckPass(num_lb, grouping)]
         if self.feature_perturbation or self.teacher is None:
             passes.append(NeckPass(0))  # the strong views' pass
         return passes
 
+    def weak_and_partner_targets(self, weak_logits: Optional[torch.Tensor], unlabeled: dict,
+                                 partner: Optional[PseudoTarget], ctx: StepContext
+                                 ) -> tuple[PseudoTarget, PseudoTarget]:
+        if self._eval_logits_u is not None:
+            weak_logits = self._eval_logits_u  # the labelled branch's prediction of the weak view
+        return super().weak_and_partner_targets(weak_logits, unlabeled, partner, ctx)
+
     def train_step(self, batch: Batch, ctx: StepContext) -> StepResult:
         use_memory = self.memory_in_use(ctx)
-        with self.neck.plan(self.neck_passes(batch, ctx), use_memory=use_memory):
-            result = super().train_step(batch, ctx)
+        try:
+            with self.neck.plan(self.neck_passes(batch, ctx), use_memory=use_memory):
+                result = super().train_step(batch, ctx)
+        finally:
+            self._eval_logits_u = None
         result.logs["memory_in_use"] = float(use_memory)
         return result
