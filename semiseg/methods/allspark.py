@@ -305,7 +305,6 @@ class AllSparkUniMatch(AllSparkMixin, UniMatch):
         first forward's unlabelled images (grouping map, and pseudo labels with ``eval_pass``)."""
         num_lb = batch.labeled["image"].shape[0]
         grouping = None
-        self._eval_logits_u = None
         if self.mcfg.memory or self.labels_from_eval_pass():
             logits = self.eval_logits(self.pseudo_labeler, self.first_pass_unlabeled(batch), ctx)
             grouping = self.grouping_map(logits) if self.mcfg.memory else None
