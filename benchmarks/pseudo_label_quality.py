@@ -13,8 +13,11 @@ image list whose masks exist but are never used for training -- CamVid's unlabel
 Columns: the share of non-void pixels kept (confidence >= threshold), the accuracy of the kept
 pixels, the mIoU of the kept pseudo labels against the masks (pixels not kept count as missed),
 and the share of kept pixels that belong to the rarest half of the classes by ground-truth pixel count
-(how much of the training signal reaches them). ``--json`` writes every figure and the per-class
-counts.
+(how much of the training signal reaches them). Below the table, the most frequent confident
+errors at ``--errors-at`` (default 0.95): for each (true class, pseudo label) pair, the share of
+the true class's pixels that enter the loss with that wrong label -- the errors self-training
+would reinforce. ``--json`` writes every figure, the per-class counts and each threshold's
+confusion matrix of the kept pixels (``confusion_of_kept[true][pseudo]``).
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ def measure(run: str, image_list: str, thresholds: list[float], data_root: str |
     pred = torch.zeros(n, k, dtype=torch.long)  # kept, predicted c
     gt = torch.zeros(k, dtype=torch.long)
     kept_gt = torch.zeros(n, k, dtype=torch.long)  # kept pixels by their true class
+    confusion = torch.zeros(n, k, k, dtype=torch.long)  # kept pixels, [true class, pseudo label]
     valid_total = 0
     with torch.inference_mode():
         for item in dataset:
@@ -73,6 +77,7 @@ def measure(run: str, image_list: str, thresholds: list[float], data_root: str |
                 tp[i] += torch.bincount(label[right], minlength=k)[:k]
                 pred[i] += torch.bincount(label[keep], minlength=k)[:k]
                 kept_gt[i] += torch.bincount(mask[keep], minlength=k)[:k]
+                confusion[i] += torch.bincount(mask[keep] * k + label[keep], minlength=k * k).view(k, k)
     rare = torch.argsort(gt)[: k // 2]
     rows = []
     for i, t in enumerate(thresholds):
@@ -87,9 +92,19 @@ def measure(run: str, image_list: str, thresholds: list[float], data_root: str |
             "rare_share_of_kept": kept_gt[i][rare].sum().item() / max(1, kept[i].item()),
             "per_class_iou": (100 * iou).tolist(),
             "per_class_kept_share_of_gt": (kept_gt[i].double() / gt.clamp(min=1).double()).tolist(),
+            "confusion_of_kept": confusion[i].tolist(),
         })
     return {"run": str(run), "images": len(dataset), "list": str(list_path), "class_names": meta.get("class_names"),
-            "rare_classes": rare.tolist(), "gt_share": (gt.double() / gt.sum()).tolist(), "rows": rows}
+            "rare_classes": rare.tolist(), "gt_pixels": gt.tolist(), "gt_share": (gt.double() / gt.sum()).tolist(), "rows": rows}
+
+
+def confident_errors(row: dict, gt_pixels: list[int], names: list[str], top: int = 5) -> list[tuple[str, str, float]]:
+    """The ``top`` (true class, pseudo label) pairs that send the largest share of the true class's
+    pixels into the loss with the wrong label at this row's threshold, largest first."""
+    k = len(gt_pixels)
+    pairs = [(row["confusion_of_kept"][i][j] / gt_pixels[i], names[i], names[j])
+             for i in range(k) for j in range(k) if i != j and gt_pixels[i] and row["confusion_of_kept"][i][j]]
+    return [(t, p, share) for share, t, p in sorted(pairs, key=lambda x: -x[0])[:top]]
 
 
 def main() -> int:
@@ -98,9 +113,13 @@ def main() -> int:
     p.add_argument("--list", default="splits/1_8/unlabeled.txt", help="image list, relative to data.root")
     p.add_argument("--thresholds", default="0,0.5,0.7,0.8,0.9,0.95,0.99")
     p.add_argument("--data-root", help="override data.root of the run's config")
+    p.add_argument("--errors-at", type=float, default=0.95,
+                   help="threshold at which to list the most frequent confident errors (one of --thresholds)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
     thresholds = [float(x) for x in args.thresholds.split(",")]
+    if args.errors_at not in thresholds:
+        raise SystemExit(f"--errors-at {args.errors_at:g}: not one of --thresholds {args.thresholds}")
     out = measure(args.run, args.list, thresholds, args.data_root)
     if args.json:
         print(json.dumps(out, indent=1))
@@ -113,6 +132,11 @@ def main() -> int:
     for r in out["rows"]:
         print(f"| {r['threshold']:g} | {100 * r['kept']:.1f}% | {100 * r['accuracy_of_kept']:.1f}% | "
               f"{r['mIoU_of_kept']:.2f} | {100 * r['rare_share_of_kept']:.1f}% |")
+    row = out["rows"][thresholds.index(args.errors_at)]
+    errors = confident_errors(row, out["gt_pixels"], names)
+    print(f"\nMost frequent confident errors at threshold {args.errors_at:g} (share of the true class's pixels "
+          "that enter the loss with the wrong label):")
+    print("; ".join(f"{t} as {q} {100 * share:.1f}%" for t, q, share in errors) or "none")
     return 0
 
 

@@ -9,7 +9,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 from conftest import write_folder_dataset  # noqa: E402
-from pseudo_label_quality import measure  # noqa: E402
+from pseudo_label_quality import confident_errors, measure  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +35,33 @@ def test_threshold_zero_keeps_every_scored_pixel_and_matches_the_evaluator(folde
     assert rows[0]["mIoU_of_kept"] == pytest.approx(final["mIoU"], abs=1e-6)
     shares = rows[0]["per_class_kept_share_of_gt"]
     assert shares == [1.0] * 3  # with nothing filtered, every ground-truth pixel is kept
+
+
+def test_confusion_of_kept_pixels_agrees_with_every_other_figure(folder_run):
+    out = measure(str(folder_run), "val.txt", [0.0, 0.6, 1.01])
+    gt = out["gt_pixels"]
+    for row in out["rows"]:
+        m = row["confusion_of_kept"]
+        total = sum(map(sum, m))
+        assert total == pytest.approx(row["kept"] * sum(gt))
+        diag = sum(m[c][c] for c in range(3))
+        assert diag == pytest.approx(row["accuracy_of_kept"] * total) if total else diag == 0
+        for c in range(3):  # rows are true classes, columns pseudo labels
+            assert sum(m[c]) == pytest.approx(row["per_class_kept_share_of_gt"][c] * gt[c])
+            union = gt[c] + sum(m[r][c] for r in range(3)) - m[c][c]
+            assert 100 * m[c][c] / max(union, 1) == pytest.approx(row["per_class_iou"][c])
+    assert [sum(r) for r in out["rows"][0]["confusion_of_kept"]] == gt  # threshold 0 keeps every pixel
+
+
+def test_confident_errors_rank_wrong_labels_by_share_of_the_true_class():
+    row = {"confusion_of_kept": [[50, 0, 0],
+                                 [30, 10, 5],
+                                 [1, 0, 0]]}
+    names = ["road", "sidewalk", "pole"]
+    assert confident_errors(row, [100, 60, 4], names) == [
+        ("sidewalk", "road", 0.5), ("pole", "road", 0.25), ("sidewalk", "pole", 5 / 60)]
+    assert confident_errors(row, [100, 60, 4], names, top=1) == [("sidewalk", "road", 0.5)]
+    assert confident_errors({"confusion_of_kept": [[3, 0], [0, 2]]}, [3, 2], ["a", "b"]) == []
 
 
 TINY_CONFIG = """\
