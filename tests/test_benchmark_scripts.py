@@ -164,3 +164,12 @@ def test_kv_probe_scores_a_run_with_each_source_and_matches_the_evaluator_for_im
         probe(str(train_run(["data.dataset=folder", f"data.root={root}", "data.num_classes=3", "data.crop_size=16",
                              "model.encoder=test_resnet", "model.decoder_channels=8", "train.batch_size=2",
                              "train.iters=1", "train.precision=fp32"], "kvp2")))
+
+
+def test_errors_at_must_be_one_of_the_thresholds(monkeypatch, tmp_path):
+    import pseudo_label_quality
+
+    monkeypatch.setattr(sys, "argv", ["pseudo_label_quality.py", str(tmp_path / "run"), "--thresholds", "0,0.9",
+                                      "--errors-at", "0.95"])
+    with pytest.raises(SystemExit, match=r"--errors-at 0.95: not one of --thresholds 0,0.9"):
+        pseudo_label_quality.main()
