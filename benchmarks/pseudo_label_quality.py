@@ -38,6 +38,7 @@ def measure(run: str, image_list: str, thresholds: list[float], data_root: str |
     from semiseg.data.build import EvalSet
     from semiseg.data.datasets import dataset_info, read_split_file
     from semiseg.engine.evaluator import predict_logits
+    from semiseg.engine.metrics import ConfusionMatrix
 
     overrides = [f"data.root={data_root}"] if data_root else []
     cfg, method, meta = build_method_from_checkpoint(run, overrides)
@@ -52,47 +53,35 @@ def measure(run: str, image_list: str, thresholds: list[float], data_root: str |
         raise SystemExit(f"{list_path}: image {missing[0]} has no mask; pseudo-label quality needs masks to score")
     dataset = EvalSet(samples, cfg.data)
     eval_cfg = cfg.eval.model_copy(update={"mode": "original", "flip": False, "scales": [1.0]})
-    n = len(thresholds)
-    kept = torch.zeros(n, dtype=torch.long)
-    correct = torch.zeros(n, dtype=torch.long)
-    tp = torch.zeros(n, k, dtype=torch.long)  # kept, predicted c, truly c
-    pred = torch.zeros(n, k, dtype=torch.long)  # kept, predicted c
+    # one matrix per threshold over the kept pixels, [true class, pseudo label]; every figure derives from it
+    matrices = [ConfusionMatrix(k, ignore) for _ in thresholds]
     gt = torch.zeros(k, dtype=torch.long)
-    kept_gt = torch.zeros(n, k, dtype=torch.long)  # kept pixels by their true class
-    confusion = torch.zeros(n, k, k, dtype=torch.long)  # kept pixels, [true class, pseudo label]
-    valid_total = 0
     with torch.inference_mode():
         for item in dataset:
             logits = predict_logits(network, item["image"][None], eval_cfg, k)[0].float()
             conf, label = logits.softmax(0).max(0)
             mask = item["mask"].long()
-            valid = mask != ignore
-            valid_total += int(valid.sum())
-            gt += torch.bincount(mask[valid], minlength=k)[:k]
-            for i, t in enumerate(thresholds):
-                keep = valid & (conf >= t)
-                right = keep & (label == mask)
-                kept[i] += int(keep.sum())
-                correct[i] += int(right.sum())
-                tp[i] += torch.bincount(label[right], minlength=k)[:k]
-                pred[i] += torch.bincount(label[keep], minlength=k)[:k]
-                kept_gt[i] += torch.bincount(mask[keep], minlength=k)[:k]
-                confusion[i] += torch.bincount(mask[keep] * k + label[keep], minlength=k * k).view(k, k)
+            gt += torch.bincount(mask[mask != ignore], minlength=k)[:k]
+            for matrix, t in zip(matrices, thresholds):
+                matrix.update(label, mask.masked_fill(conf < t, ignore))
     rare = torch.argsort(gt)[: k // 2]
     rows = []
-    for i, t in enumerate(thresholds):
-        union = gt + pred[i] - tp[i]
+    for matrix, t in zip(matrices, thresholds):
+        confusion = matrix.matrix
+        tp, kept_gt = confusion.diag(), confusion.sum(1)
+        kept = confusion.sum().item()
+        union = gt + confusion.sum(0) - tp
         present = union > 0  # as the evaluator: classes absent from both do not count
-        iou = tp[i].double() / union.clamp(min=1).double()
+        iou = tp.double() / union.clamp(min=1).double()
         rows.append({
             "threshold": t,
-            "kept": kept[i].item() / max(1, valid_total),
-            "accuracy_of_kept": correct[i].item() / max(1, kept[i].item()),
+            "kept": kept / max(1, gt.sum().item()),
+            "accuracy_of_kept": tp.sum().item() / max(1, kept),
             "mIoU_of_kept": 100 * iou[present].mean().item(),
-            "rare_share_of_kept": kept_gt[i][rare].sum().item() / max(1, kept[i].item()),
+            "rare_share_of_kept": kept_gt[rare].sum().item() / max(1, kept),
             "per_class_iou": (100 * iou).tolist(),
-            "per_class_kept_share_of_gt": (kept_gt[i].double() / gt.clamp(min=1).double()).tolist(),
-            "confusion_of_kept": confusion[i].tolist(),
+            "per_class_kept_share_of_gt": (kept_gt.double() / gt.clamp(min=1).double()).tolist(),
+            "confusion_of_kept": confusion.tolist(),
         })
     return {"run": str(run), "images": len(dataset), "list": str(list_path), "class_names": meta.get("class_names"),
             "rare_classes": rare.tolist(), "gt_pixels": gt.tolist(), "gt_share": (gt.double() / gt.sum()).tolist(), "rows": rows}
