@@ -1,0 +1,167 @@
+#!/usr/bin/env python
+"""CamVid-CPU v2 protocol (BENCHMARKS.md): train one method on one split with one seed, from the
+ImageNet-pretrained EfficientNet-Lite0, and append the result to ``benchmarks/results/camvid_v2.jsonl``.
+
+    python benchmarks/camvid_v2.py --method supervised --split 1_8 --seed 0
+    python benchmarks/camvid_v2.py --method supervised --split all --seed 0   # the ceiling: 367 masks
+    python benchmarks/camvid_v2.py --method unimatch --split 1_16 --seed 1
+    python benchmarks/camvid_v2.py --method pct --split 1_8 --seed 0          # stage one, pseudo labels, stage two
+
+The budget, model and optimiser are those of ``configs/camvid.yaml`` (AllSpark:
+``configs/camvid_allspark.yaml``, the same model with the AllSpark neck); a method only adds the
+keys in :data:`METHODS`. Each run writes one JSON line: the final mIoU of the network the method
+reports (and of its other networks), the per-class IoU, the best mIoU on the way, seconds per
+step, wall time, the machine, the thread count and CPU affinity, and the exact command.
+``benchmarks/render_v2.py`` turns the lines into the matrix at the top of BENCHMARKS.md and the
+run log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+RESULTS = REPO / "benchmarks" / "results" / "camvid_v2.jsonl"
+SPLITS = ("1_16", "1_8", "1_4", "1_2", "all")
+
+# method -> (config, overrides). The schedules of the memory-bank method are scaled from the
+# official 2000/1000/2000 iterations of a 40k-150k-iteration run to this 800-iteration budget.
+METHODS: dict[str, tuple[str, list[str]]] = {
+    "supervised": ("camvid", []),
+    "fixmatch": ("camvid", ["method.name=fixmatch"]),
+    "unimatch": ("camvid", ["method.name=unimatch"]),
+    "meanteacher": ("camvid", ["method.name=meanteacher"]),
+    "contrastive_memory": ("camvid", ["method.name=contrastive_memory", "method.rampup_iters=100",
+                                      "method.memory_start_iter=50", "method.contrastive_start_iter=100"]),
+    "pct": ("camvid", ["method.name=pct", "data.tags=masks"]),
+    "allspark": ("camvid_allspark", []),
+    "allspark_unimatch": ("camvid_allspark", ["method.name=allspark_unimatch", "method.conf_thresh=0.95"]),
+}
+
+
+def machine() -> dict:
+    import torch
+
+    cpu = "unknown CPU"
+    flags: set[str] = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and cpu == "unknown CPU":
+                cpu = line.split(":", 1)[1].strip()
+            elif line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    isa = "AVX-512 BF16" if "avx512_bf16" in flags else "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "?"
+    return {"cpu": cpu, "isa": isa, "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+            "affinity": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+            "torch": torch.__version__, "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def split_overrides(split: str, root: Path) -> list[str]:
+    if split == "all":
+        return [f"data.root={root}", "data.labeled=null", "data.unlabeled=null"]
+    return [f"data.root={root}", f"data.labeled=splits/{split}/labeled.txt",
+            f"data.unlabeled=splits/{split}/unlabeled.txt"]
+
+
+def read_metrics(run_dir: Path) -> tuple[list[float], dict[str, dict], float]:
+    """(seconds per step of each logging window after the first, last eval per network, best mIoU
+    of the first network)."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    steps = [r["sec_per_iter"] for r in rows if r.get("type") == "train" and "sec_per_iter" in r]
+    evals = [r for r in rows if r.get("type") == "eval"]
+    last: dict[str, dict] = {}
+    for r in evals:
+        last[r["model"]] = r
+    first = evals[0]["model"] if evals else None
+    best = max((r["mIoU"] for r in evals if r["model"] == first), default=float("nan"))
+    return steps[1:] or steps, last, best
+
+
+def train_row(method: str, split: str, seed: int, config: str, overrides: list[str], out: Path,
+              command: str, stage: str = "") -> dict:
+    import semiseg
+
+    t0 = time.perf_counter()
+    result = semiseg.train(config, overrides=overrides, out=out)
+    wall = time.perf_counter() - t0
+    steps, last, best = read_metrics(out)
+    networks = {name: round(r["mIoU"], 2) for name, r in last.items()}
+    reported = next(iter(last))  # the network eval.model "auto" scores: the method's default
+    return {
+        "protocol": "camvid-cpu-v2", "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "method": method + (f":{stage}" if stage else ""), "split": split, "seed": seed,
+        "mIoU": round(result.metrics.get("mIoU", last[reported]["mIoU"]), 2), "network": reported,
+        "networks": networks, "best_mIoU": round(best, 2),
+        "per_class_iou": [round(x, 2) for x in last[reported]["per_class_iou"]],
+        "sec_per_step": round(sum(steps) / max(1, len(steps)), 3), "wall_min": round(wall / 60, 1),
+        "iters": result.iteration, "config": config, "overrides": overrides, "run_dir": str(out),
+        "machine": machine(), "command": command,
+    }
+
+
+def append(row: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+    print(json.dumps({k: row[k] for k in ("method", "split", "seed", "mIoU", "sec_per_step", "wall_min")}))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--method", required=True, choices=sorted(METHODS))
+    p.add_argument("--split", default="1_8", choices=SPLITS)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-root", default=str(REPO.parent / "shared" / "data" / "camvid"))
+    p.add_argument("--runs", default=str(REPO / "runs" / "bench-v2"), help="folder of the run directories")
+    p.add_argument("--set", dest="overrides", action="append", default=[],
+                   help="extra config override, recorded with the row (a variant, not the protocol)")
+    p.add_argument("--results", default=str(RESULTS))
+    args = p.parse_args(argv)
+
+    root = Path(args.data_root)
+    if not (root / "splits").is_dir():
+        raise SystemExit(f"--data-root {root}: not a CamVid folder with splits/ (see ../shared/data/camvid)")
+    if args.method != "supervised" and args.split == "all":
+        raise SystemExit("--split all is the supervised ceiling: every training image is labelled")
+    config, method_overrides = METHODS[args.method]
+    overrides = [*method_overrides, *split_overrides(args.split, root), f"train.seed={args.seed}", *args.overrides]
+    command = (f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else "") + \
+        "python benchmarks/camvid_v2.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    tag = f"{args.method}-{args.split}-s{args.seed}" + ("-variant" if args.overrides else "")
+    out = Path(args.runs) / tag
+    if out.exists():  # never train into an earlier run
+        out = out.with_name(f"{out.name}-{datetime.now():%Y%m%d-%H%M%S}")
+
+    row = train_row(args.method, args.split, args.seed, config, overrides, out, command)
+    row["variant"] = args.overrides  # extra overrides: listed in the log, kept out of the matrix
+    append(row, Path(args.results))
+    if args.method == "pct":  # stage two: supervised on the masks plus HybridNet's tag-restricted pseudo labels
+        labels = out / "pseudo_labels"
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "semiseg", "pseudo-label", str(out), "--split", "unlabeled",
+                        "--out", str(labels)], check=True, cwd=REPO)
+        stage2 = [*split_overrides(args.split, root), f"train.seed={args.seed}", f"data.extra_labels={labels}",
+                  *args.overrides]
+        row2 = train_row("pct", args.split, args.seed, "camvid", stage2, out.with_name(out.name + "-stage2"),
+                         command, stage="stage2")
+        # stage two needs stage one and its pseudo labels first: its wall time counts all three
+        row2["wall_min"] = round((time.perf_counter() - t0) / 60 + row["wall_min"], 1)
+        row2["variant"] = args.overrides
+        append(row2, Path(args.results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

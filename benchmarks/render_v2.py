@@ -1,0 +1,163 @@
+#!/usr/bin/env python
+"""Render the CamVid-CPU v2 results (``benchmarks/results/camvid_v2.jsonl``, one line per run of
+``benchmarks/camvid_v2.py``) into the matrix at the top of BENCHMARKS.md and the run log
+``benchmarks/results/camvid_v2_runs.md``.
+
+    python benchmarks/render_v2.py            # rewrite both from the results file
+    python benchmarks/render_v2.py --check    # exit 1 if either is out of date
+
+Only protocol runs enter the matrix (runs with extra ``--set`` overrides are variants: they are in
+the log, not the matrix). A cell shows the mean over seeds and each seed; the first run of a
+(method, split, seed) counts, reruns are listed in the log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results" / "camvid_v2.jsonl"
+LOG = REPO / "benchmarks" / "results" / "camvid_v2_runs.md"
+DOC = REPO / "BENCHMARKS.md"
+BEGIN, END = "<!-- camvid-v2 matrix: rendered by benchmarks/render_v2.py -->", "<!-- end camvid-v2 matrix -->"
+
+CLASSES = ["sky", "building", "pole", "road", "sidewalk", "tree", "sign", "fence", "car", "pedestrian", "bicyclist"]
+ROWS = [  # (method key in the results, label)
+    ("supervised", "Supervised (labelled images only)"),
+    ("fixmatch", "FixMatch"),
+    ("unimatch", "UniMatch"),
+    ("meanteacher", "Mean Teacher"),
+    ("contrastive_memory", "Memory-bank contrastive (Alonso et al.)"),
+    ("pct", "PCT stage one, tags on the unlabelled images"),
+    ("pct:stage2", "PCT stage two (masks + stage-one pseudo labels)"),
+    ("allspark", "AllSpark (neck on the deepest feature)"),
+]
+SPLITS = [("1_16", "1/16: 23 labels"), ("1_8", "1/8: 46 labels")]
+
+
+def load(path: Path = RESULTS) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def protocol_runs(rows: list[dict]) -> dict[tuple[str, str], dict[int, dict]]:
+    """(method, split) -> seed -> the first protocol run (no variant overrides)."""
+    cells: dict[tuple[str, str], dict[int, dict]] = {}
+    for r in rows:
+        if r.get("variant"):
+            continue
+        cells.setdefault((r["method"], r["split"]), {}).setdefault(r["seed"], r)
+    return cells
+
+
+def cell(runs: dict[int, dict] | None) -> str:
+    if not runs:
+        return "not run yet"
+    seeds = sorted(runs)
+    values = [runs[s]["mIoU"] for s in seeds]
+    each = " / ".join(f"{v:.2f}" for v in values)
+    if len(values) == 1:
+        return f"{values[0]:.2f} (seed {seeds[0]} only)"
+    return f"**{sum(values) / len(values):.2f}** ({each})"
+
+
+def mean(runs: dict[int, dict] | None) -> float | None:
+    return sum(r["mIoU"] for r in runs.values()) / len(runs) if runs else None
+
+
+def matrix(rows: list[dict]) -> str:
+    cells = protocol_runs(rows)
+    out = ["| method | " + " | ".join(label for _, label in SPLITS) + " |",
+           "| --- | " + " | ".join("---" for _ in SPLITS) + " |"]
+    for key, label in ROWS:
+        out.append(f"| {label} | " + " | ".join(cell(cells.get((key, s))) for s, _ in SPLITS) + " |")
+    ceiling = cell(cells.get(("supervised", "all")))
+    out.append(f"| *Ceiling: supervised on all 367 masks* | {ceiling} | {ceiling} |")
+    out.append("")
+    out.append("Gain over supervised with the same labels (mean of the seeds both rows have):")
+    out.append("")
+    out.append("| method | " + " | ".join(label for _, label in SPLITS) + " |")
+    out.append("| --- | " + " | ".join("---" for _ in SPLITS) + " |")
+    for key, label in ROWS[1:]:
+        gains = []
+        for s, _ in SPLITS:
+            mine, base = cells.get((key, s)) or {}, cells.get(("supervised", s)) or {}
+            shared = sorted(set(mine) & set(base))
+            if not shared:
+                gains.append("–")
+                continue
+            g = sum(mine[x]["mIoU"] - base[x]["mIoU"] for x in shared) / len(shared)
+            gains.append(f"{g:+.2f} ({len(shared)} seed{'s' if len(shared) > 1 else ''})")
+        out.append(f"| {label} | " + " | ".join(gains) + " |")
+    out.append("")
+    out.append("Seconds per step and wall time per run (mean over the runs above; `threads` = PyTorch threads):")
+    out.append("")
+    out.append("| method | s/step | wall per run | threads | CPU |")
+    out.append("| --- | --- | --- | --- | --- |")
+    for key, label in ROWS + [("supervised_all", "")]:
+        runs = [r for (m, s), seeds in cells.items() for r in seeds.values()
+                if m == key and s != "all"] if key != "supervised_all" else \
+            list((cells.get(("supervised", "all")) or {}).values())
+        if not runs:
+            continue
+        label = label or "Supervised, all 367 masks"
+        sps = sum(r["sec_per_step"] for r in runs) / len(runs)
+        wall = sum(r["wall_min"] for r in runs) / len(runs)
+        threads = sorted({r["machine"]["threads"] for r in runs})
+        cpus = sorted({f"{r['machine']['cpu']} ({r['machine']['isa']})" for r in runs})
+        out.append(f"| {label} | {sps:.2f} | {wall:.1f} min | {', '.join(map(str, threads))} | {'; '.join(cpus)} |")
+    return "\n".join(out)
+
+
+def log(rows: list[dict]) -> str:
+    out = ["# CamVid-CPU v2: every run", "",
+           "Rendered by `benchmarks/render_v2.py` from `camvid_v2.jsonl` (one line per run of "
+           "`benchmarks/camvid_v2.py`). mIoU is the final evaluation (iteration 800) of the network "
+           "the method reports; `best` is the best evaluation on the way (every 200 iterations). "
+           "Per-class IoU in the order " + ", ".join(CLASSES) + ".", "",
+           "| date | method | split | seed | mIoU | best | other networks | s/step | wall | threads (cores) | CPU | per-class IoU | command |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        others = ", ".join(f"{k} {v:.2f}" for k, v in r.get("networks", {}).items() if k != r.get("network")) or "–"
+        m = r["machine"]
+        affinity = m.get("affinity")
+        pinned = f"{m['threads']} ({','.join(map(str, affinity))})" if affinity else str(m["threads"])
+        per_class = " ".join(f"{x:.1f}" for x in r["per_class_iou"])
+        out.append(f"| {r['date']} | {r['method']} | {r['split']} | {r['seed']} | {r['mIoU']:.2f} | {r['best_mIoU']:.2f} | "
+                   f"{others} | {r['sec_per_step']:.2f} | {r['wall_min']:.1f} min | {pinned} | {m['cpu']}, {m['isa']}, "
+                   f"torch {m['torch']} | {per_class} | `{r['command']}` |")
+    return "\n".join(out) + "\n"
+
+
+def render(doc: str, rows: list[dict]) -> str:
+    if BEGIN not in doc or END not in doc:
+        raise SystemExit(f"{DOC}: markers {BEGIN!r} and {END!r} not found")
+    head, rest = doc.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    return f"{head}{BEGIN}\n{matrix(rows)}\n{END}{tail}"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--check", action="store_true")
+    args = p.parse_args(argv)
+    rows = load()
+    new_doc, new_log = render(DOC.read_text(), rows), log(rows)
+    if args.check:
+        stale = [str(f) for f, new in ((DOC, new_doc), (LOG, new_log)) if not f.is_file() or f.read_text() != new]
+        if stale:
+            print("out of date: " + ", ".join(stale) + " (run python benchmarks/render_v2.py)")
+            return 1
+        return 0
+    DOC.write_text(new_doc)
+    LOG.write_text(new_log)
+    print(f"rendered {len(rows)} runs into {DOC.name} and {LOG.relative_to(REPO)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
