@@ -1,6 +1,7 @@
 #!/usr/bin/env python
-"""CamVid-CPU v1 protocol (``../shared/BENCHMARK.md``): train one method on one split and append
-the result to ``BENCHMARKS.md`` with the exact command, machine, date, seed, wall time and mIoU.
+"""CamVid-CPU v1 protocol (``../shared/BENCHMARK.md``, resnet18 from scratch; ``configs/camvid_v1.yaml``):
+train one method on one split and append the result to ``benchmarks/camvid_v1.md`` with the exact
+command, machine, date, seed, wall time and mIoU. The v2 protocol's runner is ``camvid_v2.py``.
 
     python benchmarks/camvid_cpu.py --method supervised --split 1_8 --seed 0
     python benchmarks/camvid_cpu.py --method supervised --split all --seed 0
@@ -75,9 +76,9 @@ def append_row(path: Path, row: dict) -> None:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--method", default="supervised")
-    p.add_argument("--config", default="camvid",
-                   help="config name under configs/ or a YAML path (default camvid: the protocol's model); "
-                        "camvid_allspark swaps in pvt_v2_b0 + SegFormer head for the AllSpark rows")
+    p.add_argument("--config", default="camvid_v1",
+                   help="config name under configs/ or a YAML path (default camvid_v1: the protocol's model); "
+                        "camvid_v1_allspark swaps in pvt_v2_b0 + SegFormer head for the AllSpark rows")
     p.add_argument("--split", default="1_8", help="1_16, 1_8, 1_4, 1_2 or all")
     p.add_argument("--track", default="S", choices=sorted(TRACKS))
     p.add_argument("--seed", type=int, default=0)
@@ -85,7 +86,7 @@ def main() -> int:
     p.add_argument("--data-root", default=str(REPO.parent / "shared" / "data" / "camvid"))
     p.add_argument("--out", help="run directory (default runs/bench/TRACK-METHOD-SPLIT-sSEED)")
     p.add_argument("--set", dest="overrides", action="append", default=[])
-    p.add_argument("--results", default=str(REPO / "BENCHMARKS.md"))
+    p.add_argument("--results", default=str(REPO / "benchmarks" / "camvid_v1.md"))
     p.add_argument("--no-append", action="store_true", help="print the row instead of appending it")
     args = p.parse_args()
 

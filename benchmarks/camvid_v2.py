@@ -123,6 +123,7 @@ def main(argv=None) -> int:
     p.add_argument("--method", required=True, choices=sorted(METHODS))
     p.add_argument("--split", default="1_8", choices=SPLITS)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--config", help="another config than the method's (a variant: kept out of the matrix)")
     p.add_argument("--data-root", default=str(REPO.parent / "shared" / "data" / "camvid"))
     p.add_argument("--runs", default=str(REPO / "runs" / "bench-v2"), help="folder of the run directories")
     p.add_argument("--set", dest="overrides", action="append", default=[],
@@ -136,16 +137,18 @@ def main(argv=None) -> int:
     if args.method != "supervised" and args.split == "all":
         raise SystemExit("--split all is the supervised ceiling: every training image is labelled")
     config, method_overrides = METHODS[args.method]
+    config = args.config or config
     overrides = [*method_overrides, *split_overrides(args.split, root), f"train.seed={args.seed}", *args.overrides]
     command = (f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else "") + \
         "python benchmarks/camvid_v2.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
-    tag = f"{args.method}-{args.split}-s{args.seed}" + ("-variant" if args.overrides else "")
+    variant = [*([f"--config {args.config}"] if args.config else []), *args.overrides]
+    tag = f"{args.method}-{args.split}-s{args.seed}" + ("-variant" if variant else "")
     out = Path(args.runs) / tag
     if out.exists():  # never train into an earlier run
         out = out.with_name(f"{out.name}-{datetime.now():%Y%m%d-%H%M%S}")
 
     row = train_row(args.method, args.split, args.seed, config, overrides, out, command)
-    row["variant"] = args.overrides  # extra overrides: listed in the log, kept out of the matrix
+    row["variant"] = variant  # another config or extra overrides: listed in the log, kept out of the matrix
     append(row, Path(args.results))
     if args.method == "pct":  # stage two: supervised on the masks plus HybridNet's tag-restricted pseudo labels
         labels = out / "pseudo_labels"
@@ -154,11 +157,11 @@ def main(argv=None) -> int:
                         "--out", str(labels)], check=True, cwd=REPO)
         stage2 = [*split_overrides(args.split, root), f"train.seed={args.seed}", f"data.extra_labels={labels}",
                   *args.overrides]
-        row2 = train_row("pct", args.split, args.seed, "camvid", stage2, out.with_name(out.name + "-stage2"),
-                         command, stage="stage2")
+        row2 = train_row("pct", args.split, args.seed, config, stage2, out.with_name(out.name + "-stage2"), command,
+                         stage="stage2")
         # stage two needs stage one and its pseudo labels first: its wall time counts all three
         row2["wall_min"] = round((time.perf_counter() - t0) / 60 + row["wall_min"], 1)
-        row2["variant"] = args.overrides
+        row2["variant"] = variant
         append(row2, Path(args.results))
     return 0
 

@@ -173,3 +173,81 @@ def test_errors_at_must_be_one_of_the_thresholds(monkeypatch, tmp_path):
                                       "--errors-at", "0.95"])
     with pytest.raises(SystemExit, match=r"--errors-at 0.95: not one of --thresholds 0,0.9"):
         pseudo_label_quality.main()
+
+
+# ---------------------------------------------------------------------------------------------
+# camvid_v2.py and render_v2.py
+
+
+def _camvid_like(tmp_path):
+    root = write_folder_dataset(tmp_path / "data", n=10, lists=True)
+    lines = (root / "train.txt").read_text().splitlines(keepends=True)
+    for split in ("1_16", "1_8"):
+        (root / "splits" / split).mkdir(parents=True)
+        (root / "splits" / split / "labeled.txt").write_text("".join(lines[:3]))
+        (root / "splits" / split / "unlabeled.txt").write_text("".join(lines[3:]))
+    config = tmp_path / "tiny.yaml"
+    config.write_text(TINY_CONFIG)
+    return root, config
+
+
+def test_camvid_v2_appends_one_json_line_per_run(tmp_path):
+    import camvid_v2
+
+    root, config = _camvid_like(tmp_path)
+    results = tmp_path / "v2.jsonl"
+    args = ["--method", "supervised", "--split", "1_8", "--seed", "3", "--config", str(config), "--data-root",
+            str(root), "--runs", str(tmp_path / "runs"), "--results", str(results),
+            "--set", "train.iters=2", "--set", "train.precision=fp32"]
+    assert camvid_v2.main(args) == 0
+    row = json.loads(results.read_text())
+    assert (row["method"], row["split"], row["seed"], row["iters"]) == ("supervised", "1_8", 3, 2)
+    assert row["variant"] == [f"--config {config}", "train.iters=2", "train.precision=fp32"]
+    assert len(row["per_class_iou"]) == 3 and row["network"] == "student"
+    assert row["machine"]["threads"] >= 1 and "python benchmarks/camvid_v2.py --method supervised" in row["command"]
+    saved = (Path(row["run_dir"]) / "config.yaml").read_text()
+    assert "splits/1_8/labeled.txt" in saved and "seed: 3" in saved
+    with pytest.raises(SystemExit, match="--split all is the supervised ceiling"):
+        camvid_v2.main(["--method", "unimatch", "--split", "all", "--data-root", str(root)])
+    with pytest.raises(SystemExit, match=r"--data-root .*: not a CamVid folder with splits/"):
+        camvid_v2.main(["--method", "supervised", "--data-root", str(tmp_path)])
+
+
+def _row(method, split, seed, miou, variant=(), sps=1.0):
+    return {"method": method, "split": split, "seed": seed, "mIoU": miou, "variant": list(variant),
+            "sec_per_step": sps, "wall_min": 10.0, "best_mIoU": miou, "network": "student",
+            "networks": {"student": miou}, "per_class_iou": [1.0] * 11, "date": "2026-11-30 06:00 UTC",
+            "command": "python benchmarks/camvid_v2.py", "machine": {"cpu": "CPU", "isa": "AVX2", "threads": 1,
+                                                                    "affinity": [0], "torch": "2"}}
+
+
+def test_render_v2_matrix_means_seeds_and_keeps_variants_out():
+    import render_v2
+
+    rows = [_row("supervised", "1_8", 0, 40.0), _row("supervised", "1_8", 1, 42.0),
+            _row("unimatch", "1_8", 0, 46.0), _row("unimatch", "1_8", 1, 49.0, sps=3.0),
+            _row("unimatch", "1_8", 0, 99.0, variant=["method.conf_thresh=0.7"]),  # a variant: log only
+            _row("unimatch", "1_8", 0, 11.0),  # a rerun of a cell: the first run counts
+            _row("fixmatch", "1_16", 0, 30.0), _row("supervised", "all", 0, 60.0)]
+    text = render_v2.matrix(rows)
+    first = text.split("Gain over supervised")[0]
+    lines = {line.split(" | ")[0]: line for line in first.splitlines() if line.startswith("| ")}
+    assert "| **41.00** (40.00 / 42.00) |" in lines["| Supervised (labelled images only)"]
+    assert lines["| UniMatch"].endswith("| not run yet | **47.50** (46.00 / 49.00) |")
+    assert "30.00 (seed 0 only)" in lines["| FixMatch"]
+    assert lines["| *Ceiling: supervised on all 367 masks*"].count("60.00 (seed 0 only)") == 2
+    gains = text.split("Gain over supervised")[1]
+    assert "| UniMatch | – | +6.50 (2 seeds) |" in gains and "| FixMatch | – | – |" in gains
+    assert "| UniMatch | 2.00 |" in text.split("Seconds per step")[1]  # (1 + 3) / 2, protocol runs only
+    log = render_v2.log(rows)
+    assert log.count("\n| 2026-11-30") == len(rows) and "99.00" in log
+
+
+def test_render_v2_replaces_only_between_its_markers():
+    import render_v2
+
+    doc = f"# B\n\nintro\n{render_v2.BEGIN}\nold table\n{render_v2.END}\n\nkept\n"
+    new = render_v2.render(doc, [_row("supervised", "1_8", 0, 40.0)])
+    assert new.startswith("# B\n\nintro\n") and new.endswith(f"{render_v2.END}\n\nkept\n") and "old table" not in new
+    with pytest.raises(SystemExit, match="markers"):
+        render_v2.render("# no markers\n", [])

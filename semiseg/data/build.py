@@ -42,7 +42,13 @@ from semiseg.errors import DataError
 
 
 def _data_cfg(cfg: Union[Config, DataConfig]) -> DataConfig:
-    return cfg.data if isinstance(cfg, Config) else cfg
+    """The data section; from a whole config with ``data.mean``/``std`` resolved from the encoder's
+    weights (a data section alone normalises with ImageNet's statistics where they are unset)."""
+    if isinstance(cfg, Config):
+        from semiseg.models.pretrained import resolve_normalization
+
+        return resolve_normalization(cfg).data
+    return cfg
 
 
 class LabeledSet(Dataset):

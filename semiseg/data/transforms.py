@@ -73,10 +73,12 @@ def hflip(img: Image.Image, mask: Image.Image, p: float = 0.5) -> tuple[Image.Im
 
 def normalize(img: Image.Image, mask: Mask = None, mean=IMAGENET_MEAN, std=IMAGENET_STD
               ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Image -> float (3, H, W), ``(x / 255 - mean) / std``; mask -> long (H, W) (None stays None)."""
-    if mean is None or std is None:  # a config that skipped semiseg.models.pretrained.resolve_normalization
-        raise ValueError("normalize: data.mean/data.std are unresolved (None); resolve them from the encoder's "
-                         "weights first (semiseg.models.pretrained.resolve_normalization)")
+    """Image -> float (3, H, W), ``(x / 255 - mean) / std``; mask -> long (H, W) (None stays None).
+    ``mean``/``std`` None: ImageNet's."""
+    # None: a data section read without its model; every path from a whole config resolves
+    # data.mean/std from the encoder's weights first (semiseg.models.pretrained.resolve_normalization)
+    mean = IMAGENET_MEAN if mean is None else mean
+    std = IMAGENET_STD if std is None else std
     x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
     x = (x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
     y = torch.from_numpy(np.array(mask, dtype=np.int64)) if mask is not None else None

@@ -81,7 +81,9 @@ class Method(nn.Module):
 
     def __init__(self, cfg: Config, model: nn.Module, num_classes: int, ignore_index: int = 255):
         super().__init__()
-        self.cfg = cfg
+        from semiseg.models.pretrained import resolve_normalization
+
+        self.cfg = resolve_normalization(cfg)  # data.mean/std of the encoder's weights where unset
         self.mcfg = cfg.method
         self.model = model
         self.num_classes = num_classes
