@@ -173,6 +173,61 @@ def test_self_attention_is_per_image_and_per_head():
             assert torch.allclose(out[b], n.out_u(att.T), atol=1e-5)
 
 
+def _official_layout_attention(emb_l, emb_u, w, heads):
+    """The official CrossAttnMem arithmetic (train mode, no memory, no dropout) for labelled
+    tokens ``emb_l`` (B, N, E) and unlabelled ``emb_u`` (S, N, E), with weights ``w`` in the
+    official layout (``nn.Linear`` convention, out x in). Returns ``cat(out_l2u, out_u)``.
+
+    Projections are viewed as (heads, E): head h owns projected channels h*E .. h*E+E-1. The
+    self-attention result of channel e of head h is flattened at column e*heads + h (the
+    official permute(0, 3, 2, 1) then view); the merged cross-attention keeps the projected
+    channel order (one group, so column = channel)."""
+    e = emb_u.shape[-1]
+    out_u = []
+    for t in emb_u:  # (N, E)
+        q, k, v = (t @ w[name].T for name in ("q_u", "k_u", "v_u"))  # (N, heads*E)
+        flat = torch.empty(t.shape[0], heads * e)
+        for h in range(heads):
+            cols = slice(h * e, (h + 1) * e)
+            att = _reference_attention(q[:, cols].T, k[:, cols].T, v[:, cols].T)  # (E, N)
+            for ch in range(e):
+                flat[:, ch * heads + h] = att[ch]
+        out_u.append(flat @ w["out_u"].T)
+    keys = torch.cat([(t @ w["k_l2u"].T).T for t in emb_u])  # (S*heads*E, N)
+    values = torch.cat([(t @ w["v_l2u"].T).T for t in emb_u])
+    out_l = [_reference_attention((t @ w["q_l2u"].T).T, keys, values).T @ w["out_l2u"].T for t in emb_l]
+    return torch.stack(out_l + out_u)
+
+
+def test_official_weights_load_with_out_u_columns_permuted_and_out_l_as_is():
+    """The official ``out_u`` reads the attended channels as (E, heads), semiseg's as (heads, E):
+    only ``out_u``'s input columns are permuted; every other weight, ``out_l`` included, maps as is."""
+    e, heads, N = 6, 2, 6
+    g = torch.Generator().manual_seed(1)
+    w = {name: torch.randn(heads * e, e, generator=g) / e
+         for name in ("q_u", "k_u", "v_u", "q_l2u", "k_l2u", "v_l2u")}
+    w["out_u"], w["out_l2u"] = (torch.randn(e, heads * e, generator=g) / e for _ in range(2))
+    emb_l, emb_u = torch.randn(2, N, e, generator=g), torch.randn(2, N, e, generator=g)
+    official = _official_layout_attention(emb_l, emb_u, w, heads)
+
+    n = neck(e=e, heads=heads)
+    # semiseg column h*E + c holds what the official column c*heads + h holds
+    perm = torch.tensor([c * heads + h for h in range(heads) for c in range(e)])
+    with torch.no_grad():
+        for ours, theirs in (("q_u", "q_u"), ("k_u", "k_u"), ("v_u", "v_u"),
+                             ("q_l", "q_l2u"), ("k_l", "k_l2u"), ("v_l", "v_l2u"), ("out_l", "out_l2u")):
+            getattr(n, ours).weight.copy_(w[theirs])
+        n.out_u.weight.copy_(w["out_u"][:, perm])
+
+        def ours():
+            return torch.cat((n.cross_attention(emb_l, emb_u, shared=True), n.self_attention(emb_u)))
+
+        assert torch.allclose(ours(), official, atol=1e-5)
+        n.out_u.weight.copy_(w["out_u"])  # without the permutation the unlabelled half differs
+        assert not torch.allclose(ours()[2:], official[2:], atol=1e-3)
+        assert torch.allclose(ours()[:2], official[:2], atol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------
 # Shapes and the patch grid
 
