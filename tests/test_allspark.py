@@ -7,6 +7,7 @@ formulation spelt out with plain tensor operations)."""
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -60,12 +61,12 @@ def tiny_model(seed=0) -> SegModel:
     return SegModel(enc, SegFormerHead(enc.feature_info.channels(), K, embed_dim=8, dropout=0.0), K)
 
 
-def config(name="allspark", crop=64, batch=2, unlabeled_batch=None, **method):
+def config(name="allspark", crop=64, batch=2, unlabeled_batch=None, model_keys=None, **method):
     train = {"batch_size": batch}
     if unlabeled_batch is not None:
         train["unlabeled_batch_size"] = unlabeled_batch
-    return load_config({"data": {"crop_size": crop}, "method": {"name": name, "attn_dropout": 0.0, **method},
-                        "train": train})
+    return load_config({"data": {"crop_size": crop}, "model": model_keys or {},
+                        "method": {"name": name, "attn_dropout": 0.0, **method}, "train": train})
 
 
 def build(name="allspark", model=None, **kw):
@@ -583,6 +584,100 @@ def test_memory_state_round_trips_through_a_checkpoint(tmp_path):
     assert torch.equal(a.neck.memory.ptr, b.neck.memory.ptr)
     for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
         assert ka == kb and torch.equal(va, vb)
+
+
+# ---------------------------------------------------------------------------------------------
+# The final logit resize
+
+
+def bilinear_reference(x, size, align_corners):
+    """Bilinear resize written out. Output index i samples the input at i * (n_in - 1) / (n_out - 1)
+    with aligned corners, else at (i + 0.5) * n_in / n_out - 0.5 clamped at 0 (half-pixel centres:
+    the official AllSpark decoder's F.interpolate(..., align_corners=False))."""
+    def taps(n_in, n_out):
+        out = []
+        for i in range(n_out):
+            if align_corners:
+                src = i * (n_in - 1) / (n_out - 1) if n_out > 1 else 0.0
+            else:
+                src = max((i + 0.5) * n_in / n_out - 0.5, 0.0)
+            i0 = min(int(math.floor(src)), n_in - 1)
+            out.append((i0, min(i0 + 1, n_in - 1), src - i0))
+        first, second, frac = zip(*out)
+        return torch.tensor(first), torch.tensor(second), torch.tensor(frac, dtype=x.dtype)
+
+    y0, y1, fy = taps(x.shape[-2], size[0])
+    x0, x1, fx = taps(x.shape[-1], size[1])
+    rows = x[..., y0, :] * (1 - fy)[:, None] + x[..., y1, :] * fy[:, None]  # (B, K, H, w_in)
+    return rows[..., x0] * (1 - fx) + rows[..., x1] * fx
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_allspark_resizes_logits_without_aligned_corners_as_official(training):
+    """Official SemiDecoder.forward: F.interpolate(out, (h, w), 'bilinear', align_corners=False),
+    in the eval-mode pseudo-label pass and in the training forward alike."""
+    m = build("allspark")
+    model = m.model.train(training)
+    x = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    plan = (lambda: m.neck.plan([NeckPass(2)])) if training else nullcontext
+    with torch.no_grad():
+        with plan():
+            logits = model(x)
+        with plan():
+            low = model.decode(model.features(x))  # (4, K, 16, 16): the head's stride-4 logits
+    assert low.shape[-2:] == (16, 16)
+    assert torch.allclose(logits, bilinear_reference(low, (64, 64), align_corners=False), atol=1e-5)
+    assert not torch.allclose(logits, bilinear_reference(low, (64, 64), align_corners=True), atol=1e-2)
+
+
+def test_final_resize_is_the_methods_choice_unless_configured(pvt):
+    assert tiny_model().align_corners is True  # SegModel's default: UniMatch's DeepLabV3+
+    assert build("allspark").model.align_corners is False
+    assert build("allspark_unimatch").model.align_corners is True  # UniMatch's forward
+    assert build("allspark", model_keys={"align_corners": True}).model.align_corners is True
+    m = build("allspark_unimatch", model_keys={"align_corners": False}, teacher="ema")
+    assert m.model.align_corners is False and m.teacher.module.align_corners is False
+    x = torch.randn(1, 3, 40, 56)
+    for keys, expected in (({}, True), ({"align_corners": False}, False)):
+        cfg = load_config({"model": {**pvt[0].model.model_dump(), **keys}})
+        model = build_model(cfg.model, K).eval()
+        assert model.align_corners is expected
+        with torch.no_grad():
+            low = model.decode(model.features(x))
+            assert torch.allclose(model(x), bilinear_reference(low, (40, 56), expected), atol=1e-5)
+
+
+def test_allspark_checkpoint_predicts_with_the_official_resize(tmp_path, pvt):
+    """A network trained with method allspark is rebuilt from its checkpoint through the method,
+    so evaluation, predict and export resize as it was trained."""
+    from semiseg.api import Predictor, build_method_from_checkpoint
+    from semiseg.engine.checkpoint import save_checkpoint
+    from semiseg.engine.evaluator import predict_logits
+
+    cfg, _ = pvt
+    cfg = load_config({**cfg.to_dict(), "data": {"crop_size": 64}, "method": {"name": "allspark"}})
+    torch.manual_seed(0)
+    trained = build_method(cfg, build_model(cfg.model, K), K)
+    path = save_checkpoint(tmp_path / "best.safetensors",
+                           {f"model.{k}": v for k, v in trained.state_dict().items()},
+                           {"config": cfg.to_dict(), "num_classes": K, "method": "allspark"})
+    _, method, _ = build_method_from_checkpoint(path)
+    net = method.inference_model()
+    assert net.align_corners is False
+    x = torch.randn(1, 3, 64, 96, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = bilinear_reference(net.decode(net.features(x)), (64, 96), align_corners=False)
+        assert torch.allclose(net(x), ref, atol=1e-5)
+        sliding = cfg.eval.model_copy(update={"mode": "sliding_window"})
+        window = predict_logits(net, x[..., :64], sliding, K, crop_size=64)  # one window: log-softmax of it
+        ref_window = bilinear_reference(net.decode(net.features(x[..., :64])), (64, 64), False)
+        assert torch.allclose(window, ref_window.log_softmax(1), atol=1e-4)
+    image = (torch.rand(64, 96, 3, generator=torch.Generator().manual_seed(2)) * 255).to(torch.uint8).numpy()
+    predictor = Predictor(cfg, net, [f"c{i}" for i in range(K)])
+    x = predictor.preprocess(image)
+    with torch.no_grad():
+        ref = bilinear_reference(net.decode(net.features(x)), (64, 96), align_corners=False)
+    assert torch.allclose(predictor.predict_logits(image), ref[0], atol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["allspark", "allspark_unimatch"])
