@@ -121,7 +121,8 @@ class ModelConfig(Section):
     # (DeepLabV3+: none, as UniMatch; SegFormer: 0.1).
     dropout: Optional[float] = Field(None, ge=0.0, lt=1.0)
     # align_corners of the bilinear resize of the logits to the input size; None = the method's
-    # choice (allspark: false, as the official AllSpark decoder; every other method: true, as UniMatch).
+    # choice (allspark on the SegFormer head: false, as the official AllSpark decoder; otherwise
+    # true, as UniMatch's DeepLabV3+).
     align_corners: Optional[bool] = None
 
 

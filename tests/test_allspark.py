@@ -18,7 +18,7 @@ from semiseg.config import load_config
 from semiseg.errors import ConfigError
 from semiseg.methods import Batch, StepContext, build_method
 from semiseg.methods.allspark import AllSpark, AllSparkUniMatch
-from semiseg.models import SegFormerHead, SegModel, build_model
+from semiseg.models import DeepLabV3PlusHead, SegFormerHead, SegModel, build_model
 from semiseg.models.allspark_neck import AllSparkNeck, NeckPass, SemanticMemory, feature_grid, psi_softmax
 
 K = 3  # classes
@@ -632,7 +632,11 @@ def test_allspark_resizes_logits_without_aligned_corners_as_official(training):
 
 def test_final_resize_is_the_methods_choice_unless_configured(pvt):
     assert tiny_model().align_corners is True  # SegModel's default: UniMatch's DeepLabV3+
-    assert build("allspark").model.align_corners is False
+    assert build("allspark").model.align_corners is False  # the SegFormer head: official AllSpark
+    enc = TinyEncoder()
+    deeplab = SegModel(enc, DeepLabV3PlusHead(enc.feature_info.channels(), enc.feature_info.reduction(), K,
+                                              output_stride=32, channels=8), K)
+    assert build("allspark", model=deeplab).model.align_corners is True  # DeepLabV3+ keeps its own
     assert build("allspark_unimatch").model.align_corners is True  # UniMatch's forward
     assert build("allspark", model_keys={"align_corners": True}).model.align_corners is True
     m = build("allspark_unimatch", model_keys={"align_corners": False}, teacher="ema")
@@ -661,7 +665,7 @@ def test_allspark_checkpoint_predicts_with_the_official_resize(tmp_path, pvt):
     path = save_checkpoint(tmp_path / "best.safetensors",
                            {f"model.{k}": v for k, v in trained.state_dict().items()},
                            {"config": cfg.to_dict(), "num_classes": K, "method": "allspark"})
-    _, method, _ = build_method_from_checkpoint(path)
+    loaded_cfg, method, _ = build_method_from_checkpoint(path)
     net = method.inference_model()
     assert net.align_corners is False
     x = torch.randn(1, 3, 64, 96, generator=torch.Generator().manual_seed(1))
@@ -673,7 +677,7 @@ def test_allspark_checkpoint_predicts_with_the_official_resize(tmp_path, pvt):
         ref_window = bilinear_reference(net.decode(net.features(x[..., :64])), (64, 64), False)
         assert torch.allclose(window, ref_window.log_softmax(1), atol=1e-4)
     image = (torch.rand(64, 96, 3, generator=torch.Generator().manual_seed(2)) * 255).to(torch.uint8).numpy()
-    predictor = Predictor(cfg, net, [f"c{i}" for i in range(K)])
+    predictor = Predictor(loaded_cfg, net, [f"c{i}" for i in range(K)])
     x = predictor.preprocess(image)
     with torch.no_grad():
         ref = bilinear_reference(net.decode(net.features(x)), (64, 96), align_corners=False)
@@ -696,7 +700,7 @@ def test_bf16_autocast_step_is_finite():
 
 
 def test_shipped_camvid_config_validates():
-    cfg = load_config("semiseg/configs/camvid_allspark.yaml")
+    cfg = load_config("semiseg/configs/camvid_v1_allspark.yaml")
     assert cfg.method.name == "allspark" and cfg.model.encoder == "pvt_v2_b0" and cfg.model.output_stride == 32
     assert cfg.model.head == "segformer" and cfg.data.crop_size == 128
     assert (cfg.train.unlabeled_batch_size or cfg.train.batch_size) == cfg.train.batch_size

@@ -37,12 +37,14 @@ What the official script does, and is followed here:
 * one batch size for both loaders: the official layout ``cat(labelled, unlabelled)`` has two
   equal halves, so ``train.unlabeled_batch_size`` different from ``train.batch_size`` is a
   :class:`ConfigError`;
-* the logits are resized to the input size with ``align_corners=False`` (the official
-  ``SemiDecoder.forward``), where UniMatch's DeepLabV3+ uses True: the method sets
-  :attr:`SegModel.align_corners <semiseg.models.SegModel.align_corners>` to False unless
-  ``model.align_corners`` is set. It holds in training (the pseudo labels, the grouping map
-  and so the memory's contents depend on it) and in every evaluation of the trained network,
-  which is rebuilt through this method from its checkpoint.
+* the SegFormer head's logits are resized to the input size with ``align_corners=False`` (the
+  official ``SemiDecoder.forward``), where UniMatch's DeepLabV3+ uses True: with a SegFormer
+  head the method sets :attr:`SegModel.align_corners <semiseg.models.SegModel.align_corners>`
+  to False, unless ``model.align_corners`` is set. It holds in training (the pseudo labels,
+  the grouping map and so the memory's contents depend on it) and in every evaluation of the
+  trained network, which is rebuilt through this method from its checkpoint. A DeepLabV3+ head
+  (not an official AllSpark network) keeps DeepLabV3+'s True (UniMatch, and the AllSpark
+  repository's ``deeplabv3plus.py``), so that network is the supervised one plus the neck.
 
 Deviation: the official ``criterion_u`` is a plain mean of the cross-entropy over every pixel,
 including the pixels the crop padded (the script drops the unlabelled padding mask). Here the
@@ -78,6 +80,7 @@ from semiseg.methods.consistency import (
 )
 from semiseg.methods.unimatch import UniMatch, UniMatchConfig
 from semiseg.models.allspark_neck import AllSparkNeck, CrossHeads, KVScope, NeckPass, feature_grid
+from semiseg.models.heads import SegFormerHead
 
 
 class AllSparkKeys(MethodConfig):
@@ -212,7 +215,8 @@ class AllSpark(AllSparkMixin, Method):
     def __init__(self, cfg: Config, model: nn.Module, num_classes: int, ignore_index: int = 255):
         check_equal_batches(cfg, "allspark")
         attach_neck(cfg, model, num_classes)
-        choose_logit_resize(cfg, model, align_corners=False)  # official SemiDecoder.forward
+        # official SemiDecoder.forward resizes the SegFormer head's logits with align_corners=False
+        choose_logit_resize(cfg, model, align_corners=not isinstance(getattr(model, "decoder", None), SegFormerHead))
         super().__init__(cfg, model, num_classes, ignore_index)
         self.strong_labeled = self.mcfg.strong_labeled
 

@@ -32,8 +32,9 @@ class SegModel(nn.Module):
       ``forward_fp`` apply it between encoder and head, ``decode`` does not;
     * ``num_classes``, ``feature_channels``, ``feature_reductions`` (from ``feature_info``);
     * ``align_corners``: how ``decode`` resizes the logits to ``out_size`` (bilinear). True
-      (default) as UniMatch's DeepLabV3+; the official AllSpark decoder resizes with False, and
-      the ``allspark`` method sets that (``model.align_corners`` in the config overrides both).
+      (default) as UniMatch's DeepLabV3+; the official AllSpark decoder (SegFormer head) resizes
+      with False, and the ``allspark`` method sets that on a SegFormer head
+      (``model.align_corners`` in the config overrides both).
       Every prediction path (training, evaluation, ``predict``, ``export``) goes through
       ``decode``, so they all follow it.
     """
@@ -104,7 +105,7 @@ def build_model(model_cfg: ModelConfig, num_classes: int) -> SegModel:
     ``model.dropout`` is the channel dropout before the classifier; unset, each head keeps its
     official default (DeepLabV3+: none, as UniMatch; SegFormer: 0.1). ``model.align_corners``
     is the final logit resize (:attr:`SegModel.align_corners`); unset, True here, and a method
-    may change it (``allspark`` sets False, as its official decoder).
+    may change it (``allspark`` sets False on a SegFormer head, as its official decoder).
     """
     if num_classes < 1:
         raise ValueError(f"num_classes must be positive, got {num_classes}")
