@@ -120,6 +120,10 @@ class ModelConfig(Section):
     # Channel dropout before the classifier; None = the head's official default
     # (DeepLabV3+: none, as UniMatch; SegFormer: 0.1).
     dropout: Optional[float] = Field(None, ge=0.0, lt=1.0)
+    # align_corners of the bilinear resize of the logits to the input size; None = the method's
+    # choice (allspark on the SegFormer head: false, as the official AllSpark decoder; otherwise
+    # true, as UniMatch's DeepLabV3+).
+    align_corners: Optional[bool] = None
 
 
 class MethodConfig(Section):

@@ -7,6 +7,7 @@ formulation spelt out with plain tensor operations)."""
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ from semiseg.config import load_config
 from semiseg.errors import ConfigError
 from semiseg.methods import Batch, StepContext, build_method
 from semiseg.methods.allspark import AllSpark, AllSparkUniMatch
-from semiseg.models import SegFormerHead, SegModel, build_model
+from semiseg.models import DeepLabV3PlusHead, SegFormerHead, SegModel, build_model
 from semiseg.models.allspark_neck import AllSparkNeck, NeckPass, SemanticMemory, feature_grid, psi_softmax
 
 K = 3  # classes
@@ -60,12 +61,12 @@ def tiny_model(seed=0) -> SegModel:
     return SegModel(enc, SegFormerHead(enc.feature_info.channels(), K, embed_dim=8, dropout=0.0), K)
 
 
-def config(name="allspark", crop=64, batch=2, unlabeled_batch=None, **method):
+def config(name="allspark", crop=64, batch=2, unlabeled_batch=None, model_keys=None, **method):
     train = {"batch_size": batch}
     if unlabeled_batch is not None:
         train["unlabeled_batch_size"] = unlabeled_batch
-    return load_config({"data": {"crop_size": crop}, "method": {"name": name, "attn_dropout": 0.0, **method},
-                        "train": train})
+    return load_config({"data": {"crop_size": crop}, "model": model_keys or {},
+                        "method": {"name": name, "attn_dropout": 0.0, **method}, "train": train})
 
 
 def build(name="allspark", model=None, **kw):
@@ -171,6 +172,61 @@ def test_self_attention_is_per_image_and_per_head():
             att = torch.cat([_reference_attention(q[h * e:(h + 1) * e], k[h * e:(h + 1) * e], v[h * e:(h + 1) * e])
                              for h in range(heads)])
             assert torch.allclose(out[b], n.out_u(att.T), atol=1e-5)
+
+
+def _official_layout_attention(emb_l, emb_u, w, heads):
+    """The official CrossAttnMem arithmetic (train mode, no memory, no dropout) for labelled
+    tokens ``emb_l`` (B, N, E) and unlabelled ``emb_u`` (S, N, E), with weights ``w`` in the
+    official layout (``nn.Linear`` convention, out x in). Returns ``cat(out_l2u, out_u)``.
+
+    Projections are viewed as (heads, E): head h owns projected channels h*E .. h*E+E-1. The
+    self-attention result of channel e of head h is flattened at column e*heads + h (the
+    official permute(0, 3, 2, 1) then view); the merged cross-attention keeps the projected
+    channel order (one group, so column = channel)."""
+    e = emb_u.shape[-1]
+    out_u = []
+    for t in emb_u:  # (N, E)
+        q, k, v = (t @ w[name].T for name in ("q_u", "k_u", "v_u"))  # (N, heads*E)
+        flat = torch.empty(t.shape[0], heads * e)
+        for h in range(heads):
+            cols = slice(h * e, (h + 1) * e)
+            att = _reference_attention(q[:, cols].T, k[:, cols].T, v[:, cols].T)  # (E, N)
+            for ch in range(e):
+                flat[:, ch * heads + h] = att[ch]
+        out_u.append(flat @ w["out_u"].T)
+    keys = torch.cat([(t @ w["k_l2u"].T).T for t in emb_u])  # (S*heads*E, N)
+    values = torch.cat([(t @ w["v_l2u"].T).T for t in emb_u])
+    out_l = [_reference_attention((t @ w["q_l2u"].T).T, keys, values).T @ w["out_l2u"].T for t in emb_l]
+    return torch.stack(out_l + out_u)
+
+
+def test_official_weights_load_with_out_u_columns_permuted_and_out_l_as_is():
+    """The official ``out_u`` reads the attended channels as (E, heads), semiseg's as (heads, E):
+    only ``out_u``'s input columns are permuted; every other weight, ``out_l`` included, maps as is."""
+    e, heads, N = 6, 2, 6
+    g = torch.Generator().manual_seed(1)
+    w = {name: torch.randn(heads * e, e, generator=g) / e
+         for name in ("q_u", "k_u", "v_u", "q_l2u", "k_l2u", "v_l2u")}
+    w["out_u"], w["out_l2u"] = (torch.randn(e, heads * e, generator=g) / e for _ in range(2))
+    emb_l, emb_u = torch.randn(2, N, e, generator=g), torch.randn(2, N, e, generator=g)
+    official = _official_layout_attention(emb_l, emb_u, w, heads)
+
+    n = neck(e=e, heads=heads)
+    # semiseg column h*E + c holds what the official column c*heads + h holds
+    perm = torch.tensor([c * heads + h for h in range(heads) for c in range(e)])
+    with torch.no_grad():
+        for ours, theirs in (("q_u", "q_u"), ("k_u", "k_u"), ("v_u", "v_u"),
+                             ("q_l", "q_l2u"), ("k_l", "k_l2u"), ("v_l", "v_l2u"), ("out_l", "out_l2u")):
+            getattr(n, ours).weight.copy_(w[theirs])
+        n.out_u.weight.copy_(w["out_u"][:, perm])
+
+        def ours():
+            return torch.cat((n.cross_attention(emb_l, emb_u, shared=True), n.self_attention(emb_u)))
+
+        assert torch.allclose(ours(), official, atol=1e-5)
+        n.out_u.weight.copy_(w["out_u"])  # without the permutation the unlabelled half differs
+        assert not torch.allclose(ours()[2:], official[2:], atol=1e-3)
+        assert torch.allclose(ours()[:2], official[:2], atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -530,6 +586,104 @@ def test_memory_state_round_trips_through_a_checkpoint(tmp_path):
         assert ka == kb and torch.equal(va, vb)
 
 
+# ---------------------------------------------------------------------------------------------
+# The final logit resize
+
+
+def bilinear_reference(x, size, align_corners):
+    """Bilinear resize written out. Output index i samples the input at i * (n_in - 1) / (n_out - 1)
+    with aligned corners, else at (i + 0.5) * n_in / n_out - 0.5 clamped at 0 (half-pixel centres:
+    the official AllSpark decoder's F.interpolate(..., align_corners=False))."""
+    def taps(n_in, n_out):
+        out = []
+        for i in range(n_out):
+            if align_corners:
+                src = i * (n_in - 1) / (n_out - 1) if n_out > 1 else 0.0
+            else:
+                src = max((i + 0.5) * n_in / n_out - 0.5, 0.0)
+            i0 = min(int(math.floor(src)), n_in - 1)
+            out.append((i0, min(i0 + 1, n_in - 1), src - i0))
+        first, second, frac = zip(*out)
+        return torch.tensor(first), torch.tensor(second), torch.tensor(frac, dtype=x.dtype)
+
+    y0, y1, fy = taps(x.shape[-2], size[0])
+    x0, x1, fx = taps(x.shape[-1], size[1])
+    rows = x[..., y0, :] * (1 - fy)[:, None] + x[..., y1, :] * fy[:, None]  # (B, K, H, w_in)
+    return rows[..., x0] * (1 - fx) + rows[..., x1] * fx
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_allspark_resizes_logits_without_aligned_corners_as_official(training):
+    """Official SemiDecoder.forward: F.interpolate(out, (h, w), 'bilinear', align_corners=False),
+    in the eval-mode pseudo-label pass and in the training forward alike."""
+    m = build("allspark")
+    model = m.model.train(training)
+    x = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    plan = (lambda: m.neck.plan([NeckPass(2)])) if training else nullcontext
+    with torch.no_grad():
+        with plan():
+            logits = model(x)
+        with plan():
+            low = model.decode(model.features(x))  # (4, K, 16, 16): the head's stride-4 logits
+    assert low.shape[-2:] == (16, 16)
+    assert torch.allclose(logits, bilinear_reference(low, (64, 64), align_corners=False), atol=1e-5)
+    assert not torch.allclose(logits, bilinear_reference(low, (64, 64), align_corners=True), atol=1e-2)
+
+
+def test_final_resize_is_the_methods_choice_unless_configured(pvt):
+    assert tiny_model().align_corners is True  # SegModel's default: UniMatch's DeepLabV3+
+    assert build("allspark").model.align_corners is False  # the SegFormer head: official AllSpark
+    enc = TinyEncoder()
+    deeplab = SegModel(enc, DeepLabV3PlusHead(enc.feature_info.channels(), enc.feature_info.reduction(), K,
+                                              output_stride=32, channels=8), K)
+    assert build("allspark", model=deeplab).model.align_corners is True  # DeepLabV3+ keeps its own
+    assert build("allspark_unimatch").model.align_corners is True  # UniMatch's forward
+    assert build("allspark", model_keys={"align_corners": True}).model.align_corners is True
+    m = build("allspark_unimatch", model_keys={"align_corners": False}, teacher="ema")
+    assert m.model.align_corners is False and m.teacher.module.align_corners is False
+    x = torch.randn(1, 3, 40, 56)
+    for keys, expected in (({}, True), ({"align_corners": False}, False)):
+        cfg = load_config({"model": {**pvt[0].model.model_dump(), **keys}})
+        model = build_model(cfg.model, K).eval()
+        assert model.align_corners is expected
+        with torch.no_grad():
+            low = model.decode(model.features(x))
+            assert torch.allclose(model(x), bilinear_reference(low, (40, 56), expected), atol=1e-5)
+
+
+def test_allspark_checkpoint_predicts_with_the_official_resize(tmp_path, pvt):
+    """A network trained with method allspark is rebuilt from its checkpoint through the method,
+    so evaluation, predict and export resize as it was trained."""
+    from semiseg.api import Predictor, build_method_from_checkpoint
+    from semiseg.engine.checkpoint import save_checkpoint
+    from semiseg.engine.evaluator import predict_logits
+
+    cfg, _ = pvt
+    cfg = load_config({**cfg.to_dict(), "data": {"crop_size": 64}, "method": {"name": "allspark"}})
+    torch.manual_seed(0)
+    trained = build_method(cfg, build_model(cfg.model, K), K)
+    path = save_checkpoint(tmp_path / "best.safetensors",
+                           {f"model.{k}": v for k, v in trained.state_dict().items()},
+                           {"config": cfg.to_dict(), "num_classes": K, "method": "allspark"})
+    loaded_cfg, method, _ = build_method_from_checkpoint(path)
+    net = method.inference_model()
+    assert net.align_corners is False
+    x = torch.randn(1, 3, 64, 96, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = bilinear_reference(net.decode(net.features(x)), (64, 96), align_corners=False)
+        assert torch.allclose(net(x), ref, atol=1e-5)
+        sliding = cfg.eval.model_copy(update={"mode": "sliding_window"})
+        window = predict_logits(net, x[..., :64], sliding, K, crop_size=64)  # one window: log-softmax of it
+        ref_window = bilinear_reference(net.decode(net.features(x[..., :64])), (64, 64), False)
+        assert torch.allclose(window, ref_window.log_softmax(1), atol=1e-4)
+    image = (torch.rand(64, 96, 3, generator=torch.Generator().manual_seed(2)) * 255).to(torch.uint8).numpy()
+    predictor = Predictor(loaded_cfg, net, [f"c{i}" for i in range(K)])
+    x = predictor.preprocess(image)
+    with torch.no_grad():
+        ref = bilinear_reference(net.decode(net.features(x)), (64, 96), align_corners=False)
+    assert torch.allclose(predictor.predict_logits(image), ref[0], atol=1e-5)
+
+
 @pytest.mark.parametrize("name", ["allspark", "allspark_unimatch"])
 def test_unequal_batch_sizes_are_a_config_error(name):
     with pytest.raises(ConfigError, match=r"train\.batch_size.*train\.unlabeled_batch_size"):
@@ -546,7 +700,7 @@ def test_bf16_autocast_step_is_finite():
 
 
 def test_shipped_camvid_config_validates():
-    cfg = load_config("semiseg/configs/camvid_allspark.yaml")
+    cfg = load_config("semiseg/configs/camvid_v1_allspark.yaml")
     assert cfg.method.name == "allspark" and cfg.model.encoder == "pvt_v2_b0" and cfg.model.output_stride == 32
     assert cfg.model.head == "segformer" and cfg.data.crop_size == 128
     assert (cfg.train.unlabeled_batch_size or cfg.train.batch_size) == cfg.train.batch_size

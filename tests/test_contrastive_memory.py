@@ -213,11 +213,17 @@ def test_rank_for_memory_orders():
     assert rank_for_memory(scores, 2, "paper").tolist() == [1, 3]  # highest first
     assert rank_for_memory(scores, 2, "official").tolist() == [2, 0]  # the official ascending sort
     assert rank_for_memory(scores, 10, "paper").tolist() == [1, 3, 0, 2]
+    # official: no more candidates than the limit -> no sort, pixel order
+    assert rank_for_memory(scores, 4, "official").tolist() == [0, 1, 2, 3]
+    assert rank_for_memory(scores, 10, "official").tolist() == [0, 1, 2, 3]
+    assert rank_for_memory(scores, 3, "official").tolist() == [2, 0, 3]
+    assert rank_for_memory(scores, 4, "paper").tolist() == [1, 3, 0, 2]
 
 
+@pytest.mark.parametrize("per_image", [1, 20])  # limit 2: classes above it; limit 40: every class below it
 @pytest.mark.parametrize("ranking", ["paper", "official"])
-def test_update_memory_keeps_the_documented_ranking(ranking):
-    m = make_method(memory_ranking=ranking, memory_per_image=1, memory_conf_thresh=0.0)
+def test_update_memory_keeps_the_documented_ranking(ranking, per_image):
+    m = make_method(memory_ranking=ranking, memory_per_image=per_image, memory_conf_thresh=0.0)
     heads = m.teacher_heads.module
     heads.projection = nn.Identity()  # vectors = the teacher's decoder features (8-d = proj_dim)
     for c in range(K):
@@ -230,16 +236,24 @@ def test_update_memory_keeps_the_documented_ranking(ranking):
     m.update_memory(images, labels, ctx_at(0))
     labels_down = labels[:, ::4, ::4]  # nearest 16 -> 4 picks rows/cols 0, 4, 8, 12
     vectors = features.permute(0, 2, 3, 1)
-    limit = 2 * 1  # batch size * per image
+    limit = 2 * per_image  # batch size * per image
+    sizes = []
     for c in range(K):
         cand = [vectors[b, y, x] for b in range(2) for y in range(4) for x in range(4) if labels_down[b, y, x] == c]
-        cand.sort(key=lambda v: float(v[0]), reverse=(ranking == "paper"))
-        expected = cand[:limit]
+        sizes.append(len(cand))
+        # official FeatureMemory: sort (ascending) and cut only when there are more than the limit
+        if ranking == "paper" or len(cand) > limit:
+            cand.sort(key=lambda v: float(v[0]), reverse=(ranking == "paper"))
+        expected = cand[:limit][:16]  # then the memory keeps memory_per_class (16), newest first
         got = m.memory.entries(c)
         assert got.shape[0] == len(expected)
         for e, r in zip(expected, got):
             assert torch.allclose(e, r, atol=1e-6)
     assert int(m.memory.counts.sum()) > 0
+    if per_image == 1:
+        assert max(sizes) > limit  # the sorting branch is exercised
+    else:
+        assert 2 < max(sizes) <= limit  # the unsorted branch, with an order to lose
 
 
 # ---------------------------------------------------------------------------------------------

@@ -36,7 +36,15 @@ What the official script does, and is followed here:
   ``memory_warmup_iters`` overrides ``memory_warmup_epochs * iters_per_epoch``;
 * one batch size for both loaders: the official layout ``cat(labelled, unlabelled)`` has two
   equal halves, so ``train.unlabeled_batch_size`` different from ``train.batch_size`` is a
-  :class:`ConfigError`.
+  :class:`ConfigError`;
+* the SegFormer head's logits are resized to the input size with ``align_corners=False`` (the
+  official ``SemiDecoder.forward``), where UniMatch's DeepLabV3+ uses True: with a SegFormer
+  head the method sets :attr:`SegModel.align_corners <semiseg.models.SegModel.align_corners>`
+  to False, unless ``model.align_corners`` is set. It holds in training (the pseudo labels,
+  the grouping map and so the memory's contents depend on it) and in every evaluation of the
+  trained network, which is rebuilt through this method from its checkpoint. A DeepLabV3+ head
+  (not an official AllSpark network) keeps DeepLabV3+'s True (UniMatch, and the AllSpark
+  repository's ``deeplabv3plus.py``), so that network is the supervised one plus the neck.
 
 Deviation: the official ``criterion_u`` is a plain mean of the cross-entropy over every pixel,
 including the pixels the crop padded (the script drops the unlabelled padding mask). Here the
@@ -72,6 +80,7 @@ from semiseg.methods.consistency import (
 )
 from semiseg.methods.unimatch import UniMatch, UniMatchConfig
 from semiseg.models.allspark_neck import AllSparkNeck, CrossHeads, KVScope, NeckPass, feature_grid
+from semiseg.models.heads import SegFormerHead
 
 
 class AllSparkKeys(MethodConfig):
@@ -138,6 +147,13 @@ def attach_neck(cfg: Config, model: nn.Module, num_classes: int) -> AllSparkNeck
     return neck
 
 
+def choose_logit_resize(cfg: Config, model: nn.Module, align_corners: bool) -> None:
+    """Set ``model.align_corners`` (the final logit resize of a SegModel): the config's
+    ``model.align_corners`` when set, else the method's ``align_corners``."""
+    if hasattr(model, "align_corners"):
+        model.align_corners = align_corners if cfg.model.align_corners is None else cfg.model.align_corners
+
+
 def neck_of(net: nn.Module) -> Optional[AllSparkNeck]:
     """The AllSpark neck of a SegModel or of an EMA teacher wrapping one."""
     neck = getattr(getattr(net, "module", net), "neck", None)
@@ -199,6 +215,8 @@ class AllSpark(AllSparkMixin, Method):
     def __init__(self, cfg: Config, model: nn.Module, num_classes: int, ignore_index: int = 255):
         check_equal_batches(cfg, "allspark")
         attach_neck(cfg, model, num_classes)
+        # official SemiDecoder.forward resizes the SegFormer head's logits with align_corners=False
+        choose_logit_resize(cfg, model, align_corners=not isinstance(getattr(model, "decoder", None), SegFormerHead))
         super().__init__(cfg, model, num_classes, ignore_index)
         self.strong_labeled = self.mcfg.strong_labeled
 
@@ -270,7 +288,10 @@ class AllSparkUniMatch(AllSparkMixin, UniMatch):
     mode, so the key changes nothing with ``teacher: ema``.
 
     ``strong_labeled`` defaults to false here (UniMatch's labelled pipeline); set
-    ``method.strong_labeled: true`` for AllSpark's.
+    ``method.strong_labeled: true`` for AllSpark's. Likewise the logits are resized with
+    UniMatch's ``align_corners=True`` (as the UniMatch-style SegFormer model of the AllSpark
+    repository, ``segformerhead.py``); ``model.align_corners: false`` gives the resize of
+    AllSpark's own decoder.
 
     With ``teacher: ema`` the teacher is a copy of the network, neck included; it always runs in
     eval mode, so its memory is never filled nor read (the EMA merely averages it with the
@@ -282,6 +303,7 @@ class AllSparkUniMatch(AllSparkMixin, UniMatch):
     def __init__(self, cfg: Config, model: nn.Module, num_classes: int, ignore_index: int = 255):
         check_equal_batches(cfg, "allspark_unimatch")
         attach_neck(cfg, model, num_classes)  # before UniMatch's __init__, so an EMA teacher copies the neck
+        choose_logit_resize(cfg, model, align_corners=True)  # UniMatch's forward
         super().__init__(cfg, model, num_classes, ignore_index)
         self.strong_labeled = self.mcfg.strong_labeled
         self._eval_logits_u: Optional[torch.Tensor] = None  # set by neck_passes for one step

@@ -160,7 +160,7 @@ def mask_ratio(target: PseudoTarget, conf_thresh: float) -> torch.Tensor:
 class ConsistencyConfig(MethodConfig):
     """Keys shared by FixMatch and UniMatch."""
 
-    conf_thresh: float = Field(0.95, ge=0.0, le=1.0)  # tau: 0.95 in every official config
+    conf_thresh: float = Field(0.95, ge=0.0, le=1.0)  # tau: official UniMatch Pascal and COCO 0.95, Cityscapes 0
     mix_source: MixSource = DEFAULT_MIX_SOURCE
     teacher: Literal["none", "ema"] = "none"  # "ema": pseudo labels from an EMA teacher
     ema_momentum: float = Field(0.996, ge=0.0, le=1.0)  # with teacher=ema; UniMatch V2's value

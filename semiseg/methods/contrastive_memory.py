@@ -66,7 +66,8 @@ enqueues per step, taken over the whole batch, with the official ``per_image`` r
 Deviations, each documented where it is implemented:
 
 * ``memory_ranking: paper`` (default) enqueues the highest-ranked vectors; the official code keeps
-  the lowest (``official``);
+  the lowest, and leaves a class's candidates unsorted when they are no more than the limit
+  (``official``, both behaviours);
 * the memory weights are rescaled to mean 1 (the official rescaling makes them identically 1);
 * the teacher is always in eval mode (the codebase's :class:`EMATeacher`; the official EMA model
   stays in train mode, so its BatchNorm uses batch statistics), and buffers are averaged too;

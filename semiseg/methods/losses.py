@@ -3,7 +3,10 @@
 OHEM follows UniMatch's ``ProbOhemCrossEntropy2d`` (official ``util/ohem.py``): among the valid
 pixels, keep those whose probability of the true class is at most ``thresh``; if fewer than
 ``min_kept`` pixels would be kept, raise the threshold to the ``min_kept``-th smallest
-probability. When the image has fewer valid pixels than ``min_kept`` every valid pixel is kept.
+probability. When the batch has fewer valid pixels than ``min_kept`` every valid pixel is kept.
+With ``min_kept: 0`` the official criterion never applies the threshold (it is only computed
+inside its ``min_kept > 0`` branch), so OHEM is then plain cross-entropy over the valid pixels;
+the same holds here.
 """
 
 from __future__ import annotations
@@ -26,15 +29,13 @@ class OhemCrossEntropy(nn.Module):
             valid = target != self.ignore_index
             num_valid = int(valid.sum())
             keep = valid
-            if 0 < self.min_kept <= num_valid or (self.min_kept == 0 and num_valid > 0):
+            if 0 < self.min_kept <= num_valid:  # min_kept 0, or too few valid pixels: plain CE
                 prob = logits.detach().float().softmax(1)
                 safe_target = target.masked_fill(~valid, 0)
                 true_prob = prob.gather(1, safe_target.unsqueeze(1)).squeeze(1)
                 true_prob = true_prob.masked_fill(~valid, 1.0)
-                threshold = torch.tensor(self.thresh, device=logits.device)
-                if self.min_kept > 0:
-                    kth = true_prob.flatten().kthvalue(min(num_valid, self.min_kept)).values
-                    threshold = torch.maximum(threshold, kth)
+                kth = true_prob.flatten().kthvalue(self.min_kept).values
+                threshold = torch.maximum(torch.tensor(self.thresh, device=logits.device), kth)
                 keep = valid & (true_prob <= threshold)
             hard_target = target.masked_fill(~keep, self.ignore_index)
         return F.cross_entropy(logits, hard_target, ignore_index=self.ignore_index)

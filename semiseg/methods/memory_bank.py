@@ -23,8 +23,10 @@ Memory update (official ``FeatureMemory.add_features_from_sample_learned``)::
     prepend them to the class queue and truncate it to ``memory_per_class`` (newest first)
 
 ``ranking``: the paper keeps the best-ranked (highest-scored) vectors; the official code sorts the
-scores in *ascending* order and keeps the first ones, i.e. the lowest-scored. ``"paper"``
-(default) keeps the highest, ``"official"`` reproduces the code.
+scores in *ascending* order and keeps the first ones, i.e. the lowest-scored, and sorts only when
+a class has more candidates than the limit: otherwise every candidate enters, in pixel order
+(image, row, column). ``"paper"`` (default) keeps the highest, best first, whatever their
+number; ``"official"`` reproduces the code, both branches.
 
 Loss (official ``contrastive_class_to_class_learned_memory``), for student features already passed
 through the projection and the prediction head, ``f_i`` of class ``c`` (``M`` of them) and the
@@ -150,9 +152,13 @@ def memory_candidates(features: torch.Tensor, labels: torch.Tensor, prediction: 
 
 
 def rank_for_memory(scores: torch.Tensor, limit: int, ranking: Ranking = "paper") -> torch.Tensor:
-    """Indices of the ``min(limit, n)`` vectors to enqueue, best first.
+    """Indices of the ``min(limit, n)`` vectors to enqueue, in the order they enter the memory.
 
-    ``"paper"``: the highest ``scores``; ``"official"``: the lowest (the official ascending sort)."""
+    ``"paper"``: the highest ``scores``, best first. ``"official"``: with more than ``limit``
+    candidates, the lowest ``scores`` (the official ascending sort); with at most ``limit``, all of
+    them unsorted, in the candidates' (pixel) order, as the official code then skips the sort."""
+    if ranking == "official" and scores.shape[0] <= limit:
+        return torch.arange(scores.shape[0], device=scores.device)
     order = torch.argsort(scores, descending=(ranking == "paper"), stable=True)
     return order[:limit]
 

@@ -42,9 +42,11 @@ Official code versus paper, and what is followed here:
   one matrix). The paper describes ordinary multi-head attention. ``"merged"`` (default) follows
   the official code; ``"per_head"`` is the paper's reading: each head's ``E`` queries attend to
   that head's ``S*E`` keys. The self-attention is per head in both.
-* Head order in the output projection: the official code flattens the attended channels as
-  ``(E, heads)``, here ``(heads, E)``: the same model up to a fixed permutation of the rows of
-  ``out_u``/``out_l``.
+* Channel order into the self-attention's output projection: the official code flattens the
+  attended channels of ``out_u``'s input as ``(E, heads)``, here ``(heads, E)``: the same model up
+  to a fixed permutation of the *columns* of ``out_u.weight`` (semiseg column ``h*E + e`` is the
+  official column ``e*heads + h``). The merged cross-attention has one group, so ``out_l`` (and
+  every other weight) has the official layout as it is.
 * Inference (eval mode) needs no unlabelled data. The official block runs ``cat(x, x)`` and
   keeps the first (labelled) half: every image goes through the *cross-attention* branch with
   keys and values from the images themselves, and the memory is never used. That is what the

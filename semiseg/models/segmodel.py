@@ -30,14 +30,21 @@ class SegModel(nn.Module):
     * ``decoder``: the head (:mod:`semiseg.models.heads`), returning ``(logits, feature)``;
     * ``neck``: ``None``, or a module a method sets on the deepest feature; ``forward`` and
       ``forward_fp`` apply it between encoder and head, ``decode`` does not;
-    * ``num_classes``, ``feature_channels``, ``feature_reductions`` (from ``feature_info``).
+    * ``num_classes``, ``feature_channels``, ``feature_reductions`` (from ``feature_info``);
+    * ``align_corners``: how ``decode`` resizes the logits to ``out_size`` (bilinear). True
+      (default) as UniMatch's DeepLabV3+; the official AllSpark decoder (SegFormer head) resizes
+      with False, and the ``allspark`` method sets that on a SegFormer head
+      (``model.align_corners`` in the config overrides both).
+      Every prediction path (training, evaluation, ``predict``, ``export``) goes through
+      ``decode``, so they all follow it.
     """
 
-    def __init__(self, encoder: nn.Module, decoder: nn.Module, num_classes: int):
+    def __init__(self, encoder: nn.Module, decoder: nn.Module, num_classes: int, align_corners: bool = True):
         super().__init__()
         self.encoder = encoder
         self.decoder = decoder
         self.neck: Optional[nn.Module] = None
+        self.align_corners = bool(align_corners)
         self.num_classes = num_classes
         self.feature_channels: list[int] = list(encoder.feature_info.channels())
         self.feature_reductions: list[int] = list(encoder.feature_info.reduction())
@@ -49,11 +56,11 @@ class SegModel(nn.Module):
     def decode(self, features: Sequence[torch.Tensor], out_size: Optional[Sequence[int]] = None,
                return_features: bool = False):
         """Logits ``(B, K, h, w)`` at the shallowest feature's size, or at ``out_size``
-        (bilinear, ``align_corners=True`` as UniMatch). With ``return_features`` also the
-        head's feature map before the classifier, ``(B, C, h, w)``, never resized."""
+        (bilinear, with :attr:`align_corners`). With ``return_features`` also the head's
+        feature map before the classifier, ``(B, C, h, w)``, never resized."""
         logits, feature = self.decoder(features)
         if out_size is not None:
-            logits = resize(logits, out_size, align_corners=True)
+            logits = resize(logits, out_size, align_corners=self.align_corners)
         return (logits, feature) if return_features else logits
 
     def features(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -96,7 +103,9 @@ def build_model(model_cfg: ModelConfig, num_classes: int) -> SegModel:
     """The network described by the ``model`` config section, for ``num_classes`` classes.
 
     ``model.dropout`` is the channel dropout before the classifier; unset, each head keeps its
-    official default (DeepLabV3+: none, as UniMatch; SegFormer: 0.1).
+    official default (DeepLabV3+: none, as UniMatch; SegFormer: 0.1). ``model.align_corners``
+    is the final logit resize (:attr:`SegModel.align_corners`); unset, True here, and a method
+    may change it (``allspark`` sets False on a SegFormer head, as its official decoder).
     """
     if num_classes < 1:
         raise ValueError(f"num_classes must be positive, got {num_classes}")
@@ -110,4 +119,5 @@ def build_model(model_cfg: ModelConfig, num_classes: int) -> SegModel:
     else:
         head = SegFormerHead(channels, num_classes, embed_dim=model_cfg.embed_dim,
                              dropout=0.1 if model_cfg.dropout is None else model_cfg.dropout)
-    return SegModel(encoder, head, num_classes)
+    align_corners = True if model_cfg.align_corners is None else model_cfg.align_corners
+    return SegModel(encoder, head, num_classes, align_corners=align_corners)
