@@ -31,7 +31,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-RESULTS = REPO / "benchmarks" / "results" / "camvid_v2.jsonl"
+# $SEMISEG_V2_RESULTS moves the results file out of the checkout (a queue of runs on a worktree)
+RESULTS = Path(os.environ.get("SEMISEG_V2_RESULTS", REPO / "benchmarks" / "results" / "camvid_v2.jsonl"))
 SPLITS = ("1_16", "1_8", "1_4", "1_2", "all")
 
 # method -> (config, overrides). The schedules of the memory-bank method are scaled from the
