@@ -22,8 +22,22 @@ from semiseg.engine.trainer import TrainResult, Trainer
 
 def train(config: Union[str, Path, dict, Config, None] = None, overrides=None, out: Optional[str | Path] = None,
           resume: bool = False, progress: bool = True) -> TrainResult:
-    """Train as ``semiseg train`` does; returns the run directory and the final metrics."""
-    cfg = load_config(config, overrides)
+    """Train as ``semiseg train`` does; returns the run directory and the final metrics.
+
+    ``resume=True`` continues the run in ``out`` with its own saved config; ``config`` may then
+    be None, and ``overrides`` (or ``config``) may change only the keys a resume allows
+    (:data:`semiseg.engine.trainer.RESUMABLE_KEYS`)."""
+    from semiseg.engine.trainer import resume_config
+
+    if resume:
+        if out is None:
+            from semiseg.errors import SemisegError
+
+            raise SemisegError("resume=True needs out=RUN_DIR (the run to continue)")
+        requested = load_config(config, overrides) if config is not None else None
+        cfg, _ = resume_config(out, requested=requested, overrides=overrides)
+    else:
+        cfg = load_config(config, overrides)
     name = Path(config).stem if isinstance(config, (str, Path)) else cfg.method.name
     return Trainer(cfg, out, resume=resume, progress=progress, config_name=name).fit()
 
@@ -41,6 +55,18 @@ def load_checkpoint_config(checkpoint: Union[str, Path], overrides=None):
 
     cfg = resolve_normalization(load_config(meta["config"], overrides))
     return cfg, state, meta
+
+
+def check_classes(cfg: Config, num_classes: int, checkpoint) -> None:
+    """The dataset of ``cfg`` has the checkpoint's number of classes; else one line naming both."""
+    from semiseg.data.datasets import dataset_info
+    from semiseg.errors import CheckpointError
+
+    info = dataset_info(cfg.data)
+    if info.num_classes != num_classes:
+        raise CheckpointError(f"checkpoint {checkpoint} predicts {num_classes} classes but the {info.name} dataset "
+                              f"(data.dataset={cfg.data.dataset}) has {info.num_classes}: expected data with the "
+                              "classes the network was trained on")
 
 
 def build_method_from_checkpoint(checkpoint, overrides=None, device="cpu"):
