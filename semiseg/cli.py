@@ -86,7 +86,7 @@ def _add_threads(p: argparse.ArgumentParser) -> None:
 def cmd_eval(args) -> int:
     import torch
 
-    from semiseg.api import build_method_from_checkpoint, check_classes
+    from semiseg.api import build_method_from_checkpoint, check_classes, inference_layout
     from semiseg.data.build import build_eval_set
     from semiseg.engine.evaluator import evaluate
     from semiseg.engine.metrics import format_table
@@ -94,6 +94,7 @@ def cmd_eval(args) -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     cfg, method, meta = build_method_from_checkpoint(args.checkpoint, args.overrides, device)
     check_classes(cfg, method.num_classes, args.checkpoint)
+    inference_layout(method, cfg)
     _threads(args, cfg)
     dataset = build_eval_set(cfg, args.split)
     names = meta.get("class_names") or [f"class_{i}" for i in range(method.num_classes)]

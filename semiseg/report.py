@@ -155,15 +155,16 @@ def evaluate_best(run_dir: Path, num_images: int = 4, device: Optional[str] = No
     (images spread over the split). ``threads``: CPU threads (default: the run's train.threads)."""
     import torch
 
-    from semiseg.api import build_method_from_checkpoint, check_classes
+    from semiseg.api import build_method_from_checkpoint, check_classes, inference_layout
     from semiseg.data.build import build_eval_set
-    from semiseg.engine.evaluator import evaluate, predict_logits
+    from semiseg.engine.evaluator import class_map, evaluate, predict_logits
     from semiseg.engine.trainer import set_threads
     from semiseg.viz import colorize
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     cfg, method, meta = build_method_from_checkpoint(run_dir, None, device)
     check_classes(cfg, method.num_classes, run_dir)
+    inference_layout(method, cfg)
     set_threads(threads or cfg.train.threads)
     names = list(meta.get("class_names") or [f"class_{i}" for i in range(method.num_classes)])
     dataset = build_eval_set(cfg, cfg.data.val_split)
@@ -197,7 +198,7 @@ def evaluate_best(run_dir: Path, num_images: int = 4, device: Optional[str] = No
 
                 top, left, h, w = center_crop_box(x.shape[-2], x.shape[-1], crop)
                 x, mask = x[..., top:top + h, left:left + w], mask[top:top + h, left:left + w]
-            pred = logits.argmax(1)[0].cpu().numpy()
+            pred = class_map(logits)[0].cpu().numpy()
             image = ((x[0].cpu() * std + mean).clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()
             gt = np.asarray(colorize(mask, palette, method.num_classes))
             pr = np.asarray(colorize(pred, palette, method.num_classes))

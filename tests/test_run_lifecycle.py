@@ -24,7 +24,7 @@ TINY = [
     "data.dataset=synthetic", "data.synthetic.num_train=16", "data.synthetic.num_val=4",
     "data.synthetic.image_size=40", "data.crop_size=32", "data.labeled=6", "data.workers=0",
     "model.encoder=test_resnet", "model.decoder_channels=8", "train.batch_size=2", "train.iters=6",
-    "train.eval_every=3", "train.log_every=1", "method.name=fixmatch",
+    "train.eval_every=3", "train.log_every=1", "method.name=fixmatch", "eval.batch_size=2",
 ]
 SETS = sum((["--set", s] for s in TINY), [])
 
@@ -218,7 +218,7 @@ def test_ctrl_c_during_evaluation_stops_it_saves_and_the_resumed_run_redoes_it(r
 
     def getitem(self, index):
         calls.append(index)
-        if len(calls) == 2:  # the second image of the first evaluation: Ctrl-C
+        if len(calls) == 1:  # the first image of the first evaluation: Ctrl-C
             os.kill(os.getpid(), signal.SIGINT)
         return original(self, index)
 
@@ -226,7 +226,7 @@ def test_ctrl_c_during_evaluation_stops_it_saves_and_the_resumed_run_redoes_it(r
     run = tmp_path / "interrupted"
     result = Trainer(load_config("synthetic", TINY + ["train.threads=1"]), run, progress=False).fit()
     assert result.stopped_early and result.iteration == 3
-    assert len(calls) == 2  # the evaluation of 4 images stopped at once
+    assert len(calls) == 2  # the evaluation of 4 images (2 per batch) stopped after its first batch
     _, meta = load_checkpoint(run / "checkpoints" / "last.safetensors")
     assert meta["iter"] == 3 and meta["pending_eval"]
     assert not [r for r in rows(run) if r["type"] == "eval"]  # nothing half-evaluated was logged

@@ -530,7 +530,7 @@ class Trainer:
                 start, best, skips, pending_eval = restored
                 if start > tc.iters:
                     raise ConfigError(f"--resume: {self.run_dir} is at iteration {start}, beyond "
-                                      f"train.iters={tc.iters}; train.iters can only grow on resume")
+                                      f"train.iters={tc.iters}: expected train.iters >= {start}")
                 changed = ", ".join(f"{k} {old} -> {new}" for k, old, new in self.resume_changes)
                 if start < tc.iters or pending_eval:
                     self._say(f"resuming {self.run_dir} at iteration {start} of {tc.iters}"
