@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from semiseg.errors import CheckpointError, ConfigError, DataError, SemisegError, SemisegWarning
+from semiseg.errors import ConfigError, DataError, SemisegError, SemisegWarning
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 

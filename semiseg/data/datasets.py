@@ -209,7 +209,7 @@ class FolderLayout(DatasetReader):
         if split == "val":
             return (f"every {self.holdout_every}th image of images/ with a mask, sorted by name from the first "
                     "(no val.txt; give train.txt and val.txt to choose)")
-        return (f"the other images of images/ with a mask, plus every image without one (images/ and "
+        return ("the other images of images/ with a mask, plus every image without one (images/ and "
                 "unlabeled/) as unlabelled")
 
     def audit(self, root: Path) -> list[str]:
