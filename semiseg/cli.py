@@ -135,32 +135,38 @@ def _hidden(path: Path) -> bool:
 
 
 def _walk_images(inputs: list[str], exclude: Optional[Path] = None) -> list[tuple[Path, Path]]:
-    """``(image, path relative to the common folder of the inputs)`` for every image given or
-    found (recursively) in a folder given; nothing under ``exclude`` (the output folder)."""
+    """``(image, path relative to the folder common to the inputs)`` for every image given or
+    found (recursively) in a folder given, each once; nothing under ``exclude`` (the output
+    folder). Paths are taken as given (symlinks are not followed), so a tree of links keeps its
+    layout."""
     import os
 
-    found: list[tuple[Path, Path]] = []  # (file, the folder its relative path starts from)
+    found: dict[Path, tuple[Path, Path]] = {}  # real path -> (file, relative path from its base)
+    bases: list[Path] = []
     for item in inputs:
         p = Path(item)
         if p.is_dir():
+            base, files = Path(os.path.abspath(p)), []
             for f in sorted(p.rglob("*")):
                 rel = f.relative_to(p)
-                if f.suffix.lower() not in IMAGE_EXTS or _hidden(rel) or not f.is_file():
-                    continue
-                if exclude is not None and (f.resolve() == exclude or exclude in f.resolve().parents):
-                    continue
-                found.append((f, p))
+                if f.suffix.lower() in IMAGE_EXTS and not _hidden(rel) and f.is_file():
+                    files.append((f, rel))
         elif p.is_file():
-            found.append((p, p.parent))
+            base, files = Path(os.path.abspath(p.parent)), [(p, Path(p.name))]
         else:
             raise DataError(f"predict: input {p} does not exist")
+        bases.append(base)
+        for f, rel in files:
+            real = f.resolve()
+            if exclude is not None and any(path.is_relative_to(ex) for path in (real, Path(os.path.abspath(f)))
+                                           for ex in (exclude.resolve(), Path(os.path.abspath(exclude)))):
+                continue
+            found.setdefault(real, (f, base / rel))
     if not found:
         raise DataError(f"predict: no images found in {' '.join(inputs)} (expected {', '.join(IMAGE_EXTS)} files)")
-    # relative paths from the folder common to every input, so that a/x.png and b/x.png stay apart
-    bases = {base.resolve() for _, base in found}
-    common = Path(os.path.commonpath([str(b) for b in bases])) if len(bases) > 1 else next(iter(bases))
-    return [(f, f.resolve().relative_to(common) if f.resolve().is_relative_to(common) else Path(f.name))
-            for f, _ in found]
+    # relative to the folder common to every input, so that a/x.png and b/x.png stay apart
+    common = Path(os.path.commonpath([str(b) for b in set(bases)]))
+    return [(f, full.relative_to(common)) for f, full in found.values()]
 
 
 def _output_names(files: list[tuple[Path, Path]]) -> dict[Path, Path]:
@@ -188,7 +194,7 @@ def cmd_predict(args) -> int:
     from semiseg.viz import colorize, overlay
 
     out = Path(args.out)
-    files = _walk_images(args.inputs, exclude=out.resolve())  # never read what an earlier run wrote there
+    files = _walk_images(args.inputs, exclude=out)  # never read what an earlier run wrote there
     names = _output_names(files)
     model = load_model(args.checkpoint, which=args.model or "auto", overrides=args.overrides)
     _threads(args, model.cfg)

@@ -86,9 +86,19 @@ def test_predict_keeps_outputs_apart_skips_unreadable_and_never_reads_its_output
 
 def test_predict_of_files_from_several_folders(run, tmp_path, capsys):
     a, b = _photo(tmp_path / "a" / "x.png"), _photo(tmp_path / "b" / "x.png", 200)
-    rc, stdout, _ = cli(capsys, "predict", run, a, b, "--out", tmp_path / "out")
+    # a folder and a file inside it: each image is predicted once
+    rc, stdout, _ = cli(capsys, "predict", run, a, b, tmp_path / "b", "--out", tmp_path / "out")
     assert rc == 0 and stdout.strip().startswith("wrote 2 masks")
     assert (tmp_path / "out" / "a" / "x.png").exists() and (tmp_path / "out" / "b" / "x.png").exists()
+    # a tree of symbolic links keeps its own layout
+    links = tmp_path / "links"
+    for name, target in (("one/x.png", a), ("two/x.png", b)):
+        (links / name).parent.mkdir(parents=True, exist_ok=True)
+        (links / name).symlink_to(target)
+    rc, stdout, _ = cli(capsys, "predict", run, links, "--out", tmp_path / "linked")
+    assert rc == 0 and stdout.strip().startswith("wrote 2 masks")
+    assert {str(p.relative_to(tmp_path / "linked")) for p in (tmp_path / "linked").rglob("x.png")} == {
+        "one/x.png", "two/x.png"}
 
 
 def test_report_spreads_its_samples_over_the_split_and_shows_progress(run, capsys, monkeypatch):
