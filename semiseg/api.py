@@ -71,8 +71,9 @@ def check_classes(cfg: Config, num_classes: int, checkpoint) -> None:
 
 def inference_layout(method: torch.nn.Module, cfg: Config) -> torch.nn.Module:
     """The memory layout the run trained and evaluated in (``train.channels_last``), for
-    ``eval``, ``predict`` and ``report``: channels-last weights scored the EfficientNet-Lite0
-    CamVid config 1.2x faster per image than channels-first (benchmarks/eval_speed.py)."""
+    ``eval``, ``predict`` and ``report``. Measured per image on the CPU (benchmarks/eval_speed.py,
+    CamVid 240x180): EfficientNet-Lite0 1.2x faster channels-last, resnet18 equal at 4 images
+    per pass (8% slower at 1)."""
     if cfg.train.channels_last:
         method.to(memory_format=torch.channels_last)
     return method

@@ -185,8 +185,9 @@ class EvalConfig(Section):
     stride: Optional[int] = Field(None, ge=1)  # sliding window stride; None = 2/3 of crop
     flip: bool = False
     scales: list[float] = [1.0]
-    # Images per forward pass (consecutive images of equal size are stacked). 4 measured 1.1-1.3x
-    # faster per image than 1 on the CPU with channels-last weights (benchmarks/eval_speed.py).
+    # Images per forward pass (consecutive images of equal size are stacked). With channels-last
+    # weights, 4 measured 1.1-1.2x faster per image than 1 on the CPU for the CamVid configs
+    # (benchmarks/eval_speed.py); on a GPU, sliding-window memory grows with it.
     batch_size: int = Field(4, ge=1)
     model: Literal["student", "teacher", "hybrid", "pseudo", "auto"] = "auto"  # which weights to score
 
