@@ -52,11 +52,12 @@ def peak_memory_mb(device: torch.device) -> float:
 def run_bench(cfg: Config, steps: int = 10, warmup: int = 3, loader_batches: int = 10) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
-    from semiseg.engine.trainer import Trainer
+    from semiseg.engine.trainer import Trainer, set_threads
 
     import tempfile
 
     trainer = Trainer(cfg, run_dir=tempfile.mkdtemp(prefix="semiseg-bench-"), progress=False)
+    set_threads(cfg.train.threads)
     trainer._build()
     device = trainer.device
     streams = {k: s.iterate_from(0) for k, s in trainer.streams.items()}

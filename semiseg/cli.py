@@ -10,8 +10,9 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Optional
 
-from semiseg.errors import SemisegError
+from semiseg.errors import ConfigError, DataError, SemisegError, SemisegWarning
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -24,84 +25,198 @@ def _add_set(p: argparse.ArgumentParser) -> None:
 # ----------------------------------------------------------------------------------- verbs
 def cmd_train(args) -> int:
     from semiseg.config import load_config
-    from semiseg.engine.trainer import Trainer
+    from semiseg.engine.trainer import Trainer, config_differences, resume_config
 
-    cfg = load_config(args.config, args.overrides)
-    if args.resume and not args.out:
-        raise SemisegError("--resume needs --out RUN_DIR (the run to continue)")
-    trainer = Trainer(cfg, args.out, resume=args.resume, config_name=Path(args.config).stem)
+    if args.resume:
+        if not args.out:
+            raise SemisegError("--resume needs --out RUN_DIR (the run to continue)")
+        # the run's own saved config, changed only by --set of the keys a resume may change
+        cfg, _changes = resume_config(args.out, overrides=args.overrides)
+        if args.config:  # allowed for old resume commands, but it must describe this run
+            given = load_config(args.config, args.overrides)
+            diff = config_differences(given, cfg)
+            if diff:
+                key, there, here = diff[0]
+                raise ConfigError(f"--resume continues the run's own config ({Path(args.out) / 'config.yaml'}): "
+                                  f"{args.config} has {key}={there!r}, the run {here!r}; leave the config out "
+                                  f"(semiseg train --out {args.out} --resume), or change an allowed key with --set")
+    else:
+        if not args.config:
+            raise SemisegError("train: give a CONFIG (a YAML file or a built-in name such as camvid), or "
+                               "--out RUN_DIR --resume to continue a run")
+        cfg = load_config(args.config, args.overrides)
+    name = Path(args.config).stem if args.config else "run"
+    trainer = Trainer(cfg, args.out, resume=args.resume, config_name=name)
     result = trainer.fit()
     if trainer.dist.is_main:
         if result.stopped_early:
-            print(f"stopped at iteration {result.iteration}; resume with: semiseg train {args.config} "
-                  f"--out {result.run_dir} --resume" + "".join(f" --set {o}" for o in args.overrides))
+            print(f"stopped at iteration {result.iteration}; resume with: semiseg train --out {result.run_dir} "
+                  "--resume")
         else:
             miou = result.metrics.get("mIoU")
             print(f"run directory: {result.run_dir}" + (f"\nmIoU: {miou:.2f}" if miou is not None else ""))
     return 0
 
 
+def _threads(args, cfg) -> int:
+    """``--threads`` if given, else the run's ``train.threads`` (``--set train.threads=N``)."""
+    from semiseg.engine.trainer import set_threads
+
+    return set_threads(args.threads if getattr(args, "threads", None) else cfg.train.threads)
+
+
+def _threads_arg(value: str):
+    if value == "auto":
+        return value
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive number of threads or 'auto', got {value!r}")
+    return n
+
+
+def _add_threads(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=_threads_arg, metavar="N",
+                   help="CPU threads (default: the run's train.threads; 'auto' = torch's default, one per core). "
+                        "On a machine shared with other jobs, 1 is often several times faster")
+
+
 def cmd_eval(args) -> int:
     import torch
 
-    from semiseg.api import build_method_from_checkpoint
+    from semiseg.api import build_method_from_checkpoint, check_classes, inference_layout
     from semiseg.data.build import build_eval_set
     from semiseg.engine.evaluator import evaluate
     from semiseg.engine.metrics import format_table
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     cfg, method, meta = build_method_from_checkpoint(args.checkpoint, args.overrides, device)
+    check_classes(cfg, method.num_classes, args.checkpoint)
+    inference_layout(method, cfg)
+    _threads(args, cfg)
     dataset = build_eval_set(cfg, args.split)
     names = meta.get("class_names") or [f"class_{i}" for i in range(method.num_classes)]
     crop = cfg.eval.crop_size or cfg.data.crop_size
-    which = args.model or cfg.eval.model
+    which = method.model_name(args.model or cfg.eval.model)
     net = method.inference_model(which)
     res = evaluate(net, dataset, cfg.eval, method.num_classes, device=torch.device(device), crop_size=crop,
-                   progress=not args.json, num_workers=cfg.data.workers)
+                   progress=True, num_workers=cfg.data.workers, desc=f"eval {which} on '{args.split}'")
+    skipped = res.get("skipped", [])
+    for message in skipped:
+        _warn(f"skipped: {message}")
+    if len(skipped) == len(dataset):
+        raise DataError(f"none of the {len(dataset)} images of split '{args.split}' could be read; the first: "
+                        f"{skipped[0]}")
+    scored = len(dataset) - len(skipped)
     if args.json:
         out = {"mIoU": res["mIoU"], "per_class_iou": dict(zip(names, res["per_class_iou"])),
                "pixel_acc": res["pixel_acc"], "mean_acc": res.get("mean_acc"), "split": args.split,
-               "images": len(dataset), "checkpoint": str(args.checkpoint), "model": which,
+               "images": scored, "skipped": skipped, "checkpoint": str(args.checkpoint), "model": which,
                "eval_mode": cfg.eval.mode}
         print(json.dumps(out))
     else:
-        print(f"{args.checkpoint} on split '{args.split}' ({len(dataset)} images, eval.mode={cfg.eval.mode})")
+        print(f"{args.checkpoint} ({which}) on split '{args.split}' ({scored} images"
+              + (f", {len(skipped)} unreadable skipped" if skipped else "") + f", eval.mode={cfg.eval.mode})")
         print(format_table(res, names))
     return 0
 
 
-def _walk_images(inputs: list[str]) -> list[Path]:
-    files = []
+def _warn(message: str) -> None:
+    from tqdm import tqdm
+
+    tqdm.write(f"semiseg: warning: {message}", file=sys.stderr)
+
+
+def _hidden(path: Path) -> bool:
+    """Hidden files and folders, and the ``._NAME`` files macOS writes beside copies on other disks."""
+    return any(part.startswith(".") for part in path.parts if part not in (".", ".."))
+
+
+def _walk_images(inputs: list[str], exclude: Optional[Path] = None) -> list[tuple[Path, Path]]:
+    """``(image, path relative to the folder common to the inputs)`` for every image given or
+    found (recursively) in a folder given, each once; nothing under ``exclude`` (the output
+    folder). Paths are taken as given (symlinks are not followed), so a tree of links keeps its
+    layout."""
+    import os
+
+    found: dict[Path, tuple[Path, Path]] = {}  # real path -> (file, relative path from its base)
+    bases: list[Path] = []
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            files += sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_EXTS)
+            base, files = Path(os.path.abspath(p)), []
+            for f in sorted(p.rglob("*")):
+                rel = f.relative_to(p)
+                if f.suffix.lower() in IMAGE_EXTS and not _hidden(rel) and f.is_file():
+                    files.append((f, rel))
         elif p.is_file():
-            files.append(p)
+            base, files = Path(os.path.abspath(p.parent)), [(p, Path(p.name))]
         else:
-            raise SemisegError(f"predict: input {p} does not exist")
-    if not files:
-        raise SemisegError(f"predict: no images found in {' '.join(inputs)}")
-    return files
+            raise DataError(f"predict: input {p} does not exist")
+        bases.append(base)
+        for f, rel in files:
+            real = f.resolve()
+            if exclude is not None and any(path.is_relative_to(ex) for path in (real, Path(os.path.abspath(f)))
+                                           for ex in (exclude.resolve(), Path(os.path.abspath(exclude)))):
+                continue
+            found.setdefault(real, (f, base / rel))
+    if not found:
+        raise DataError(f"predict: no images found in {' '.join(inputs)} (expected {', '.join(IMAGE_EXTS)} files)")
+    # relative to the folder common to every input, so that a/x.png and b/x.png stay apart
+    common = Path(os.path.commonpath([str(b) for b in set(bases)]))
+    return [(f, full.relative_to(common)) for f, full in found.values()]
+
+
+def _output_names(files: list[tuple[Path, Path]]) -> dict[Path, Path]:
+    """image -> output stem (relative, without suffix). ``x.png`` and ``x.jpg`` of one folder
+    would both give ``x``: such names keep their extension (``x.jpg`` -> ``x_jpg``)."""
+    stems = [rel.with_suffix("") for _, rel in files]
+    clash = {s for s in stems if stems.count(s) > 1}
+    names = {}
+    for (f, rel), stem in zip(files, stems):
+        names[f] = stem.with_name(f"{stem.name}_{rel.suffix[1:].lower()}") if stem in clash else stem
+    taken: dict[Path, Path] = {}
+    for f, name in names.items():
+        if name in taken:
+            raise DataError(f"predict: {f} and {taken[name]} would both be written as {name}.png: rename one")
+        taken[name] = f
+    return names
 
 
 def cmd_predict(args) -> int:
+    from PIL import Image
+    from tqdm import tqdm
+
     from semiseg.api import load_model
     from semiseg.data.io import read_image
     from semiseg.viz import colorize, overlay
 
-    model = load_model(args.checkpoint, which=args.model or "auto", overrides=args.overrides)
     out = Path(args.out)
+    files = _walk_images(args.inputs, exclude=out)  # never read what an earlier run wrote there
+    names = _output_names(files)
+    model = load_model(args.checkpoint, which=args.model or "auto", overrides=args.overrides)
+    _threads(args, model.cfg)
     out.mkdir(parents=True, exist_ok=True)
-    files = _walk_images(args.inputs)
-    for f in files:
-        image = read_image(f)
+    written, skipped = 0, []
+    for f, _rel in tqdm(files, desc="predict", unit="image", dynamic_ncols=True, leave=False, mininterval=1.0):
+        try:
+            image = read_image(f)
+        except DataError as e:
+            skipped.append(f)
+            _warn(f"skipped: {e}")
+            continue
         pred = model.predict(image)
-        from PIL import Image
-
-        Image.fromarray(pred.astype("uint8"), mode="L").save(out / f"{f.stem}.png")
-        overlay(image, colorize(pred, model.palette, model.num_classes)).save(out / f"{f.stem}_overlay.png")
-    print(f"wrote {len(files)} masks and overlays to {out}")
+        target = out / names[f]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pred.astype("uint8"), mode="L").save(target.with_name(target.name + ".png"))
+        overlay(image, colorize(pred, model.palette, model.num_classes)).save(
+            target.with_name(target.name + "_overlay.png"))
+        written += 1
+    print(f"wrote {written} masks and overlays to {out}")
+    if skipped:
+        raise DataError(f"{len(skipped)} of {len(files)} images could not be read and were skipped (named above)")
     return 0
 
 
@@ -133,13 +248,37 @@ def _data_root(cfg):
     return resolve_root(cfg.data)
 
 
+def _group_problems(problems: list[str], show: int = 3) -> list[str]:
+    """Problems that differ only in the file they name (131 masks holding the same stray value)
+    are shown ``show`` at a time, then one line counting the rest."""
+    import re
+
+    groups: dict[str, list[str]] = {}
+    for line in problems:
+        groups.setdefault(re.sub(r"\S*/\S*", "<file>", line), []).append(line)
+    out = []
+    for lines in groups.values():
+        out += lines if len(lines) <= show + 2 else lines[:show] + [
+            f"... and {len(lines) - show} more like these (--all lists every one)"]
+    return out
+
+
 def cmd_check_data(args) -> int:
     from semiseg.config import load_config
-    from semiseg.data.build import check_dataset
+    from semiseg.data.build import check_dataset, dataset_summary
 
     cfg = load_config(args.config, args.overrides)
-    problems = check_dataset(cfg)
-    for line in problems:
+    hints: list[str] = []
+    problems = check_dataset(cfg, hints=hints)
+    try:
+        for line in dataset_summary(cfg):
+            print(line)
+    except SemisegError as e:
+        if str(e) not in problems:
+            problems.append(str(e))
+    for line in problems if args.all else _group_problems(problems):
+        print(line)
+    for line in hints:
         print(line)
     if problems:
         print(f"{len(problems)} problem(s) found", file=sys.stderr)
@@ -190,7 +329,8 @@ def cmd_demo(args) -> int:
 def cmd_report(args) -> int:
     from semiseg.report import write_report
 
-    path = write_report(args.run_dir, out=args.out, num_images=args.images, evaluate=not args.no_eval)
+    path = write_report(args.run_dir, out=args.out, num_images=args.images, evaluate=not args.no_eval,
+                        threads=args.threads, progress=True)
     print(f"wrote {path}")
     return 0
 
@@ -205,7 +345,7 @@ def cmd_export(args) -> int:
     from semiseg.export import export_onnx
 
     path = export_onnx(args.checkpoint, args.out, which=args.model or "auto", opset=args.opset, size=args.size,
-                       dynamic=not args.static, overrides=args.overrides, verify=args.verify)
+                       dynamic=not args.static, overrides=args.overrides, verify=args.verify, log=print)
     print(f"wrote {path}")
     return 0
 
@@ -219,26 +359,33 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     p = sub.add_parser("train", help="train a model from a config")
-    p.add_argument("config")
+    p.add_argument("config", nargs="?", help="YAML file or built-in config name (not needed with --resume)")
     _add_set(p)
     p.add_argument("--out", help="run directory (default: a new timestamped folder under runs/)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last checkpoint, with the run's own config.yaml; "
+                        "--set may change only train.iters (to extend), eval/checkpoint/log intervals, threads, "
+                        "device and workers")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="score a checkpoint or run directory")
     p.add_argument("checkpoint")
     p.add_argument("--split", default="val")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--model", choices=["auto", "student", "teacher"], help="which network of the run to score")
+    p.add_argument("--model", help="which network of the run to score (default: eval.model of its config; "
+                                   "student, teacher; pct: hybrid, pseudo)")
     _add_set(p)
+    _add_threads(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("predict", help="write masks and overlays for images or folders")
     p.add_argument("checkpoint")
     p.add_argument("inputs", nargs="+")
-    p.add_argument("--out", required=True)
-    p.add_argument("--model", choices=["auto", "student", "teacher"])
+    p.add_argument("--out", required=True, help="output folder: NAME.png and NAME_overlay.png per image, under the "
+                                                "image's path relative to the inputs")
+    p.add_argument("--model", help="which network of the run (default: eval.model of its config)")
     _add_set(p)
+    _add_threads(p)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("split", help="make a labelled/unlabelled partition")
@@ -254,6 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check-data", help="scan every image and mask of a config's dataset")
     p.add_argument("config")
     _add_set(p)
+    p.add_argument("--all", action="store_true", help="list every problem (default: at most 3 of each kind)")
     p.set_defaults(func=cmd_check_data)
 
     p = sub.add_parser("bench", help="time training steps of a config (s/step, images/s, memory, FLOPs, MFU)")
@@ -285,6 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="HTML file to write (default: RUN_DIR/report.html)")
     p.add_argument("--images", type=int, default=4, help="validation images shown with their predictions")
     p.add_argument("--no-eval", action="store_true", help="curves only: skip the fresh evaluation")
+    _add_threads(p)
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("sweep", help="train methods x labelled-set sizes x seeds and plot mIoU vs. labels")
@@ -311,9 +460,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None, _default=None):
+    """semiseg's own warnings as one ``semiseg: warning: ...`` line, clear of any progress bar."""
+    package = str(Path(__file__).parent)
+    if issubclass(category, SemisegWarning) or str(filename).startswith(package):
+        _warn(str(message))
+    else:
+        _default(message, category, filename, lineno, file, line)
+
+
 def main(argv=None) -> int:
+    import functools
+    import warnings
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    default = warnings.showwarning
+    warnings.showwarning = functools.partial(_show_warning, _default=default)
     try:
         return args.func(args)
     except SemisegError as e:
@@ -322,6 +485,8 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("semiseg: interrupted", file=sys.stderr)
         return 130
+    finally:
+        warnings.showwarning = default
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ error for the supervised baseline.
 
 from __future__ import annotations
 
+import difflib
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -76,6 +77,10 @@ class DataConfig(Section):
     # Stage two of pct: a folder of pseudo-label PNGs (<id>.png, class indices, 255 = ignore);
     # the unlabelled images that have one join the labelled set with it as their mask.
     extra_labels: Optional[str] = None
+    # A training image or mask that cannot be read mid-run is skipped with a warning naming it
+    # (another image takes its place in the batch); the run saves and stops once more than this
+    # many distinct files were skipped. 0: stop at the first.
+    max_bad_files: int = Field(10, ge=0)
 
     @field_validator("labeled")
     @classmethod
@@ -160,6 +165,18 @@ class TrainConfig(Section):
     max_nonfinite: int = Field(10, ge=1)  # with "skip": stop after this many consecutive skips
     grad_clip: Optional[float] = Field(None, gt=0)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    # CPU threads of this process (torch.set_num_threads), also used by eval/predict/report of the
+    # run. "auto" keeps torch's default (one per core): fastest on a quiet machine. On a machine
+    # shared with other jobs, set 1 (or cores / processes): oversubscribed threads wait for
+    # each other and a step gets several times slower (README, "Shared machines and threads").
+    threads: Union[Literal["auto"], int] = "auto"
+
+    @field_validator("threads")
+    @classmethod
+    def _check_threads(cls, v):
+        if isinstance(v, int) and v < 1:
+            raise ValueError(f"expected a positive number of threads or 'auto', got {v}")
+        return v
 
 
 class EvalConfig(Section):
@@ -168,7 +185,10 @@ class EvalConfig(Section):
     stride: Optional[int] = Field(None, ge=1)  # sliding window stride; None = 2/3 of crop
     flip: bool = False
     scales: list[float] = [1.0]
-    batch_size: int = Field(1, ge=1)
+    # Images per forward pass (consecutive images of equal size are stacked). With channels-last
+    # weights, 4 measured 1.1-1.2x faster per image than 1 on the CPU for the CamVid configs
+    # (benchmarks/eval_speed.py); on a GPU, sliding-window memory grows with it.
+    batch_size: int = Field(4, ge=1)
     model: Literal["student", "teacher", "hybrid", "pseudo", "auto"] = "auto"  # which weights to score
 
     @field_validator("scales")
@@ -215,21 +235,83 @@ def method_schema(name: str) -> type[MethodConfig]:
 # Loading
 
 
-def _describe(err: dict) -> str:
+def known_keys(method_name: str = "supervised") -> list[str]:
+    """Every dotted key a config may set (``method.*``: those of the named method)."""
+
+    def walk(model: type[BaseModel], prefix: str) -> list[str]:
+        keys = []
+        for name, info in model.model_fields.items():
+            sub = info.annotation
+            if isinstance(sub, type) and issubclass(sub, BaseModel):
+                keys += walk(sub, f"{prefix}{name}.")
+            else:
+                keys.append(prefix + name)
+        return keys
+
+    keys = [k for k in walk(Config, "") if not k.startswith("method.")]
+    try:
+        schema = method_schema(method_name)
+    except ValueError:
+        schema = MethodConfig
+    return keys + walk(schema, "method.")
+
+
+def did_you_mean(word: str, choices, prefix: str = "; did you mean ") -> str:
+    """``"; did you mean X?"`` for the choice closest to ``word`` (difflib), else ``""``."""
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f"{prefix}{close[0]}?" if close else ""
+
+
+def suggest_key(key: str, method_name: str = "supervised") -> str:
+    """``"; did you mean train.iters?"`` for a misspelt dotted key (``train.iter``, ``trian.iters``,
+    ``trian``), else ``""``."""
+    keys = known_keys(method_name)
+    parent, _, leaf = key.rpartition(".")
+    if not parent:  # a section name
+        return did_you_mean(key, sorted({k.split(".")[0] for k in keys}))
+    siblings = {k.rpartition(".")[2] for k in keys if k.rpartition(".")[0] == parent}
+    close = difflib.get_close_matches(leaf, sorted(siblings), n=1, cutoff=0.6)
+    if close:
+        return f"; did you mean {parent}.{close[0]}?"
+    parents = {k.rpartition(".")[0] for k in keys if k.rpartition(".")[2] == leaf}
+    close = difflib.get_close_matches(parent, sorted(parents), n=1, cutoff=0.6)
+    if close:
+        return f"; did you mean {close[0]}.{leaf}?"
+    if parent == "method":  # a key of another method?
+        owners = {}
+        for name, schema in sorted(_METHOD_SCHEMAS.items()):
+            for match in difflib.get_close_matches(leaf, list(schema.model_fields), n=1, cutoff=0.8):
+                owners.setdefault(match, []).append(name)
+        if owners:
+            match, names = next(iter(owners.items()))
+            return f"; method.{match} is a key of {', '.join(names)} (method.name is {method_name})"
+    return ""
+
+
+def _key(err: dict) -> str:
     loc = [str(p) for p in err.get("loc", ()) if not str(p).startswith("function-")]
     # pydantic puts the model class name in the location of "before" validators; drop it.
     loc = [p for p in loc if not p[:1].isupper()]
-    key = ".".join(loc) or "<root>"
+    return ".".join(loc) or "<root>"
+
+
+def _describe(err: dict, method_name: str = "supervised", full_key: Optional[str] = None) -> str:
+    """One line for a validation error; ``full_key`` is the whole dotted key a ``--set`` named
+    (an unknown section is reported as ``trian`` but suggested from ``trian.iters``)."""
+    key = _key(err)
     kind = err.get("type", "")
     msg = err.get("msg", "invalid value")
     if kind == "extra_forbidden":
-        return f"unknown key '{key}'"
+        return f"unknown key '{key}'" + suggest_key(full_key or key, method_name)
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, "):]
     value = err.get("input")
     hide = isinstance(value, (dict, list, BaseModel)) or kind == "missing" or "got" in msg
     shown = "" if hide else f" (got {value!r})"
     return f"key '{key}': {msg}{shown}"
+
+
+Override = tuple[list[str], Any, str]  # (key parts, parsed value, the text as given: "train.lr=0.02")
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -242,21 +324,24 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. train.lr=0.01")
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
-        value = raw
+    except yaml.YAMLError as e:
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"invalid YAML in --set {item}: {problem} (a string with YAML syntax in it needs "
+                          f"quotes: --set '{key}=\"...\"')") from None
     return parts, value
+
+
+def _override_items(overrides: list[str] | dict | None) -> list[Override]:
+    if not overrides:
+        return []
+    if isinstance(overrides, dict):
+        return [(k.split("."), v, f"{k}={v}") for k, v in overrides.items()]
+    return [(*parse_override(o), o) for o in overrides]
 
 
 def apply_overrides(raw: dict, overrides: list[str] | dict | None) -> dict:
     raw = _deepcopy(raw)
-    if not overrides:
-        return raw
-    items = (
-        [(k.split("."), v) for k, v in overrides.items()]
-        if isinstance(overrides, dict)
-        else [parse_override(o) for o in overrides]
-    )
-    for parts, value in items:
+    for parts, value, _text in _override_items(overrides):
         node = raw
         for p in parts[:-1]:
             nxt = node.get(p)
@@ -277,27 +362,59 @@ def _deepcopy(d):
     return d
 
 
-def validate(raw: dict, source: str = "<config>") -> Config:
+def _override_of(key: str, overrides: list[Override]) -> Optional[Override]:
+    """The (last) ``--set`` that gave ``key`` its value, if any."""
+    for item in reversed(overrides):
+        k = ".".join(item[0])
+        if key == k or key.startswith(k + ".") or k.startswith(key + "."):
+            return item
+    return None
+
+
+def _where(key: str, source: str, overrides: list[Override]) -> str:
+    item = _override_of(key, overrides)
+    return f"--set {item[2]}" if item else source
+
+
+def _error(err: dict, source: str, overrides: list[Override], method_name: str) -> ConfigError:
+    key = _key(err)
+    item = _override_of(key, overrides)
+    where = f"--set {item[2]}" if item else source
+    full_key = ".".join(item[0]) if item else None
+    return ConfigError(f"config error in {where}: {_describe(err, method_name, full_key)}")
+
+
+def validate(raw: dict, source: str = "<config>", overrides: Optional[list[Override]] = None) -> Config:
+    """Validate a raw config dict; errors name ``source``, or the ``--set`` in ``overrides``
+    (see :func:`_override_items`) that set the offending key."""
+    overrides = overrides or []
     if not isinstance(raw, dict):
         raise ConfigError(f"config error in {source}: expected a mapping of sections, got {type(raw).__name__}")
     raw = dict(raw)
     method = raw.get("method") or {}
+    method_name = "supervised"
     if isinstance(method, dict):
         # Method keys are validated by the schema the named method registered.
+        method_name = str(method.get("name", "supervised"))
         try:
-            schema = method_schema(str(method.get("name", "supervised")))
+            schema = method_schema(method_name)
         except ValueError as e:
-            raise ConfigError(f"config error in {source}: key 'method.name': {e}") from None
+            raise ConfigError(f"config error in {_where('method.name', source, overrides)}: "
+                              f"key 'method.name': {e}") from None
         try:
             raw["method"] = schema.model_validate(method)
         except ValidationError as e:
             err = dict(e.errors()[0])
             err["loc"] = ("method",) + tuple(err.get("loc", ()))
-            raise ConfigError(f"config error in {source}: {_describe(err)}") from None
+            raise _error(err, source, overrides, method_name) from None
     try:
         return Config.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError(f"config error in {source}: {_describe(e.errors()[0])}") from None
+        raise _error(e.errors()[0], source, overrides, method_name) from None
+
+
+def builtin_config_names() -> list[str]:
+    return sorted(p.stem for p in (Path(__file__).parent / "configs").glob("*.yaml"))
 
 
 def config_file(path: str | Path) -> Path:
@@ -325,6 +442,12 @@ def load_config(path: str | Path | dict | Config | None = None, overrides=None) 
         p = config_file(path)
         source = str(p)
         if not p.is_file():
+            given = Path(path)
+            if given.suffix == "" and len(given.parts) == 1:  # a bare name: not a built-in config
+                names = builtin_config_names()
+                raise ConfigError(f"config error: {path} is neither a file nor a built-in config"
+                                  + did_you_mean(str(path), names)
+                                  + f" (built-in: {', '.join(names)})")
             raise ConfigError(f"config error: file {p} does not exist")
         try:
             raw = yaml.safe_load(p.read_text()) or {}
@@ -332,8 +455,9 @@ def load_config(path: str | Path | dict | Config | None = None, overrides=None) 
             mark = getattr(e, "problem_mark", None)
             where = f" line {mark.line + 1}" if mark is not None else ""
             raise ConfigError(f"config error in {p}{where}: not valid YAML") from None
+    items = _override_items(overrides)
     raw = apply_overrides(raw, overrides)
-    return validate(raw, source)
+    return validate(raw, source, items)
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

@@ -30,7 +30,7 @@ def run_demo(out: str | Path = "runs/demo", iters: int | None = None,
         cfg = load_config(packaged_config("synthetic"), overrides)
         print(f"\n== {method}: {cfg.data.labeled} labelled images, {cfg.train.iters} iterations ==")
         t0 = time.perf_counter()
-        result = Trainer(cfg, out / method, config_name=method).fit()
+        result = demo_run(cfg, out / method)
         rows.append((method, result.metrics.get("mIoU", float("nan")), time.perf_counter() - t0, result.run_dir))
     print("\nmethod         mIoU    time   run directory")
     for method, miou, secs, run_dir in rows:
@@ -41,3 +41,27 @@ def run_demo(out: str | Path = "runs/demo", iters: int | None = None,
           f"  semiseg predict {first} IMAGE_OR_FOLDER --out preds\n"
           "  semiseg train configs/camvid.yaml --set method.name=unimatch   # real data")
     return 0
+
+
+def demo_run(cfg, run_dir: Path):
+    """Train one method of the demo in ``run_dir``. A second demo does not fail on the first's
+    folder: a finished run of the same setting is reused (its results shown), an interrupted one
+    is continued, and a run of another setting is left alone (the first free folder ``NAME-2``,
+    ``NAME-3``... beside it is used, or the one holding this setting). Says which on stdout."""
+    from semiseg.engine.logging import read_metrics
+    from semiseg.engine.trainer import config_differences, run_config
+
+    candidate, n = run_dir, 1
+    while True:
+        checkpoints = candidate / "checkpoints"
+        if not (checkpoints.is_dir() and any(checkpoints.glob("*.safetensors"))):
+            if candidate != run_dir:
+                print(f"{run_dir} holds a run of another setting: training a new one in {candidate}")
+            return Trainer(cfg, candidate, config_name=run_dir.name).fit()
+        if not config_differences(run_config(candidate)[0], cfg):
+            done = any(r.get("type") == "eval" and r.get("iter") == cfg.train.iters for r in read_metrics(candidate))
+            print(f"{candidate} holds a finished run of this setting: showing its results (delete the folder to "
+                  "train again)" if done else f"{candidate} holds an interrupted run of this setting: continuing it")
+            return Trainer(cfg, candidate, resume=True, config_name=run_dir.name).fit()
+        n += 1
+        candidate = run_dir.parent / f"{run_dir.name}-{n}"

@@ -28,3 +28,15 @@ class CheckpointError(SemisegError):
     """Missing, corrupt or incompatible checkpoint."""
 
     exit_code = 4
+
+
+class SemisegWarning(UserWarning):
+    """Something the user should know that does not stop the command (a skipped unreadable
+    file, a resumed run without a checkpoint yet). The CLI prints it as one line."""
+
+
+def warn(message: str) -> None:
+    """Issue a :class:`SemisegWarning` (``semiseg: warning: ...`` on one line in the CLI)."""
+    import warnings
+
+    warnings.warn(message, SemisegWarning, stacklevel=3)

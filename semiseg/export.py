@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -47,12 +47,14 @@ class _Logits(nn.Module):
 
 
 def export_onnx(checkpoint: str | Path, out: str | Path, which: str = "auto", opset: int = DEFAULT_OPSET,
-                size: Optional[int] = None, dynamic: bool = True, overrides=None, verify: bool = False) -> Path:
+                size: Optional[int] = None, dynamic: bool = True, overrides=None, verify: bool = False,
+                log: Optional[Callable[[str], None]] = None) -> Path:
     """Write the ONNX model of ``checkpoint`` (a file or run directory) to ``out``; returns it.
 
     ``size`` is the side of the example input used for tracing (default: ``data.crop_size``).
     With ``verify`` the file is run in onnxruntime on a second, differently sized input and
-    compared with PyTorch (raises ExportError beyond 1e-3 relative to the logit range).
+    compared with PyTorch (raises ExportError beyond 1e-3 relative to the logit range); the
+    verdict, with the difference found, goes to ``log``.
     """
     try:
         import onnx  # noqa: F401  (torch.onnx needs it to serialise)
@@ -61,6 +63,7 @@ def export_onnx(checkpoint: str | Path, out: str | Path, which: str = "auto", op
     from semiseg.api import build_method_from_checkpoint
 
     cfg, method, meta = build_method_from_checkpoint(checkpoint, overrides, "cpu")
+    which = method.model_name(which)  # "auto" -> the network it stands for, as recorded in the metadata
     net = _Logits(method.inference_model(which)).eval()
     side = int(size or cfg.eval.crop_size or cfg.data.crop_size)
     example = torch.randn(1, 3, side, side)
@@ -80,10 +83,12 @@ def export_onnx(checkpoint: str | Path, out: str | Path, which: str = "auto", op
         raise ExportError(f"export of {checkpoint} to ONNX failed: {first}") from None
     _add_metadata(out, cfg, meta, method.num_classes, side, which)
     if verify:
-        if dynamic:  # another batch size and a non-square size than the traced example
-            verify_onnx(out, net, (2, 3, side + 8, side + 24))
-        else:
-            verify_onnx(out, net, (1, 3, side, side))
+        # dynamic: another batch size and a non-square size than the traced example
+        shape = (2, 3, side + 8, side + 24) if dynamic else (1, 3, side, side)
+        diff = verify_onnx(out, net, shape)
+        if log is not None:
+            log(f"verified: onnxruntime matches PyTorch on a {'x'.join(map(str, shape))} input "
+                f"(largest difference {diff:.2g}, tolerance 1e-3 of the logit range)")
     return out
 
 

@@ -135,6 +135,8 @@ def score_with_tags(cfg, net: nn.Module, split: str, num_classes: int, device: s
     try:
         for i in range(len(dataset)):
             item = dataset[i]
+            if "image" not in item:  # a file that cannot be read
+                raise DataError(item["skipped"])
             mask = item["mask"].unsqueeze(0).to(device)
             tags = tags_from_labels(mask, num_classes, IGNORE_INDEX, background)
             pred = restricted_prediction(net, item["image"].unsqueeze(0).to(device), tags, eval_cfg, num_classes,

@@ -137,23 +137,43 @@ def samples_figure(triples: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> 
 
 
 # ----------------------------------------------------------------------------- evaluation
-def evaluate_best(run_dir: Path, num_images: int = 4, device: Optional[str] = None) -> dict:
-    """Score the run's best checkpoint on its validation split; also a few prediction triples."""
+def sample_indices(count: int, total: int) -> list[int]:
+    """``count`` indices spread evenly over ``range(total)``, first and last included: validation
+    sets are often consecutive video frames, and neighbours look alike."""
+    if count <= 0 or total <= 0:
+        return []
+    if count >= total:
+        return list(range(total))
+    if count == 1:
+        return [0]
+    return sorted({round(i * (total - 1) / (count - 1)) for i in range(count)})
+
+
+def evaluate_best(run_dir: Path, num_images: int = 4, device: Optional[str] = None, threads=None,
+                  progress: bool = False) -> dict:
+    """Score the run's best checkpoint on its validation split; also a few prediction triples
+    (images spread over the split). ``threads``: CPU threads (default: the run's train.threads)."""
     import torch
 
-    from semiseg.api import build_method_from_checkpoint
+    from semiseg.api import build_method_from_checkpoint, check_classes, inference_layout
     from semiseg.data.build import build_eval_set
-    from semiseg.engine.evaluator import evaluate, predict_logits
+    from semiseg.engine.evaluator import class_map, evaluate, predict_logits
+    from semiseg.engine.trainer import set_threads
     from semiseg.viz import colorize
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     cfg, method, meta = build_method_from_checkpoint(run_dir, None, device)
+    check_classes(cfg, method.num_classes, run_dir)
+    inference_layout(method, cfg)
+    set_threads(threads or cfg.train.threads)
     names = list(meta.get("class_names") or [f"class_{i}" for i in range(method.num_classes)])
     dataset = build_eval_set(cfg, cfg.data.val_split)
-    net = method.inference_model(cfg.eval.model)
+    which = method.model_name(cfg.eval.model)
+    net = method.inference_model(which)
     crop = cfg.eval.crop_size or cfg.data.crop_size
     res = evaluate(net, dataset, cfg.eval, method.num_classes, device=torch.device(device), crop_size=crop,
-                   progress=False, num_workers=0)
+                   progress=progress, num_workers=cfg.data.workers,
+                   desc=f"report: eval {which} on '{cfg.data.val_split}'")
     palette = None
     try:
         from semiseg.data.datasets import dataset_info
@@ -166,8 +186,10 @@ def evaluate_best(run_dir: Path, num_images: int = 4, device: Optional[str] = No
     triples = []
     net.eval()
     with torch.inference_mode():
-        for i in range(min(num_images, len(dataset))):
+        for i in sample_indices(num_images, len(dataset)):
             sample = dataset[i]
+            if "image" not in sample:  # unreadable: skipped by the evaluation too
+                continue
             x = sample["image"].unsqueeze(0).to(device)
             logits = predict_logits(net, x, cfg.eval, method.num_classes, crop)
             mask = sample["mask"].numpy()
@@ -176,7 +198,7 @@ def evaluate_best(run_dir: Path, num_images: int = 4, device: Optional[str] = No
 
                 top, left, h, w = center_crop_box(x.shape[-2], x.shape[-1], crop)
                 x, mask = x[..., top:top + h, left:left + w], mask[top:top + h, left:left + w]
-            pred = logits.argmax(1)[0].cpu().numpy()
+            pred = class_map(logits)[0].cpu().numpy()
             image = ((x[0].cpu() * std + mean).clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()
             gt = np.asarray(colorize(mask, palette, method.num_classes))
             pr = np.asarray(colorize(pred, palette, method.num_classes))
@@ -184,7 +206,8 @@ def evaluate_best(run_dir: Path, num_images: int = 4, device: Optional[str] = No
     checkpoint = Path(run_dir) / "checkpoints" / "best.safetensors"
     return {"result": res, "names": names, "triples": triples, "iter": meta.get("iter"),
             "checkpoint": str(checkpoint if checkpoint.exists() else run_dir), "split": cfg.data.val_split,
-            "images": len(dataset), "model": cfg.eval.model, "method": meta.get("method", cfg.method.name)}
+            "images": len(dataset) - len(res.get("skipped", [])), "model": which,
+            "method": meta.get("method", cfg.method.name)}
 
 
 # ----------------------------------------------------------------------------- page
@@ -215,7 +238,7 @@ def _iou_table(names: list[str], ious: list[float], last: Optional[list[float]])
 
 
 def write_report(run_dir: str | Path, out: Optional[str | Path] = None, num_images: int = 4,
-                 evaluate: bool = True, device: Optional[str] = None) -> Path:
+                 evaluate: bool = True, device: Optional[str] = None, threads=None, progress: bool = False) -> Path:
     """Write ``report.html`` (and the ``report_*.png`` figures) for ``run_dir``; returns its path."""
     from semiseg.engine.logging import read_metrics
 
@@ -239,7 +262,7 @@ def write_report(run_dir: str | Path, out: Optional[str | Path] = None, num_imag
     ev = None
     if evaluate:
         try:
-            ev = evaluate_best(run_dir, num_images, device)
+            ev = evaluate_best(run_dir, num_images, device, threads=threads, progress=progress)
         except SemisegError as e:
             notes.append(f"no fresh evaluation: {e}")
     if ev is not None:

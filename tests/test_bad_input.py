@@ -232,12 +232,17 @@ def test_mismatching_checkpoint_eval_init_from_and_resume(run, tmp_path):
     # fine-tuning from a checkpoint of another encoder / another number of classes
     _one_line(_cli("train", "synthetic", *SETS, "--set", f"train.init_from={ckpt}",
                    "--set", "model.decoder_channels=16", "--out", tmp_path / "ft"), 4, "init_from", str(ckpt))
-    # --resume with a config whose network does not fit the run's checkpoint
+    # --resume with another network: refused before the checkpoint is read (a resumed run keeps its config)
     import shutil
 
     shutil.copytree(run, tmp_path / "res")
     _one_line(_cli("train", "synthetic", *SETS, "--set", "train.iters=3", "--set", "model.encoder=test_efficientnet",
-                   "--out", tmp_path / "res", "--resume"), 4, "does not fit this config")
+                   "--out", tmp_path / "res", "--resume"), 2, "model.encoder", "test_efficientnet")
+    # a run whose config.yaml was edited so that its checkpoint no longer fits
+    record = tmp_path / "res" / "config.yaml"
+    record.write_text(record.read_text().replace("encoder: test_resnet", "encoder: test_efficientnet"))
+    _one_line(_cli("train", "--out", tmp_path / "res", "--resume", "--set", "train.iters=3"), 4,
+              "does not fit this config")
 
 
 class _Evil:

@@ -48,15 +48,19 @@ def test_check_data_reports_every_bad_file(make_folder_dataset):
     (root / "images" / "img001.png").write_bytes(b"")  # zero-byte image
     Image.fromarray(np.full((16, 24), 9, np.uint8)).save(root / "masks" / "img002.png")  # class 9 of 3
     Image.fromarray(np.zeros((5, 5), np.uint8)).save(root / "masks" / "img003.png")  # size mismatch
-    r = cli("check-data", "synthetic", *folder_sets(root))
+    r = cli("check-data", "synthetic", *folder_sets(root), "--set", "data.labeled=4")
     assert r.returncode == 1
     lines = r.stdout.strip().splitlines()
-    assert len(lines) == 3
-    assert any("img001.png" in x for x in lines)
-    assert any("img002.png" in x and "9" in x for x in lines)
-    assert any("img003.png" in x for x in lines)
+    # what was found (3 lines), one line per bad file, then the hint for the stray mask value
+    assert [x.split(":")[0] for x in lines[1:3]] == ["train", "val"]
+    problems = lines[3:6]
+    assert "img001.png" in problems[0]
+    assert "img002.png" in problems[1] and "9" in problems[1]
+    assert "img003.png" in problems[2]
+    assert lines[6].startswith("hint:") and len(lines) == 7
+    assert "3 problem(s) found" in r.stderr
 
 
 def test_check_data_clean_dataset(make_folder_dataset):
-    r = cli("check-data", "synthetic", *folder_sets(make_folder_dataset(n=6, lists=True)))
+    r = cli("check-data", "synthetic", *folder_sets(make_folder_dataset(n=6, lists=True)), "--set", "data.labeled=2")
     assert r.returncode == 0 and "no problems" in r.stdout

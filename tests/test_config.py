@@ -79,3 +79,37 @@ def test_cli_config_error_exit_code_2(tmp_path):
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "train.lrr" in lines[0] and str(p) in lines[0]
+
+
+@pytest.mark.parametrize("args,expected", [
+    # a misspelt key from --set names the --set (not the config file) and the nearest key
+    (["--set", "train.iter=5"], "config error in --set train.iter=5: unknown key 'train.iter'; did you mean train.iters?"),
+    (["--set", "trian.iters=5"], "config error in --set trian.iters=5: unknown key 'trian'; did you mean train.iters?"),
+    (["--set", "train.lr=abc"], "config error in --set train.lr=abc: key 'train.lr'"),
+    (["--set", "method.conf_thresh=0.9"], "method.conf_thresh is a key of allspark, allspark_unimatch, fixmatch"),
+    # a value that is not YAML is said to be so
+    (["--set", "data.resize=[240,180"], "invalid YAML in --set data.resize=[240,180: expected ',' or ']'"),
+])
+def test_set_errors_name_the_set_and_suggest_the_key(tmp_path, capsys, args, expected):
+    from semiseg.cli import main
+
+    cfg = write(tmp_path, "train:\n  iters: 4\n")
+    assert main(["train", str(cfg), *args, "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and expected in err[0] and (str(cfg) not in err[0])
+    assert not (tmp_path / "r").exists()
+
+
+def test_file_errors_still_name_the_file_and_suggest_the_key(tmp_path):
+    p = write(tmp_path, "train:\n  iters: 4\n  lrr: 0.1\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p, ["train.iters=5"])
+    assert str(e.value) == f"config error in {p}: unknown key 'train.lrr'; did you mean train.lr?"
+
+
+def test_unknown_config_name_suggests_the_nearest_built_in(capsys):
+    from semiseg.cli import main
+
+    assert main(["train", "camvd"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "camvd is neither a file nor a built-in config; did you mean camvid?" in err

@@ -88,8 +88,10 @@ def test_unlabeled_views_and_ignore_mask(colour_coded, folder_config, num_strong
     dataset = UnlabeledSet(list_samples(cfg, "train"), cfg, num_strong=num_strong)
     seed_all(0)
     item = dataset[0]
-    expected = {"id", "weak", "ignore_mask"} | {f"{k}_{i}" for k in ("strong", "box") for i in range(1, num_strong + 1)}
+    expected = {"id", "weak", "ignore_mask", "skipped"} | {f"{k}_{i}" for k in ("strong", "box")
+                                                         for i in range(1, num_strong + 1)}
     assert set(item) == expected
+    assert item["skipped"] == ""  # every file of this set could be read
     ignore = item["ignore_mask"].numpy()
     assert item["ignore_mask"].dtype == torch.long and set(np.unique(ignore)) == {0, IGNORE_INDEX}
     assert np.array_equal(ignore == IGNORE_INDEX, np.abs(to_uint8(item["weak"])).sum(-1) == 0)

@@ -68,3 +68,14 @@ def test_export_verify_flag_and_bad_checkpoint(run, tmp_path):
     assert r.returncode == 4 and not (tmp_path / "x.onnx").exists()
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "pickle" in lines[0] and str(bad) in lines[0]
+
+
+def test_export_verify_prints_its_verdict_and_names_the_network(run, tmp_path):
+    out = tmp_path / "m.onnx"
+    r = _cli("export", run, "--out", out, "--verify")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.strip().splitlines()
+    assert lines[0].startswith("verified: onnxruntime matches PyTorch on a 2x3x40x56 input (largest difference")
+    assert lines[1] == f"wrote {out}"
+    props = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert props["semiseg.model"] == "student"  # what "auto" stood for

@@ -120,7 +120,7 @@ def test_predict_cli_writes_masks_and_overlays(run, tmp_path):
     Image.fromarray(np.zeros((30, 40, 3), np.uint8)).save(tmp_path / "in" / "b.jpg")
     r = cli("predict", run.run_dir, tmp_path / "in", "--out", tmp_path / "out")
     assert r.returncode == 0, r.stderr
-    for name in ("a", "b"):
+    for name in ("sub/a", "b"):  # paths relative to the input folder are kept
         mask = Image.open(tmp_path / "out" / f"{name}.png")
         assert mask.size == (40, 30) and mask.mode == "L"
         assert Image.open(tmp_path / "out" / f"{name}_overlay.png").mode == "RGB"
@@ -152,11 +152,15 @@ def test_existing_run_is_never_overwritten(run):
 
 
 def test_resume_before_first_checkpoint_starts_fresh(tmp_path):
-    run_dir = tmp_path / "killed_early"
+    from semiseg.config import save_config
+    from semiseg.errors import SemisegWarning
+
+    run_dir = tmp_path / "killed_early"  # what a run killed before its first checkpoint leaves
     run_dir.mkdir()
+    save_config(tiny_cfg("train.iters=2", "train.eval_every=2"), run_dir / "config.yaml")
     (run_dir / "metrics.jsonl").write_text('{"iter": 2, "type": "train", "loss": 1.0}\n')
-    with pytest.warns(UserWarning, match="no checkpoint"):
-        result = Trainer(tiny_cfg("train.iters=2", "train.eval_every=2"), run_dir, resume=True, progress=False).fit()
+    with pytest.warns(SemisegWarning, match="no checkpoint"):
+        result = Trainer(None, run_dir, resume=True, progress=False).fit()
     assert result.iteration == 2
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["iter"] for r in rows if r["type"] == "train"] == [2]  # the stale row was dropped

@@ -15,13 +15,18 @@ The three datasets follow UniMatch's ``SemiDataset`` modes:
   "path"}``.
 
 Every file is checked when it is read (see :mod:`semiseg.data.io`); :func:`check_dataset` runs
-the same checks over a whole dataset and reports every bad file.
+the same checks over a whole dataset and reports every bad file. A file that turns out unusable
+in the middle of a run does not end it: the training sets put the next usable sample in its
+place and name the file in the sample's ``"skipped"`` string (the trainer warns, counts and stops
+past ``data.max_bad_files``); :class:`EvalSet` returns ``{"skipped": message}`` instead of the
+sample, which the evaluation leaves out.
 """
 
 from __future__ import annotations
 
 import math
 import random
+from collections import Counter
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -51,6 +56,22 @@ def _data_cfg(cfg: Union[Config, DataConfig]) -> DataConfig:
     return cfg
 
 
+def load_or_substitute(samples: list[Sample], index: int, load) -> dict:
+    """``load(samples[index])``; if that sample's files cannot be used (DataError), the next
+    usable sample of the list takes its place (same augmentation seed, so runs stay reproducible).
+    The result's ``"skipped"`` holds the messages of the unusable files, one per line ("" if none)."""
+    problems: list[str] = []
+    for offset in range(len(samples)):
+        try:
+            out = load(samples[(index + offset) % len(samples)])
+        except DataError as e:
+            problems.append(str(e))
+            continue
+        out["skipped"] = "\n".join(problems)
+        return out
+    raise DataError(f"none of the {len(samples)} images of this set can be used; the first: {problems[0]}")
+
+
 class LabeledSet(Dataset):
     """Labelled training crops (UniMatch's ``train_l``)."""
 
@@ -64,7 +85,10 @@ class LabeledSet(Dataset):
         return len(self.samples)
 
     def __getitem__(self, index: int) -> dict:
-        sample, cfg = self.samples[index], self.cfg
+        return load_or_substitute(self.samples, index, self._load)
+
+    def _load(self, sample: Sample) -> dict:
+        cfg = self.cfg
         img, mask = load_pair(sample.image, sample.mask, sample.label_map)
         tags = self.tags.for_labels(np.asarray(mask)) if self.tags is not None else None
         img, mask = base_resize(img, mask, cfg.resize)
@@ -95,7 +119,10 @@ class UnlabeledSet(Dataset):
         return len(self.samples)
 
     def __getitem__(self, index: int) -> dict:
-        sample, cfg = self.samples[index], self.cfg
+        return load_or_substitute(self.samples, index, self._load)
+
+    def _load(self, sample: Sample) -> dict:
+        cfg = self.cfg
         img, _ = base_resize(read_image(sample.image), None, cfg.resize)
         # The ignore mask rides through the geometry like a label map: 0 on image pixels,
         # 255 where the crop pads.
@@ -125,7 +152,10 @@ class EvalSet(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         sample, cfg = self.samples[index], self.cfg
-        img, mask = base_resize(*load_pair(sample.image, sample.mask, sample.label_map), cfg.resize)
+        try:
+            img, mask = base_resize(*load_pair(sample.image, sample.mask, sample.label_map), cfg.resize)
+        except DataError as e:  # left out of the score, with a warning (see evaluate)
+            return {"skipped": str(e), "id": sample.id, "path": str(sample.image)}
         image, mask = normalize(img, mask, cfg.mean, cfg.std)
         return {"image": image, "mask": mask, "id": sample.id, "path": str(sample.image)}
 
@@ -259,8 +289,9 @@ def _attempt(problems: list[str], read, *args):
         return None
 
 
-def check_sample(sample: Sample) -> list[str]:
-    """Every problem of one sample: unreadable image or mask, size mismatch, undefined mask values."""
+def check_sample(sample: Sample, bad_values: Optional[Counter] = None) -> list[str]:
+    """Every problem of one sample: unreadable image or mask, size mismatch, undefined mask values
+    (each undefined value is also counted in ``bad_values``, once per mask)."""
     problems: list[str] = []
     image = _attempt(problems, read_image, sample.image)
     if sample.mask is None:
@@ -270,23 +301,81 @@ def check_sample(sample: Sample) -> list[str]:
         return problems
     if image is not None:
         _attempt(problems, check_same_size, image, raw, sample.image, sample.mask)
+    if bad_values is not None and sample.label_map is not None:
+        bad_values.update(sample.label_map.invalid_values(raw))
     _attempt(problems, decode_mask, raw, sample.label_map, sample.mask)
     return problems
 
 
-def check_dataset(cfg: Union[Config, DataConfig], splits=("train", "val")) -> list[str]:
+def check_dataset(cfg: Union[Config, DataConfig], splits=("train", "val"), hints: Optional[list[str]] = None
+                  ) -> list[str]:
     """Read every image and mask of the configured dataset's ``splits`` (and parse its labelled /
-    unlabelled split files); one line per problem, every bad file listed. Used by
-    ``semiseg check-data``."""
+    unlabelled split files); one line per problem, every bad file listed, layout problems that
+    would lose data silently first (:meth:`~semiseg.data.datasets.DatasetReader.audit`). Used by
+    ``semiseg check-data``; what to change in the config, when the problems suggest it, is
+    appended to ``hints``."""
+    from semiseg.data.datasets import get_reader
+
     data = _data_cfg(cfg)
     dataset_info(data)  # a config problem (folder without num_classes) or a missing root is raised,
-    resolve_root(data)  # not listed
-    problems: list[str] = []
+    root = resolve_root(data)  # not listed
+    problems: list[str] = list(get_reader(data).audit(root))
+    bad_values: Counter = Counter()
+    seen: set = set()
     for split in splits:
-        samples = _attempt(problems, list_samples, data, split) or []
+        samples = _attempt(problems, list_samples, data, split, False) or []
         for sample in samples:
-            problems.extend(check_sample(sample))
+            if (sample.image, sample.mask) in seen:
+                continue
+            seen.add((sample.image, sample.mask))
+            problems.extend(check_sample(sample, bad_values))
     for split_file in (data.labeled, data.unlabeled):
         if split_file is not None and not is_count_or_fraction(split_file):
             _attempt(problems, read_split_file, split_file, data)
+    if hints is not None and bad_values and data.dataset == "folder":
+        value, count = bad_values.most_common(1)[0]
+        n = data.num_classes
+        hints.append(f"hint: {count} mask(s) hold the value {value}, which is not a class (data.num_classes={n}) "
+                     f"nor the void value (data.ignore_index={data.ignore_index}): if {value} marks unlabelled "
+                     f"pixels, set data.ignore_index={value}"
+                     + (f"; if it is a class, set data.num_classes={value + 1}" if value < 255 else ""))
     return problems
+
+
+def _describe_labeled(data: DataConfig) -> str:
+    spec = data.labeled
+    if spec is None:
+        return "every training image with a mask is labelled (data.labeled unset)"
+    if is_count_or_fraction(spec):
+        return f"data.labeled={spec}, drawn with data.split_seed={data.split_seed}"
+    return f"data.labeled={spec}" + (f", data.unlabeled={data.unlabeled}" if data.unlabeled else "")
+
+
+def dataset_summary(cfg: Union[Config, DataConfig]) -> list[str]:
+    """What ``semiseg check-data`` found, in a few lines: the training images that are labelled
+    and unlabelled, the validation images and how each split was chosen, and images a list file
+    leaves out. Raises the first DataError / ConfigError it meets."""
+    from semiseg.data.datasets import FolderLayout, describe_split, get_reader
+
+    data = _data_cfg(cfg)
+    info = dataset_info(data)
+    reader = get_reader(data)
+    root = reader.root()
+    lines = [f"{data.dataset} dataset at {root}: {info.num_classes} classes"]
+    train = list_samples(data, data.train_split, audit=False)
+    labeled, unlabeled = resolve_labeled(data, train)
+    lines.append(f"train: {len(labeled)} labelled + {len(unlabeled)} unlabelled images "
+                 f"({describe_split(data, data.train_split)}; {_describe_labeled(data)})")
+    val = list_samples(data, data.val_split, audit=False)
+    lines.append(f"val: {len(val)} images ({describe_split(data, data.val_split)})")
+    if isinstance(reader, FolderLayout) and (root / f"{data.train_split}.txt").is_file():
+        from semiseg.data.datasets import _images_in
+
+        used = {s.image.resolve() for s in train + val}
+        unused = [p for folder in ("images", "unlabeled") for p in _images_in(root / folder)
+                  if p.resolve() not in used]
+        if unused:
+            lines.append(f"note: {len(unused)} images of images/ and unlabeled/ are in neither "
+                         f"{data.train_split}.txt nor {data.val_split}.txt, so they are not used (the first: "
+                         f"{unused[0]}); list unlabelled images in {data.train_split}.txt too, one path per line")
+    return lines

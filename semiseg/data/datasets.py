@@ -94,9 +94,12 @@ class Sample:
 
 
 def _images_in(folder: Path) -> list[Path]:
+    """The image files of ``folder``, sorted by name; hidden files (``.DS_Store``, and the ``._NAME``
+    files macOS writes beside copies on other disks) are not images."""
     if not folder.is_dir():
         return []
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS and p.is_file())
+    return sorted(p for p in folder.iterdir()
+                  if p.suffix.lower() in IMAGE_EXTS and not p.name.startswith(".") and p.is_file())
 
 
 def _first_file(*candidates: Path) -> Optional[Path]:
@@ -155,6 +158,14 @@ class DatasetReader:
         """The mask belonging to ``image`` by the layout's naming rule, if it exists."""
         return None
 
+    def audit(self, root: Path) -> list[str]:
+        """Files the layout would leave out silently or read ambiguously, one line each."""
+        return []
+
+    def describe_split(self, root: Path, split: str) -> str:
+        """How the images of ``split`` are chosen when there is no ``<split>.txt``."""
+        return f"the {self.name} layout under {root}"
+
     def sample(self, image: Path, mask: Optional[Path]) -> Sample:
         return Sample(image.stem, image, mask, self.label_map(mask) if mask is not None else None)
 
@@ -193,6 +204,45 @@ class FolderLayout(DatasetReader):
         if image.parent.name != "images":
             return None
         return _first_file(root / "masks" / f"{image.stem}.png")
+
+    def describe_split(self, root: Path, split: str) -> str:
+        if split == "val":
+            return (f"every {self.holdout_every}th image of images/ with a mask, sorted by name from the first "
+                    "(no val.txt; give train.txt and val.txt to choose)")
+        return ("the other images of images/ with a mask, plus every image without one (images/ and "
+                "unlabeled/) as unlabelled")
+
+    def audit(self, root: Path) -> list[str]:
+        """Masks that would be ignored (JPEG or other non-PNG masks, masks without an image), an
+        image name used twice in images/, and a name in both images/ and unlabeled/."""
+        problems = []
+        images: dict[str, list[Path]] = {}
+        for image in _images_in(root / "images"):
+            images.setdefault(image.stem, []).append(image)
+        unlabeled = {image.stem: image for image in _images_in(root / "unlabeled")}
+        for stem, same in images.items():
+            if len(same) > 1:
+                problems.append(f"images {same[0]} and {same[1]} have the same name: expected one image per name "
+                                f"(masks/{stem}.png would be the mask of both)")
+            if stem in unlabeled:
+                problems.append(f"image {unlabeled[stem]} has the same name as {same[0]}: expected each name once "
+                                "in images/ and unlabeled/ (unlabeled/ holds images without masks)")
+        masks = root / "masks"
+        for mask in (sorted(masks.iterdir()) if masks.is_dir() else []):
+            suffix = mask.suffix.lower()
+            if mask.name.startswith(".") or suffix not in IMAGE_EXTS or not mask.is_file():
+                continue
+            if suffix in (".jpg", ".jpeg"):
+                problems.append(f"mask {mask} is a JPEG: its lossy compression changes class values along every "
+                                f"edge; expected a PNG of class indices, masks/{mask.stem}.png")
+            elif suffix != ".png":
+                problems.append(f"mask {mask} is not a PNG: expected masks/{mask.stem}.png (other masks are ignored)")
+            elif mask.stem not in images:
+                hint = (f"; {unlabeled[mask.stem]} is in unlabeled/, whose images have no masks"
+                        if mask.stem in unlabeled else "")
+                problems.append(f"mask {mask} has no image: expected images/{mask.stem} with one of "
+                                f"{', '.join(IMAGE_EXTS)}{hint}")
+        return problems
 
 
 class FolderReader(FolderLayout):
@@ -255,6 +305,9 @@ class CamVidReader(DatasetReader):
 
     def mask_for_image(self, root: Path, image: Path) -> Optional[Path]:
         return _first_file(root / f"{image.parent.name}annot" / image.name)
+
+    def describe_split(self, root: Path, split: str) -> str:
+        return f"the images of {root / split}/ with their masks in {root / (split + 'annot')}/"
 
 
 class PascalReader(DatasetReader):
@@ -384,10 +437,18 @@ def resolve_root(data_cfg: DataConfig) -> Path:
     return get_reader(data_cfg).root()
 
 
-def list_samples(data_cfg: DataConfig, split: str) -> list[Sample]:
-    """Every sample of ``split``: ``<root>/<split>.txt`` if present, else the dataset's layout."""
+def list_samples(data_cfg: DataConfig, split: str, audit: bool = True) -> list[Sample]:
+    """Every sample of ``split``: ``<root>/<split>.txt`` if present, else the dataset's layout.
+
+    With ``audit``, a layout problem that would silently lose data (a JPEG mask, a mask without
+    an image, see :meth:`DatasetReader.audit`) is a DataError naming the file."""
     reader = get_reader(data_cfg)
     root = reader.root()
+    if audit:
+        problems = reader.audit(root)
+        if problems:
+            more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+            raise DataError(f"{problems[0]}{more}; 'semiseg check-data' lists every problem")
     listed = root / f"{split}.txt"
     if listed.is_file():
         samples = _read_split(listed, root, reader)
@@ -396,6 +457,14 @@ def list_samples(data_cfg: DataConfig, split: str) -> list[Sample]:
     if not samples:
         raise DataError(f"split '{split}' of the {reader.name} dataset at {root} has no images")
     return samples
+
+
+def describe_split(data_cfg: DataConfig, split: str) -> str:
+    """How the images of ``split`` are chosen: its list file, or the layout's rule."""
+    reader = get_reader(data_cfg)
+    root = reader.root()
+    listed = root / f"{split}.txt"
+    return f"listed in {listed}" if listed.is_file() else reader.describe_split(root, split)
 
 
 def find_split_file(path: str | Path, root: Path) -> Path:

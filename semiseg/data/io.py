@@ -56,10 +56,13 @@ def read_mask(path: str | Path) -> np.ndarray:
     try:
         with Image.open(path) as m:
             m.load()
-            mode = m.mode
+            mode, fmt = m.mode, m.format
             values = np.array(m)
     except Exception as e:
         raise DataError(f"mask {path} cannot be read ({_reason(e)}): expected a valid PNG of class indices") from None
+    if fmt == "JPEG":
+        raise DataError(f"mask {path} is a JPEG: its lossy compression changes class values along every edge; "
+                        "expected a PNG of class indices")
     if mode in ("RGB", "RGBA"):
         rgb = values[..., :3]
         if not ((rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all()):
@@ -121,8 +124,29 @@ class LabelMap:
         return self.lut[raw].astype(np.uint8)
 
 
+_ROTATIONS = {5: "transposed", 6: "rotated 90 degrees clockwise", 7: "transversed",
+              8: "rotated 90 degrees counter-clockwise"}
+
+
+def exif_orientation(path: str | Path) -> int:
+    """The EXIF orientation tag of an image file (1, upright, when it has none or cannot be read)."""
+    try:
+        with Image.open(path) as im:
+            return int(im.getexif().get(0x0112, 1) or 1)
+    except Exception:
+        return 1
+
+
 def check_same_size(image: Image.Image, mask: np.ndarray, image_path: Path, mask_path: Path) -> None:
+    """``image`` (EXIF orientation applied) and ``mask`` have the same size; a DataError naming
+    both files otherwise, saying so when the image's EXIF rotation is what makes them differ."""
     if mask.shape != (image.height, image.width):
+        orientation = exif_orientation(image_path)
+        if orientation in _ROTATIONS and mask.shape == (image.width, image.height):
+            raise DataError(f"image {image_path} is {image.width}x{image.height} as shown: its EXIF orientation says "
+                            f"{_ROTATIONS[orientation]} (the stored pixels are {image.height}x{image.width}); its mask "
+                            f"{mask_path} is {mask.shape[1]}x{mask.shape[0]}, the stored size: expected the mask "
+                            "rotated the same way, or the image saved upright without the EXIF orientation")
         raise DataError(f"image {image_path} is {image.width}x{image.height} but its mask {mask_path} is "
                         f"{mask.shape[1]}x{mask.shape[0]}: expected the same size")
 

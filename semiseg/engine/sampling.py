@@ -15,6 +15,7 @@ from its own seed ``f(seed, epoch, position)``, so:
 from __future__ import annotations
 
 import random
+import signal
 from typing import Iterator
 
 import numpy as np
@@ -96,6 +97,12 @@ class EpochBatchSampler(Sampler):
         return self.batches_per_epoch - self.start
 
 
+def ignore_sigint(_worker_id: int) -> None:
+    """``worker_init_fn`` of every loader: Ctrl-C is the main process's to handle (it finishes
+    the step and saves); a worker that died of it would break the next batch instead."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class Stream:
     """An endless, resumable batch stream over a dataset."""
 
@@ -109,6 +116,7 @@ class Stream:
             batch_sampler=self.sampler,
             num_workers=workers,
             persistent_workers=workers > 0,
+            worker_init_fn=ignore_sigint if workers > 0 else None,
             pin_memory=pin_memory,
             generator=torch.Generator(),  # the loader's base seed must not consume the global RNG
         )

@@ -114,13 +114,20 @@ class Method(nn.Module):
         """The networks worth scoring, by name; the first is the default inference network."""
         return {"student": self.model}
 
-    def inference_model(self, which: str = "auto") -> nn.Module:
+    def model_name(self, which: str = "auto") -> str:
+        """The name of the network ``which`` selects (``auto``: the first of :meth:`eval_models`),
+        as recorded in exports, reports and ``eval --json``."""
         models = self.eval_models()
         if which == "auto":
-            return next(iter(models.values()))
+            return next(iter(models))
         if which not in models:
-            raise KeyError(f"eval.model={which!r} but method {self.name!r} has only {sorted(models)}")
-        return models[which]
+            from semiseg.errors import ConfigError
+
+            raise ConfigError(f"eval.model={which!r} but method {self.name!r} has only {', '.join(models)}")
+        return which
+
+    def inference_model(self, which: str = "auto") -> nn.Module:
+        return self.eval_models()[self.model_name(which)]
 
 
 def build_method(cfg: Config, model: nn.Module, num_classes: int, ignore_index: int = 255) -> Method:

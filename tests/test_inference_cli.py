@@ -1,0 +1,148 @@
+"""``eval``, ``predict``, ``report``, ``export`` and ``demo`` in daily use: one line for a
+checkpoint of another class count; predict keeps every output apart, never reads its own
+outputs, skips and counts unreadable images; the network "auto" stands for is named; report
+samples are spread over the split; progress is shown; a second demo reuses or starts anew."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from semiseg.cli import main
+
+TINY = [
+    "data.dataset=synthetic", "data.synthetic.num_train=16", "data.synthetic.num_val=9",
+    "data.synthetic.image_size=40", "data.crop_size=32", "data.labeled=6", "data.workers=0",
+    "model.encoder=test_resnet", "model.decoder_channels=8", "train.batch_size=2", "train.iters=2",
+    "train.eval_every=2", "train.log_every=1", "method.name=fixmatch", "method.teacher=ema",
+]
+
+
+@pytest.fixture(scope="module")
+def run(train_run) -> Path:
+    return train_run(TINY, "inference")
+
+
+def cli(capsys, *args) -> tuple[int, str, str]:
+    capsys.readouterr()
+    rc = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def errors(err: str) -> list[str]:
+    """The ``semiseg: error:`` lines as a terminal shows them (a progress bar clears its line
+    with a carriage return)."""
+    return [x.rsplit("\r", 1)[-1] for x in err.split("\n") if x.rsplit("\r", 1)[-1].startswith("semiseg: error:")]
+
+
+def test_eval_of_a_checkpoint_on_data_of_another_class_count(run, tmp_path, capsys):
+    rc, _, err = cli(capsys, "eval", run, "--set", "data.dataset=camvid", "--set", f"data.root={tmp_path}")
+    assert rc == 4 and len(errors(err)) == 1 and "Traceback" not in err
+    assert "predicts 6 classes" in errors(err)[0] and "camvid dataset (data.dataset=camvid) has 11" in errors(err)[0]
+
+
+def test_eval_names_the_network_and_shows_progress(run, capsys):
+    rc, out, err = cli(capsys, "eval", run, "--json")
+    assert rc == 0
+    assert json.loads(out)["model"] == "student"  # what "auto" stood for
+    assert "eval student on 'val'" in err  # the bar
+    rc, out, _ = cli(capsys, "eval", run, "--model", "teacher")
+    assert rc == 0 and "(teacher)" in out.splitlines()[0]
+    rc, _, err = cli(capsys, "eval", run, "--model", "hybrid")
+    assert rc == 2 and "student, teacher" in errors(err)[0]
+
+
+def _photo(path: Path, value: int = 0) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((30, 40, 3), value, np.uint8)).save(path)
+    return path
+
+
+def test_predict_keeps_outputs_apart_skips_unreadable_and_never_reads_its_outputs(run, tmp_path, capsys):
+    src = tmp_path / "in"
+    for name in ("a/x.png", "b/x.png", "x.jpg", "x.png", "c/d/y.bmp"):
+        _photo(src / name)
+    (src / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
+    (src / "._x.png").write_bytes(b"\x00\x05\x16\x07")  # macOS resource file: not an image
+    out = src / "predictions"  # inside the input folder
+    expected = {"a/x", "b/x", "x_jpg", "x_png", "c/d/y"}
+    for attempt in range(2):  # the second run must not see the first one's outputs
+        rc, stdout, err = cli(capsys, "predict", run, src, "--out", out)
+        assert rc == 3, err
+        assert stdout.strip() == f"wrote 5 masks and overlays to {out}"
+        assert "broken.png" in err and "._x.png" not in err
+        assert errors(err) == ["semiseg: error: 1 of 6 images could not be read and were skipped (named above)"]
+        written = {str(p.relative_to(out).with_suffix("")) for p in out.rglob("*.png")}
+        assert written == expected | {f"{n}_overlay" for n in expected}
+        for name in expected:
+            assert Image.open(out / f"{name}.png").size == (40, 30)
+    assert "predict" in err  # a progress bar
+
+
+def test_predict_of_files_from_several_folders(run, tmp_path, capsys):
+    a, b = _photo(tmp_path / "a" / "x.png"), _photo(tmp_path / "b" / "x.png", 200)
+    # a folder and a file inside it: each image is predicted once
+    rc, stdout, _ = cli(capsys, "predict", run, a, b, tmp_path / "b", "--out", tmp_path / "out")
+    assert rc == 0 and stdout.strip().startswith("wrote 2 masks")
+    assert (tmp_path / "out" / "a" / "x.png").exists() and (tmp_path / "out" / "b" / "x.png").exists()
+    # a tree of symbolic links keeps its own layout
+    links = tmp_path / "links"
+    for name, target in (("one/x.png", a), ("two/x.png", b)):
+        (links / name).parent.mkdir(parents=True, exist_ok=True)
+        (links / name).symlink_to(target)
+    rc, stdout, _ = cli(capsys, "predict", run, links, "--out", tmp_path / "linked")
+    assert rc == 0 and stdout.strip().startswith("wrote 2 masks")
+    assert {str(p.relative_to(tmp_path / "linked")) for p in (tmp_path / "linked").rglob("x.png")} == {
+        "one/x.png", "two/x.png"}
+
+
+def test_report_spreads_its_samples_over_the_split_and_shows_progress(run, capsys, monkeypatch):
+    from semiseg import report
+    from semiseg.data.build import EvalSet
+
+    assert report.sample_indices(4, 101) == [0, 33, 67, 100]
+    assert report.sample_indices(4, 3) == [0, 1, 2] and report.sample_indices(1, 9) == [0]
+    shown = []
+    original = EvalSet.__getitem__
+
+    def getitem(self, index):
+        shown.append(index)
+        return original(self, index)
+
+    monkeypatch.setattr(EvalSet, "__getitem__", getitem)
+    rc, stdout, err = cli(capsys, "report", run, "--images", "3")
+    assert rc == 0, err
+    assert shown[-3:] == [0, 4, 8]  # after the evaluation of all 9: the first, middle and last images
+    assert "report: eval student" in err
+    page = (run / "report.html").read_text()
+    assert "network student" in page and "network auto" not in page
+
+
+def test_a_second_demo_reuses_the_finished_runs_and_a_new_setting_gets_new_folders(tmp_path, capsys, monkeypatch):
+    import semiseg.demo as demo
+    from semiseg.config import load_config, save_config
+
+    tiny = tmp_path / "synthetic.yaml"
+    save_config(load_config(None, TINY[:-2] + ["method.name=supervised"]), tiny)
+    monkeypatch.setattr(demo, "packaged_config", lambda name: tiny)
+    out = tmp_path / "demo"
+    assert demo.run_demo(out=out, iters=2, methods=["supervised", "fixmatch"]) == 0
+    first = capsys.readouterr().out
+    miou = [line.split()[1] for line in first.splitlines() if line.startswith(("supervised ", "fixmatch "))]
+    assert len(miou) == 2
+    # the same demo again: both finished runs are reused, and the table shows their results
+    rc, second, _ = cli(capsys, "demo", "--out", out, "--iters", "2", "--methods", "supervised,fixmatch")
+    assert rc == 0
+    assert f"{out / 'supervised'} holds a finished run of this setting: showing its results" in second
+    assert [line.split()[1] for line in second.splitlines() if line.startswith(("supervised ", "fixmatch "))] == miou
+    # another setting: a new folder beside the old one, which is left alone
+    before = (out / "supervised" / "config.yaml").read_text()
+    rc, third, _ = cli(capsys, "demo", "--out", out, "--iters", "3", "--methods", "supervised")
+    assert rc == 0 and f"training a new one in {out / 'supervised-2'}" in third
+    assert (out / "supervised" / "config.yaml").read_text() == before
+    assert load_config(out / "supervised-2" / "config.yaml").train.iters == 3
