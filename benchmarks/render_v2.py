@@ -93,6 +93,19 @@ def matrix(rows: list[dict]) -> str:
             g = sum(mine[x]["mIoU"] - base[x]["mIoU"] for x in shared) / len(shared)
             gains.append(f"{g:+.2f} ({len(shared)} seed{'s' if len(shared) > 1 else ''})")
         out.append(f"| {label} | " + " | ".join(gains) + " |")
+    variants = [r for r in rows if r.get("variant")]
+    if variants:
+        out.append("")
+        out.append("Variants (one change to the protocol each; not in the matrix), against supervised with the same "
+                   "split and seed:")
+        out.append("")
+        out.append("| method | change | split | seed | mIoU | against supervised |")
+        out.append("| --- | --- | --- | --- | --- | --- |")
+        for r in variants:
+            base = (cells.get(("supervised", r["split"])) or {}).get(r["seed"])
+            against = f"{r['mIoU'] - base['mIoU']:+.2f} ({base['mIoU']:.2f})" if base else "–"
+            change = ", ".join(f"`{v}`" for v in r["variant"])
+            out.append(f"| {r['method']} | {change} | {r['split']} | {r['seed']} | {r['mIoU']:.2f} | {against} |")
     out.append("")
     out.append("Seconds per step and wall time per run (mean over the runs above; `threads` = PyTorch threads):")
     out.append("")

@@ -239,6 +239,7 @@ def test_render_v2_matrix_means_seeds_and_keeps_variants_out():
     gains = text.split("Gain over supervised")[1]
     assert "| UniMatch | – | +6.50 (2 seeds) |" in gains and "| FixMatch | – | – |" in gains
     assert "| UniMatch | 2.00 |" in text.split("Seconds per step")[1]  # (1 + 3) / 2, protocol runs only
+    assert "| unimatch | `method.conf_thresh=0.7` | 1_8 | 0 | 99.00 | +59.00 (40.00) |" in text.split("Variants")[1]
     log = render_v2.log(rows)
     assert log.count("\n| 2026-11-30") == len(rows) and "99.00" in log
 
