@@ -135,6 +135,11 @@ def test_a_second_demo_reuses_the_finished_runs_and_a_new_setting_gets_new_folde
     first = capsys.readouterr().out
     miou = [line.split()[1] for line in first.splitlines() if line.startswith(("supervised ", "fixmatch "))]
     assert len(miou) == 2
+    # the gain it measured, from the unrounded figures of the two rows above
+    gain = [line for line in first.splitlines() if line.startswith("gain of fixmatch over supervised: ")]
+    assert len(gain) == 1 and gain[0].endswith("mIoU with the same labelled images (one seed; what each method "
+                                               "buys on real data: BENCHMARKS.md)")
+    assert abs(float(gain[0].split()[5]) - (float(miou[1]) - float(miou[0]))) <= 0.011
     # the same demo again: both finished runs are reused, and the table shows their results
     rc, second, _ = cli(capsys, "demo", "--out", out, "--iters", "2", "--methods", "supervised,fixmatch")
     assert rc == 0
