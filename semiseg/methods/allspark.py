@@ -62,13 +62,13 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
-from typing import Literal, Optional
+from typing import Optional
 
 import torch
-from pydantic import Field
 from torch import nn
 
-from semiseg.config import Config, MethodConfig
+from semiseg.config import Config
+from semiseg.config.methods import AllSparkConfig, AllSparkKeys, AllSparkUniMatchConfig
 from semiseg.errors import ConfigError
 from semiseg.methods.base import Batch, Method, StepContext, StepResult, register_method
 from semiseg.methods.consistency import (
@@ -78,39 +78,9 @@ from semiseg.methods.consistency import (
     pseudo_target,
     unsupervised_loss,
 )
-from semiseg.methods.unimatch import UniMatch, UniMatchConfig
-from semiseg.models.allspark_neck import AllSparkNeck, CrossHeads, KVScope, NeckPass, feature_grid
+from semiseg.methods.unimatch import UniMatch
+from semiseg.models.allspark_neck import AllSparkNeck, NeckPass, feature_grid
 from semiseg.models.heads import SegFormerHead
-
-
-class AllSparkKeys(MethodConfig):
-    """Keys of the AllSpark neck and memory, shared by ``allspark`` and ``allspark_unimatch``."""
-
-    num_heads: int = Field(2, ge=1)  # official configs: 2
-    attn_dropout: float = Field(0.1, ge=0.0, lt=1.0)  # attention and projection dropout (official 0.1)
-    neck_dim: Optional[int] = Field(None, ge=1)  # attention width; None = the deepest feature's channels (official)
-    cross_heads: CrossHeads = "merged"  # "merged": official code; "per_head": the paper's multi-head reading
-    memory: bool = True  # false: never fill nor read the semantic memory (ablation)
-    memory_warmup_iters: Optional[int] = Field(None, ge=0)  # read the memory from this iteration on
-    memory_warmup_epochs: float = Field(5.0, ge=0.0)  # used when memory_warmup_iters is None (official Pascal: 5)
-    grouping_source: Literal["logits", "probs"] = "logits"  # what channels are grouped against (official: logits)
-    pseudo_label_kv: KVScope = "batch"  # neck keys/values in the pseudo-label pass (official: the whole batch)
-    strong_labeled: bool = True  # photometric strong augmentation of the labelled images (official AllSpark)
-
-
-class AllSparkConfig(AllSparkKeys):
-    name: str = "allspark"
-    conf_thresh: float = Field(0.0, ge=0.0, le=1.0)  # official: none (every pixel teaches)
-
-
-class AllSparkUniMatchConfig(UniMatchConfig, AllSparkKeys):
-    name: str = "allspark_unimatch"
-    strong_labeled: bool = False  # UniMatch's labelled pipeline
-    # Where the weak view's pseudo labels come from (without an EMA teacher): "eval_pass", an
-    # eval-mode pass, i.e. the neck's labelled (cross-attention) branch, as in official AllSpark;
-    # "weak_forward": UniMatch's training-mode weak prediction, i.e. the unlabelled
-    # (self-attention) branch, which no label ever reaches (see AllSparkUniMatch).
-    pseudo_label_source: Literal["eval_pass", "weak_forward"] = "eval_pass"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -22,7 +22,9 @@ METHODS: dict[str, type["Method"]] = {}
 
 
 def register_method(name: str, config_class: type[MethodConfig] = MethodConfig):
-    """Class decorator: make a method available as ``method.name: <name>``."""
+    """Class decorator: make a method available as ``method.name: <name>``, its ``method``
+    section validated by ``config_class`` (built-in methods' schemas live in
+    :mod:`semiseg.config.methods`; registering one there again changes nothing)."""
 
     def wrap(cls):
         cls.name = name
@@ -131,6 +133,5 @@ class Method(nn.Module):
 
 
 def build_method(cfg: Config, model: nn.Module, num_classes: int, ignore_index: int = 255) -> Method:
-    import semiseg.methods  # noqa: F401  (registers the built-in methods)
-
+    """The method ``method.name`` names (its module was imported with :mod:`semiseg.methods`)."""
     return METHODS[cfg.method.name](cfg, model, num_classes, ignore_index)

@@ -31,14 +31,12 @@ and :meth:`~ConsistencyMethod.separate_partner_target` pass each batch's ``tags`
 from __future__ import annotations
 
 from contextlib import nullcontext
-from typing import Callable, Literal, NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 from torch import nn
 
-from semiseg.config import MethodConfig
 from semiseg.errors import ConfigError
 from semiseg.methods.base import Batch, Method, StepContext
 from semiseg.methods.cce import restrict_logits
@@ -46,17 +44,6 @@ from semiseg.methods.teacher import EMATeacher
 
 PADDING = 255  # value of ``ignore_mask`` on pixels added by padding the crop
 
-MixSource = Literal["separate_batch", "in_batch"]
-# Where the CutMix partner of an unlabelled image comes from, for every method of this module:
-#   "separate_batch": a second, independently drawn unlabelled batch whose pseudo labels come
-#       from an extra eval-mode, no-grad forward pass (official UniMatch / FixMatch code);
-#   "in_batch": the same batch in reverse order (``flip(0)``), reusing the weak predictions
-#       already computed (UniMatch V2's code): no extra batch, no extra forward pass.
-# The default is "in_batch": it drops the partner's eval-mode pass (7% of UniMatch's step, 15% of
-# FixMatch's on the CamVid-CPU v1 model) with CamVid mIoU within seed noise of the official
-# source (BENCHMARKS.md, "Defaults against the official recipe"). "separate_batch" reproduces the
-# official recipe exactly.
-DEFAULT_MIX_SOURCE: MixSource = "in_batch"
 
 
 class PseudoTarget(NamedTuple):
@@ -155,16 +142,6 @@ def mask_ratio(target: PseudoTarget, conf_thresh: float) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------------
 # Common base of FixMatch, UniMatch and Mean Teacher
-
-
-class ConsistencyConfig(MethodConfig):
-    """Keys shared by FixMatch and UniMatch."""
-
-    conf_thresh: float = Field(0.95, ge=0.0, le=1.0)  # tau: official UniMatch Pascal and COCO 0.95, Cityscapes 0
-    mix_source: MixSource = DEFAULT_MIX_SOURCE
-    teacher: Literal["none", "ema"] = "none"  # "ema": pseudo labels from an EMA teacher
-    ema_momentum: float = Field(0.996, ge=0.0, le=1.0)  # with teacher=ema; UniMatch V2's value
-    use_tags: bool = False  # restrict pseudo labels to the unlabelled images' tags (needs data.tags)
 
 
 class ConsistencyMethod(Method):

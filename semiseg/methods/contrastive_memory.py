@@ -89,16 +89,15 @@ from __future__ import annotations
 import math
 import random
 import warnings
-from typing import Literal, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
-from pydantic import Field
 from torch import nn
 
-from semiseg.config import MethodConfig
+from semiseg.config.methods import ContrastiveMemoryConfig
 from semiseg.data.mixing import classmix, classmix_masks
 from semiseg.methods.base import Batch, Method, StepContext, StepResult, register_method
 from semiseg.methods.meanteacher import sigmoid_rampup
@@ -123,33 +122,6 @@ BLUR_SIGMA = (0.1, 1.5)
 BLUR_KERNEL = 23
 FLIP_PROB = 0.5
 MASK_RATIO_THRESH = 0.95  # the logged ``mask_ratio``: share of unlabelled pixels this confident
-
-
-class ContrastiveMemoryConfig(MethodConfig):
-    name: str = "contrastive_memory"
-    # --- mean teacher and self-training
-    ema_momentum: float = Field(0.995, ge=0.0, le=1.0)
-    ema_schedule: Literal["cosine", "constant"] = "cosine"
-    rampup_iters: int = Field(2000, ge=0)  # sigmoid ramp-up of L_u; ClassMix only after it
-    classmix_prob: float = Field(0.75, ge=0.0, le=1.0)  # per strong copy, after the ramp-up
-    classmix_exclude: list[int] = []  # classes never pasted when others exist; [0] for Pascal
-    labeled_classmix_prob: float = Field(0.2, ge=0.0, le=1.0)  # official weak labelled augmentation
-    labeled_jitter_prob: float = Field(0.2, ge=0.0, le=1.0)
-    confidence_power: float = Field(6.0, ge=0.0)  # pixel weight = confidence ** 6
-    entropy_weight: float = Field(0.01, ge=0.0)
-    class_balance: bool = False  # official on Cityscapes
-    class_balance_window: Optional[int] = Field(None, ge=1)  # steps; None = one unlabelled epoch
-    # --- contrastive module
-    proj_dim: int = Field(256, ge=2)
-    memory_per_class: int = Field(256, ge=2)
-    memory_per_image: Optional[int] = Field(None, ge=1)  # None = official rule (see below)
-    memory_ranking: Literal["paper", "official"] = "paper"
-    memory_conf_thresh: float = Field(0.95, ge=0.0, le=1.0)
-    memory_start_iter: int = Field(1000, ge=0)  # memory updated once iteration > this
-    contrastive_start_iter: int = Field(2000, ge=0)  # contrastive terms once iteration > this
-    contrastive_weight_l: float = Field(0.1, ge=0.0)
-    contrastive_weight_u: float = Field(0.1, ge=0.0)
-    max_pixels_per_class: Optional[int] = Field(None, ge=2)  # random cap per class; None = all
 
 
 # ---------------------------------------------------------------------------------------------

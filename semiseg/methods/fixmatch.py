@@ -29,22 +29,15 @@ sees the weak view, and the labelled and strong images share one student forward
 from __future__ import annotations
 
 import torch
-from pydantic import Field
 
+from semiseg.config.methods import FixMatchConfig
 from semiseg.methods.base import Batch, StepContext, StepResult, register_method
 from semiseg.methods.consistency import (
-    ConsistencyConfig,
     ConsistencyMethod,
     apply_cutmix,
     mask_ratio,
     unsupervised_loss,
 )
-
-
-class FixMatchConfig(ConsistencyConfig):
-    name: str = "fixmatch"
-    weight_x: float = Field(1.0, ge=0.0)  # loss = (weight_x * L_x + weight_s * L_s) / 2
-    weight_s: float = Field(1.0, ge=0.0)
 
 
 @register_method("fixmatch", FixMatchConfig)

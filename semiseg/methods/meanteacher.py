@@ -35,17 +35,13 @@ student is the default inference network.
 from __future__ import annotations
 
 import math
-from typing import Literal
 
 import torch
-from pydantic import Field
 
-from semiseg.config import MethodConfig
+from semiseg.config.methods import MeanTeacherConfig
 from semiseg.methods.base import Batch, StepContext, StepResult, register_method
 from semiseg.methods.consistency import (
-    DEFAULT_MIX_SOURCE,
     ConsistencyMethod,
-    MixSource,
     PseudoTarget,
     apply_cutmix,
     mask_ratio,
@@ -53,16 +49,6 @@ from semiseg.methods.consistency import (
     pseudo_target_from_probs,
     unsupervised_loss,
 )
-
-
-class MeanTeacherConfig(MethodConfig):
-    name: str = "meanteacher"
-    consistency: Literal["ce", "mse"] = "ce"
-    conf_thresh: float = Field(0.0, ge=0.0, le=1.0)  # 0: every non-padding pixel teaches
-    unsup_weight: float = Field(1.0, ge=0.0)  # loss = L_x + unsup_weight * ramp * L_u
-    rampup_iters: int = Field(0, ge=0)  # sigmoid ramp-up length; 0 = none
-    mix_source: MixSource = DEFAULT_MIX_SOURCE
-    ema_momentum: float = Field(0.99, ge=0.0, le=1.0)
 
 
 def sigmoid_rampup(iteration: int, rampup_iters: int) -> float:

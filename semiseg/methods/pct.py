@@ -68,27 +68,15 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from pydantic import Field
 from torch import nn
 
-from semiseg.config import MethodConfig
+from semiseg.config.methods import PCTConfig
 from semiseg.errors import ConfigError
 from semiseg.methods.base import Batch, Method, StepContext, StepResult, register_method
 from semiseg.methods.cce import (as_tag_mask, class_aware_cross_entropy, class_aware_pseudo_label,
                                  multilabel_tag_loss)
 
 PADDING = 255
-
-
-class PCTConfig(MethodConfig):
-    name: str = "pct"
-    score_momentum: float = Field(0.99, ge=0.0, lt=1.0)  # official score_mom
-    score_power: float = Field(8.0, ge=0.0)  # official TRAIN_SCORE_POW
-    weight_seg: float = Field(1.0, ge=0.0)  # loss = weight_seg L_seg + weight_cls L_cls + ...
-    weight_cls: float = Field(1.0, ge=0.0)
-    weight_pseudo: float = Field(1.0, ge=0.0)
-    weight_pct: float = Field(1.0, ge=0.0)
-    strong_aug_labeled: bool = True  # photometric strong augmentation on the strong images
 
 
 def confusion_counts(pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int = 255

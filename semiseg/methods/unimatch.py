@@ -37,26 +37,15 @@ UniMatch V2's FixMatch.
 from __future__ import annotations
 
 import torch
-from pydantic import Field
 
+from semiseg.config.methods import UniMatchConfig
 from semiseg.methods.base import Batch, StepContext, StepResult, register_method
 from semiseg.methods.consistency import (
-    ConsistencyConfig,
     ConsistencyMethod,
     apply_cutmix,
     mask_ratio,
     unsupervised_loss,
 )
-
-
-class UniMatchConfig(ConsistencyConfig):
-    name: str = "unimatch"
-    feature_perturbation: bool = True  # UniPerb: the fp stream
-    dual_strong: bool = True  # DusPerb: two strong views
-    fp_dropout: float = Field(0.5, ge=0.0, lt=1.0)  # Dropout2d probability of the fp stream
-    weight_x: float = Field(1.0, ge=0.0)  # loss = (weight_x L_x + weight_s mean_k L_sk + weight_fp L_fp) / 2
-    weight_s: float = Field(0.5, ge=0.0)  # shared equally by the strong views
-    weight_fp: float = Field(0.5, ge=0.0)  # moved to the strong views when feature_perturbation is off
 
 
 @register_method("unimatch", UniMatchConfig)

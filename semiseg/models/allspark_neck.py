@@ -71,16 +71,14 @@ batch into equal halves, labelled first: the official layout ``model(cat(img_x, 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator, Literal, NamedTuple, Optional, Sequence
+from typing import Iterator, NamedTuple, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-CrossHeads = Literal["merged", "per_head"]
-KVScope = Literal["image", "batch"]
-
+from semiseg.config.methods import CrossHeads, KVScope
 
 # ---------------------------------------------------------------------------------------------
 # Helpers
