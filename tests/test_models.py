@@ -229,3 +229,16 @@ def test_pretrained_true_without_network(monkeypatch):
     monkeypatch.setattr(timm, "create_model", no_hub)
     with pytest.raises(SemisegError, match=r"could not fetch pretrained weights for encoder 'resnet18' \(no network\?\)"):
         make("resnet18", pretrained=True)
+
+
+def test_eval_mode_restores_every_submodule_also_after_an_error():
+    from semiseg.models.common import eval_mode, gather_from_ranks
+
+    net = nn.Sequential(nn.BatchNorm2d(2), nn.Dropout(0.5))
+    net[1].eval()  # a submodule in its own mode
+    with pytest.raises(RuntimeError), eval_mode(net):
+        assert not any(m.training for m in net.modules())
+        raise RuntimeError
+    assert [m.training for m in net.modules()] == [True, True, False]
+    rows = torch.ones(3, 2)
+    assert gather_from_ranks(rows) is rows  # no process group: a no-op

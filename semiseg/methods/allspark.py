@@ -80,6 +80,7 @@ from semiseg.methods.consistency import (
 )
 from semiseg.methods.unimatch import UniMatch
 from semiseg.models.allspark_neck import AllSparkNeck, NeckPass, feature_grid
+from semiseg.models.common import eval_mode
 from semiseg.models.heads import SegFormerHead
 
 
@@ -159,14 +160,9 @@ class AllSparkMixin:
         """Logits of an eval-mode, no-grad pass of ``net`` (restoring its mode afterwards), the
         neck's keys/values scoped by ``pseudo_label_kv``."""
         neck = neck_of(net)
-        was_training = net.training
-        net.eval()
-        try:
-            with neck.kv_scope(self.mcfg.pseudo_label_kv) if neck is not None else nullcontext():
-                with ctx.autocast():
-                    logits = net(image)
-        finally:
-            net.train(was_training)
+        with eval_mode(net), neck.kv_scope(self.mcfg.pseudo_label_kv) if neck is not None else nullcontext():
+            with ctx.autocast():
+                logits = net(image)
         return logits.detach()
 
 

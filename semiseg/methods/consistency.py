@@ -6,7 +6,7 @@ The recipe, in the notation of the official UniMatch code (LiheYoung/UniMatch):
    with ``p_w = softmax(logits_w)``, never back-propagated (:func:`pseudo_target`).
 2. CutMix: inside ``cutmix_box`` the strong image is replaced by a partner image's strong view,
    and the target (pseudo label, confidence *and* ignore mask) by the partner's, with the same
-   box (:func:`apply_cutmix`, :meth:`PseudoTarget.cutmix`).
+   box (:func:`semiseg.data.mixing.cutmix`, :meth:`PseudoTarget.cutmix`).
 3. The unsupervised loss (:func:`unsupervised_loss`)::
 
        L_u = sum_pixels CE(logits_s, pseudo_label) * [confidence >= tau] * [ignore_mask != 255]
@@ -37,13 +37,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from semiseg.data import IGNORE_INDEX
+from semiseg.data.mixing import cutmix as apply_cutmix
 from semiseg.errors import ConfigError
 from semiseg.methods.base import Batch, Method, StepContext
 from semiseg.methods.cce import restrict_logits
 from semiseg.methods.teacher import EMATeacher
-
-PADDING = 255  # value of ``ignore_mask`` on pixels added by padding the crop
-
+from semiseg.models.common import eval_mode
 
 
 class PseudoTarget(NamedTuple):
@@ -60,18 +60,6 @@ class PseudoTarget(NamedTuple):
     def flip(self) -> "PseudoTarget":
         """The batch in reverse order (the in-batch CutMix partner)."""
         return PseudoTarget(*(t.flip(0) for t in self))
-
-
-def apply_cutmix(tensor_a: torch.Tensor, tensor_b: torch.Tensor, box: torch.Tensor) -> torch.Tensor:
-    """``tensor_a`` with the pixels where ``box == 1`` taken from ``tensor_b`` (a new tensor).
-
-    ``box`` is ``(B,H,W)``; the tensors are ``(B,C,H,W)`` images / probability maps or
-    ``(B,H,W)`` label, confidence and ignore maps, so one box moves image and target alike.
-    """
-    inside = box == 1
-    if tensor_a.dim() == 4:
-        inside = inside.unsqueeze(1)
-    return torch.where(inside, tensor_b, tensor_a)
 
 
 @torch.no_grad()
@@ -99,25 +87,20 @@ def predict_eval(model: nn.Module, image: torch.Tensor, ignore_mask: torch.Tenso
     """Pseudo labels from an eval-mode, no-grad pass (BatchNorm running statistics, no dropout),
     leaving the model in the mode it was in: the official code's prediction of the CutMix partner
     batch (``model.eval()``; ``model(img_u_w_mix)``; ``model.train()``)."""
-    was_training = model.training
-    model.eval()
-    try:
-        with autocast():
-            logits = model(image)
-    finally:
-        model.train(was_training)
+    with eval_mode(model), autocast():
+        logits = model(image)
     return pseudo_target(logits, ignore_mask, tags)
 
 
 def confident_pixels(target: PseudoTarget, conf_thresh: float) -> torch.Tensor:
     """``(confidence >= conf_thresh) & (ignore_mask != 255)``: the pixels that teach."""
-    return (target.confidence >= conf_thresh) & (target.ignore_mask != PADDING)
+    return (target.confidence >= conf_thresh) & (target.ignore_mask != IGNORE_INDEX)
 
 
 def num_valid_pixels(ignore_mask: torch.Tensor) -> torch.Tensor:
     """Number of non-padding pixels (at least 1, so that an all-padding batch gives a zero loss
     instead of the official code's 0/0 = NaN)."""
-    return (ignore_mask != PADDING).sum().clamp_min(1)
+    return (ignore_mask != IGNORE_INDEX).sum().clamp_min(1)
 
 
 def masked_mean(per_pixel_loss: torch.Tensor, target: PseudoTarget, conf_thresh: float) -> torch.Tensor:
