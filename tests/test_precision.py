@@ -56,7 +56,7 @@ def test_unknown_precision_names_the_key():
 def test_trainer_forward_runs_in_the_chosen_precision(tmp_path, precision, dtype):
     cfg = load_config(None, TINY + [f"train.precision={precision}"])
     trainer = T.Trainer(cfg, run_dir=tmp_path / "run", progress=False)
-    trainer._build()
+    trainer.build()
     assert trainer.precision == precision
     model = trainer.method.model
     with trainer.autocast():
@@ -70,7 +70,7 @@ def test_channels_last_converts_weights_and_batches(tmp_path, channels_last):
     cfg = load_config(None, TINY + [f"train.channels_last={channels_last}"])
     assert load_config(None, []).train.channels_last  # the default
     trainer = T.Trainer(cfg, run_dir=tmp_path / "run", progress=False)
-    trainer._build()
+    trainer.build()
     convs = [p for p in trainer.method.model.parameters() if p.dim() == 4 and p.shape[-1] > 1]
     assert convs and all(p.is_contiguous(memory_format=torch.channels_last) == channels_last for p in convs)
     batch = T.to_device({"image": torch.randn(2, 3, 8, 8), "mask": torch.zeros(2, 8, 8)}, torch.device("cpu"),

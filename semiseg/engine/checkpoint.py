@@ -423,21 +423,26 @@ class CheckpointManager:
         return self.dir / f"iter_{it:07d}.safetensors"
 
     def save(self, it: int, tensors: dict[str, torch.Tensor], meta: dict, is_best: bool = False) -> Path:
-        """Write the full state of iteration ``it`` as ``last`` and ``iter_{it}`` (and the
-        ``model.*`` weights as ``best`` when ``is_best``), then prune. Returns the rolling path.
+        """Write the ``model.*`` weights as ``best`` when ``is_best``, then the full state of
+        iteration ``it`` as ``last`` and ``iter_{it}``, then prune. Returns the rolling path.
+        The only writer of ``best``.
 
-        ``last`` is written first, so after a crash it is never older than a rolling file.
-        Rolling files of later iterations than ``it`` belong to an abandoned timeline (a resume
-        that had to fall back past corrupt checkpoints) and are removed."""
+        ``best`` before ``last``: a kill between the two writes must not leave a ``last`` whose
+        ``best_mIoU`` already counts this evaluation while ``best`` still holds older weights (the
+        resumed run would never rewrite it); killed before ``last``, the resumed run repeats the
+        step and writes the same ``best`` again. ``last`` before the rolling file, so after a
+        crash it is never older than a rolling file. Rolling files of later iterations than
+        ``it`` belong to an abandoned timeline (a resume that had to fall back past corrupt
+        checkpoints) and are removed."""
         self.dir.mkdir(parents=True, exist_ok=True)
         self._remove_stale_tmp()
         meta = {**meta, "iter": meta.get("iter", it)}
-        save_checkpoint(self.last_path, tensors, meta)
-        rolling = self.rolling_path(it)
-        _link_or_copy(self.last_path, rolling)
         if is_best:
             weights = {k: v for k, v in tensors.items() if k.startswith(WEIGHTS_PREFIX)} or tensors
             save_checkpoint(self.best_path, weights, {**meta, "weights_only": True})
+        save_checkpoint(self.last_path, tensors, meta)
+        rolling = self.rolling_path(it)
+        _link_or_copy(self.last_path, rolling)
         self._prune(it, rolling)
         return rolling
 
