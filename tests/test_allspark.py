@@ -538,7 +538,7 @@ def test_allspark_unimatch_pseudo_labels_come_from_the_labelled_branch_by_defaul
     assert torch.allclose(fp_target.confidence, expected.confidence, atol=1e-5)
     box = batch.unlabeled["box_1"]
     assert torch.equal(targets[0].pseudo_label, expected.pseudo_label.where(box != 1, expected.pseudo_label.flip(0)))
-    assert m._eval_logits_u is None  # nothing kept for the next step
+    assert not hasattr(m, "_eval_logits_u")  # the logits travel in the step's ForwardPlan, nothing is kept
 
 
 def test_allspark_unimatch_weak_forward_takes_the_training_forward_prediction(monkeypatch):

@@ -71,13 +71,7 @@ from semiseg.config import Config
 from semiseg.config.methods import AllSparkConfig, AllSparkKeys, AllSparkUniMatchConfig
 from semiseg.errors import ConfigError
 from semiseg.methods.base import Batch, Method, StepContext, StepResult, register_method
-from semiseg.methods.consistency import (
-    PseudoTarget,
-    apply_cutmix,
-    mask_ratio,
-    pseudo_target,
-    unsupervised_loss,
-)
+from semiseg.methods.consistency import ForwardPlan, mask_ratio, pseudo_target, unsupervised_loss
 from semiseg.methods.unimatch import UniMatch
 from semiseg.models.allspark_neck import AllSparkNeck, NeckPass, feature_grid
 from semiseg.models.common import eval_mode
@@ -219,8 +213,10 @@ class AllSparkUniMatch(AllSparkMixin, UniMatch):
     """UniMatch (feature perturbation, dual strong views, CutMix partner, optional EMA teacher,
     every ablation switch) with the AllSpark neck in the network; the loss is UniMatch's.
 
-    UniMatch's ``train_step`` runs unchanged; this class only tells the neck, through
-    :meth:`AllSparkNeck.plan`, which images of each of its training forwards are labelled:
+    UniMatch's ``train_step`` runs unchanged; this class only overrides the consistency base's
+    :meth:`~semiseg.methods.consistency.ConsistencyMethod.plan_forwards` hook, which tells the
+    neck, through :meth:`AllSparkNeck.plan`, which images of each of UniMatch's training
+    forwards (laid out as its ``joint_strong_pass`` says) are labelled:
 
     * ``forward_fp(cat(img_x, img_u_w))`` (or ``model(cat(img_x, img_u_w))`` without the fp
       stream): ``img_x`` labelled, the weak views unlabelled -- the official AllSpark layout. The
@@ -272,49 +268,25 @@ class AllSparkUniMatch(AllSparkMixin, UniMatch):
         choose_logit_resize(cfg, model, align_corners=True)  # UniMatch's forward
         super().__init__(cfg, model, num_classes, ignore_index)
         self.strong_labeled = self.mcfg.strong_labeled
-        self._eval_logits_u: Optional[torch.Tensor] = None  # set by neck_passes for one step
-
-    def first_pass_unlabeled(self, batch: Batch) -> torch.Tensor:
-        """The unlabelled images of UniMatch's first training forward (those that fill the memory)."""
-        u = batch.unlabeled
-        if self.feature_perturbation or self.teacher is None:
-            return u["weak"]
-        n = self.num_strong_views
-        partners = self.mix_partner_images(batch, n)
-        return torch.cat([apply_cutmix(u[f"strong_{k}"], partner, u[f"box_{k}"])
-                          for k, partner in enumerate(partners, start=1)])
 
     def labels_from_eval_pass(self) -> bool:
         """Whether the weak view's pseudo labels come from the eval-mode pass (the labelled branch)."""
         return self.teacher is None and self.mcfg.pseudo_label_source == "eval_pass"
 
-    def neck_passes(self, batch: Batch, ctx: StepContext) -> list[NeckPass]:
-        """The neck's layout of UniMatch's training forwards; makes the eval-mode pass on the
-        first forward's unlabelled images (grouping map, and pseudo labels with ``eval_pass``)."""
+    def plan_forwards(self, batch: Batch, strong_images, ctx: StepContext) -> ForwardPlan:
+        """The neck's layout of UniMatch's training forwards, and the eval-mode pass on the first
+        forward's unlabelled images (those that fill the memory): its logits give the grouping
+        map, and with ``eval_pass`` the weak view's pseudo labels."""
         num_lb = batch.labeled["image"].shape[0]
-        grouping = None
+        first_unlabeled = torch.cat(list(strong_images)) if self.joint_strong_pass else batch.unlabeled["weak"]
+        grouping = weak_logits = None
         if self.mcfg.memory or self.labels_from_eval_pass():
-            logits = self.eval_logits(self.pseudo_labeler, self.first_pass_unlabeled(batch), ctx)
+            logits = self.eval_logits(self.pseudo_labeler, first_unlabeled, ctx)
             grouping = self.grouping_map(logits) if self.mcfg.memory else None
-            self._eval_logits_u = logits if self.labels_from_eval_pass() else None
+            weak_logits = logits if self.labels_from_eval_pass() else None
         passes = [NeckPass(num_lb, grouping)]
-        if self.feature_perturbation or self.teacher is None:
+        if not self.joint_strong_pass:
             passes.append(NeckPass(0))  # the strong views' pass
-        return passes
-
-    def weak_and_partner_targets(self, weak_logits: Optional[torch.Tensor], unlabeled: dict,
-                                 partner: Optional[PseudoTarget], ctx: StepContext
-                                 ) -> tuple[PseudoTarget, PseudoTarget]:
-        if self._eval_logits_u is not None:
-            weak_logits = self._eval_logits_u  # the labelled branch's prediction of the weak view
-        return super().weak_and_partner_targets(weak_logits, unlabeled, partner, ctx)
-
-    def train_step(self, batch: Batch, ctx: StepContext) -> StepResult:
         use_memory = self.memory_in_use(ctx)
-        try:
-            with self.neck.plan(self.neck_passes(batch, ctx), use_memory=use_memory):
-                result = super().train_step(batch, ctx)
-        finally:
-            self._eval_logits_u = None
-        result.logs["memory_in_use"] = float(use_memory)
-        return result
+        return ForwardPlan(self.neck.plan(passes, use_memory=use_memory), weak_logits,
+                           {"memory_in_use": float(use_memory)})

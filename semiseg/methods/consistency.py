@@ -30,8 +30,9 @@ and :meth:`~ConsistencyMethod.separate_partner_target` pass each batch's ``tags`
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-from typing import Callable, NamedTuple, Optional
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from typing import Callable, NamedTuple, Optional, Sequence, TypeVar, Union
 
 import torch
 import torch.nn.functional as F
@@ -127,11 +128,39 @@ def mask_ratio(target: PseudoTarget, conf_thresh: float) -> torch.Tensor:
 # Common base of FixMatch, UniMatch and Mean Teacher
 
 
+@dataclass
+class ForwardPlan:
+    """What a subclass adds around one step's training forwards (:meth:`ConsistencyMethod.plan_forwards`).
+
+    ``scope``: a context entered around the training forwards (AllSpark: the neck's layout of
+    each forward); ``weak_logits``: logits of the weak view made before the forwards, which the
+    weak pseudo labels then come from instead of the student's weak forward (AllSpark: an
+    eval-mode pass through the labelled branch); ``logs``: extra step logs."""
+
+    scope: AbstractContextManager = field(default_factory=nullcontext)
+    weak_logits: Optional[torch.Tensor] = None
+    logs: dict = field(default_factory=dict)
+
+
+T = TypeVar("T", bound=Union[torch.Tensor, Sequence[torch.Tensor]])
+
+
 class ConsistencyMethod(Method):
     """Base class: EMA teacher (optional), CutMix partner, evaluation of student and teacher.
 
-    Subclasses write ``train_step``. ``self.teacher`` is an :class:`EMATeacher` or None;
-    pseudo labels come from :attr:`pseudo_labeler`, the teacher when there is one.
+    Subclasses write ``train_step`` from the pieces here, and extend a recipe by overriding a
+    hook instead of copying its step:
+
+    * :meth:`partner_of` / :meth:`mix_partner_images` / :meth:`mixed_strong_views`: who the
+      CutMix partner is (the separate batch or the batch reversed) and the mixed strong views;
+    * :attr:`joint_strong_pass`: how the student's training forwards are laid out (labelled +
+      weak, then the strong views; or labelled + strong views in one pass);
+    * :meth:`plan_forwards`: what goes around those forwards, and where the weak view's
+      pseudo-label logits come from when not from the student's weak forward (the teacher, if
+      any, always makes them: :meth:`weak_and_partner_targets`).
+
+    ``self.teacher`` is an :class:`EMATeacher` or None; pseudo labels come from
+    :attr:`pseudo_labeler`, the teacher when there is one.
     """
 
     uses_unlabeled = True
@@ -181,11 +210,40 @@ class ConsistencyMethod(Method):
             target_w = self.weak_target(weak_logits, unlabeled)
         return target_w, partner if partner is not None else target_w.flip()
 
+    def partner_of(self, batch: Batch, own: T, of_mix_batch: Callable[[dict], T]) -> T:
+        """The CutMix partner's counterpart of ``own`` (a tensor, or a list or tuple of tensors,
+        of the unlabelled batch): ``of_mix_batch(batch.unlabeled_mix)`` with ``mix_source:
+        separate_batch``, else ``own`` reversed along the batch (image ``i`` mixes with image
+        ``B - 1 - i``, UniMatch V2's in-batch partner)."""
+        if self.mcfg.mix_source == "separate_batch":
+            return of_mix_batch(batch.unlabeled_mix)
+        if isinstance(own, torch.Tensor):
+            return own.flip(0)
+        return type(own)(t.flip(0) for t in own)
+
     def mix_partner_images(self, batch: Batch, num_views: int) -> list[torch.Tensor]:
         """The partner's strong views, one per strong view of the unlabelled batch."""
-        if self.mcfg.mix_source == "separate_batch":
-            return [batch.unlabeled_mix[f"strong_{k}"] for k in range(1, num_views + 1)]
-        return [batch.unlabeled[f"strong_{k}"].flip(0) for k in range(1, num_views + 1)]
+        views = [f"strong_{k}" for k in range(1, num_views + 1)]
+        return self.partner_of(batch, [batch.unlabeled[v] for v in views], lambda mix: [mix[v] for v in views])
+
+    def mixed_strong_views(self, batch: Batch, num_views: int) -> list[torch.Tensor]:
+        """Strong view ``k`` of the unlabelled batch CutMix-ed with the partner's strong view ``k``
+        through its own box ``box_k``, for ``k = 1 .. num_views``."""
+        u = batch.unlabeled
+        return [apply_cutmix(u[f"strong_{k}"], partner, u[f"box_{k}"])
+                for k, partner in enumerate(self.mix_partner_images(batch, num_views), start=1)]
+
+    @property
+    def joint_strong_pass(self) -> bool:
+        """The layout of the student's training forwards: True when the labelled and the strong
+        images share one pass and the student never sees the weak view (with an EMA teacher,
+        UniMatch V2's layout); False for ``model(cat(img_x, img_u_w))`` and then the strong views."""
+        return self.teacher is not None
+
+    def plan_forwards(self, batch: Batch, strong_images: Sequence[torch.Tensor], ctx: StepContext) -> ForwardPlan:
+        """Called once a step, after the strong views are mixed and before any forward pass:
+        what goes around the training forwards (see :class:`ForwardPlan`). Nothing by default."""
+        return ForwardPlan()
 
     def separate_partner_target(self, batch: Batch, ctx: StepContext) -> Optional[PseudoTarget]:
         """With ``separate_batch``: the partner batch's pseudo labels from an eval-mode pass of

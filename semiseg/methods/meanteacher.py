@@ -76,17 +76,14 @@ class MeanTeacher(ConsistencyMethod):
         cfg = self.mcfg
         img_x, mask_x = batch.labeled["image"], batch.labeled["mask"]
         u = batch.unlabeled
-        img_u_w, img_u_s, ignore_mask, cutmix_box = u["weak"], u["strong_1"], u["ignore_mask"], u["box_1"]
+        img_u_w, ignore_mask, cutmix_box = u["weak"], u["ignore_mask"], u["box_1"]
 
+        # The teacher's probabilities of the weak view and of the CutMix partner's, mixed like the images.
         probs_w = self._teacher_probs(img_u_w, ctx)
-        if cfg.mix_source == "separate_batch":
-            mix = batch.unlabeled_mix
-            probs_mix, ignore_mask_mix = self._teacher_probs(mix["weak"], ctx), mix["ignore_mask"]
-        else:
-            probs_mix, ignore_mask_mix = probs_w.flip(0), ignore_mask.flip(0)
-        (img_u_s_mix,) = self.mix_partner_images(batch, 1)
+        probs_mix, ignore_mask_mix = self.partner_of(
+            batch, (probs_w, ignore_mask), lambda mix: (self._teacher_probs(mix["weak"], ctx), mix["ignore_mask"]))
 
-        img_u_s = apply_cutmix(img_u_s, img_u_s_mix, cutmix_box)
+        (img_u_s,) = self.mixed_strong_views(batch, 1)
         probs_s = apply_cutmix(probs_w, probs_mix, cutmix_box)
         target_s = pseudo_target_from_probs(probs_s, apply_cutmix(ignore_mask, ignore_mask_mix, cutmix_box))
 
