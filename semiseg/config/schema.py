@@ -14,6 +14,8 @@ from typing import Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 DATASETS = ("synthetic", "folder", "camvid", "pascal", "cityscapes", "coco", "ade20k")
+# model.head values; each is built by the head registered under it (semiseg.models.heads.register_head)
+HEADS = ("deeplabv3plus", "segformer")
 
 
 class Section(BaseModel):
@@ -106,7 +108,7 @@ class DataConfig(Section):
 
 class ModelConfig(Section):
     encoder: str = "resnet18"  # any timm model name that supports features_only
-    head: Literal["deeplabv3plus", "segformer"] = "deeplabv3plus"
+    head: Literal[HEADS] = "deeplabv3plus"  # type: ignore[valid-type]
     # true: timm's weights (needs the hub); a path: a local weights file; false: from scratch.
     pretrained: Union[bool, str] = False
     output_stride: Literal[8, 16, 32] = 16
