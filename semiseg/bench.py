@@ -53,7 +53,8 @@ def peak_memory_mb(device: torch.device) -> float:
 def run_bench(cfg: Config, steps: int = 10, warmup: int = 3, loader_batches: int = 10) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
-    from semiseg.engine.trainer import Trainer, set_threads
+    from semiseg.engine.precision import set_threads
+    from semiseg.engine.trainer import Trainer
 
     import tempfile
 

@@ -63,7 +63,7 @@ def cmd_train(args) -> int:
 
 def _threads(args, cfg) -> int:
     """``--threads`` if given, else the run's ``train.threads`` (``--set train.threads=N``)."""
-    from semiseg.engine.trainer import set_threads
+    from semiseg.engine.precision import set_threads
 
     return set_threads(args.threads if getattr(args, "threads", None) else cfg.train.threads)
 

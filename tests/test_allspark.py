@@ -705,3 +705,15 @@ def test_shipped_camvid_config_validates():
     assert cfg.model.head == "segformer" and cfg.data.crop_size == 128
     assert (cfg.train.unlabeled_batch_size or cfg.train.batch_size) == cfg.train.batch_size
     assert isinstance(AllSpark, type)
+
+
+def test_init_from_offers_the_neck_weights_to_the_method():
+    """``train.init_from`` an AllSpark run: the bare network takes its own weights, the method its neck's."""
+    source = build("allspark", model=tiny_model(seed=1))
+    source.train()
+    source.train_step(make_batch(seed=1), ctx())  # a filled memory too
+    extra = {k: v for k, v in source.model.state_dict().items() if k.startswith("neck.")}
+    target = build("allspark", model=tiny_model(seed=2))
+    target.take_init_weights({**extra, "something.else": torch.zeros(1)})
+    for k, v in extra.items():
+        assert torch.equal(target.model.state_dict()[k], v), k

@@ -15,7 +15,7 @@ import random
 import signal
 import sys
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -29,6 +29,7 @@ from semiseg.config import Config, load_config, save_config
 from semiseg.engine import distributed as D
 from semiseg.engine.logging import MetricsLogger, RunningMeans, to_float
 from semiseg.engine.optim import build_optimizer, poly_lr, set_lr
+from semiseg.engine.precision import autocast_factory, resolve_precision, set_threads, to_device
 from semiseg.engine.sampling import Stream
 from semiseg.errors import CheckpointError, ConfigError, DataError, SemisegError, warn
 
@@ -69,91 +70,6 @@ def new_run_dir(base: str | Path = "runs", name: str = "run") -> Path:
         path = Path(base) / f"{stamp}-{name}-{i}"
         i += 1
     return path
-
-
-def cpu_has_native_bf16(cpuinfo: Optional[str] = None) -> bool:
-    """True when the CPU executes bf16 dot products natively (AVX-512 BF16 or AMX), read from
-    ``/proc/cpuinfo`` (or the given text); False where that cannot be read. Without them bf16 is
-    emulated and slower than fp32."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return False
-    for line in cpuinfo.splitlines():
-        if line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-            return bool(flags & {"avx512_bf16", "amx_bf16"})
-    return False
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """``train.precision: auto`` (the default) is ``bf16`` on a CPU with native bf16 and ``fp32``
-    everywhere else, CUDA included.
-
-    Measured on the CamVid-CPU v1 protocol (BENCHMARKS.md): on an AVX-512 BF16 CPU, bf16 autocast
-    makes the UniMatch step 1.9x faster at unchanged mIoU. On CUDA nothing has been measured
-    here yet, so ``auto`` keeps fp32 there; ``bf16`` and ``fp16`` are one key away."""
-    if precision != "auto":
-        return precision
-    if device.type == "cpu" and cpu_has_native_bf16():
-        return "bf16"
-    return "fp32"
-
-
-def autocast_factory(precision: str, device: torch.device):
-    if precision == "fp32":
-        return nullcontext
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    if precision == "fp16" and device.type != "cuda":
-        raise SemisegError("config error: key 'train.precision': fp16 needs CUDA; use bf16 on the CPU")
-    return lambda: torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def to_device(batch: Optional[dict], device: torch.device, channels_last: bool = False) -> Optional[dict]:
-    if batch is None:
-        return None
-    out = {}
-    for k, v in batch.items():
-        if isinstance(v, torch.Tensor):
-            v = v.to(device, non_blocking=True)
-            if channels_last and v.dim() == 4:
-                v = v.contiguous(memory_format=torch.channels_last)
-        out[k] = v
-    return out
-
-
-def load_init_weights(model: nn.Module, path: str) -> dict:
-    """``train.init_from``: copy the network weights of an earlier run (its best checkpoint if
-    it has one) into ``model``; optimiser and schedule start fresh.
-
-    Every weight of ``model`` must be in the checkpoint with the same shape. Weights of parts
-    a method attaches later (AllSpark's ``neck.*``) are returned, to be loaded once the method
-    has built them; a plain network started from such a run simply leaves them out.
-    """
-    from semiseg.engine.checkpoint import load_weights
-
-    state, _meta = load_weights(path)
-    weights = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")} or state
-    own = model.state_dict()
-    bad = [k for k, v in weights.items() if k in own and own[k].shape != v.shape]
-    missing = [k for k in own if k not in weights]
-    if bad or missing:
-        what = (f"shape mismatch at {bad[0]} ({tuple(weights[bad[0]].shape)} vs {tuple(own[bad[0]].shape)})"
-                if bad else f"missing {missing[0]}")
-        raise CheckpointError(
-            f"train.init_from {path}: weights do not fit this model ({what}); "
-            "same model.encoder, model.head and number of classes are required")
-    model.load_state_dict({k: weights[k] for k in own})
-    return {k: v for k, v in weights.items() if k.startswith("neck.")}
-
-
-def set_threads(threads) -> int:
-    """``train.threads`` (or ``--threads``): ``"auto"`` keeps torch's default, a number sets
-    ``torch.set_num_threads``. Returns the number of threads now in use."""
-    if threads not in (None, "auto"):
-        torch.set_num_threads(int(threads))
-    return torch.get_num_threads()
 
 
 # Keys a resumed run may change: budget, schedule of evaluations/checkpoints/logs, and how the
@@ -282,7 +198,7 @@ class Trainer:
         optimiser and the precision set-up. Writes nothing."""
         from semiseg.data.build import build_eval_set, build_train_sets
         from semiseg.data.datasets import dataset_info
-        from semiseg.engine.checkpoint import CheckpointManager
+        from semiseg.engine.checkpoint import CheckpointManager, load_init_weights
         from semiseg.methods import build_method
         from semiseg.models import build_model
 
@@ -300,8 +216,8 @@ class Trainer:
         if tc.channels_last:
             model.to(memory_format=torch.channels_last)
         self.method = build_method(cfg, model, self.info.num_classes, self.info.ignore_index).to(self.device)
-        if later_weights and getattr(model, "neck", None) is not None:
-            model.load_state_dict(later_weights, strict=False)
+        if later_weights:
+            self.method.take_init_weights(later_weights)
         D.broadcast_module(self.method)
         if tc.compile:
             for part in (model.encoder, model.decoder):

@@ -149,6 +149,12 @@ class AllSparkMixin:
         logits = logits.detach().float()
         return logits if self.mcfg.grouping_source == "logits" else logits.softmax(dim=1)
 
+    def take_init_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        """``train.init_from`` a run with an AllSpark neck: its ``neck.*`` weights (the memory too)."""
+        neck = {k: v for k, v in weights.items() if k.startswith("neck.")}
+        if neck:
+            self.model.load_state_dict(neck, strict=False)
+
     @torch.no_grad()
     def eval_logits(self, net: nn.Module, image: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         """Logits of an eval-mode, no-grad pass of ``net`` (restoring its mode afterwards), the

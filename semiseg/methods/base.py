@@ -107,6 +107,11 @@ class Method(nn.Module):
     def after_step(self, ctx: StepContext) -> None:
         """Called after the optimiser step (EMA updates and the like)."""
 
+    def take_init_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        """``train.init_from``: the start run's network weights that the bare network lacks
+        (parts a method attaches, such as AllSpark's ``neck.*``), offered once the method is
+        built; a method takes the ones that are its own. The base takes none."""
+
     def param_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
         """(encoder parameters, everything else trained by the optimiser)."""
         enc, head = self.model.param_groups()
