@@ -55,7 +55,7 @@ def main(argv=None) -> dict:
     from semiseg.data.datasets import dataset_info
     from semiseg.engine.evaluator import evaluate, predict_logits
     from semiseg.engine.metrics import ConfusionMatrix
-    from semiseg.engine.trainer import set_threads
+    from semiseg.engine.precision import set_threads
     from semiseg.models import build_model
     from semiseg.models.pretrained import resolve_normalization
 

@@ -1,7 +1,8 @@
 """``semiseg bench CONFIG``: how fast one training step of the configured method runs here.
 
-After ``warmup`` steps, ``steps`` full training steps (batch fetch, ``train_step``, backward,
-optimiser step, ``after_step``) are timed with the trainer's own code. Reported:
+After ``warmup`` steps, ``steps`` full training steps are timed: :meth:`Trainer.step`, the very
+step ``semiseg train`` runs (batch fetch, ``train_step``, backward, gradient averaging across
+ranks, ``train.grad_clip``, optimiser step, BatchNorm averaging, ``after_step``). Reported:
 
 * ``sec_per_step`` and ``images_per_sec`` (labelled + unlabelled + CutMix-partner images);
 * ``peak_memory_mb``: resident set size on the CPU, ``max_memory_allocated`` on CUDA;
@@ -52,27 +53,20 @@ def peak_memory_mb(device: torch.device) -> float:
 def run_bench(cfg: Config, steps: int = 10, warmup: int = 3, loader_batches: int = 10) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
-    from semiseg.engine.trainer import Trainer, set_threads
+    from semiseg.engine.precision import set_threads
+    from semiseg.engine.trainer import Trainer
 
     import tempfile
 
     trainer = Trainer(cfg, run_dir=tempfile.mkdtemp(prefix="semiseg-bench-"), progress=False)
     set_threads(cfg.train.threads)
-    trainer._build()
+    trainer.build()
     device = trainer.device
     streams = {k: s.iterate_from(0) for k, s in trainer.streams.items()}
     images_per_step = sum(s.sampler.batch_size for s in trainer.streams.values())
 
     def step(i: int):
-        batch = trainer._next_batch(streams)
-        ctx = trainer._context(i, cfg.train.lr)
-        trainer.method.train()
-        result = trainer.method.train_step(batch, ctx)
-        trainer.optimizer.zero_grad(set_to_none=True)
-        trainer.scaler.scale(result.loss).backward()
-        trainer.scaler.step(trainer.optimizer)
-        trainer.scaler.update()
-        trainer.method.after_step(ctx)
+        trainer.step(i, streams)  # the step ``semiseg train`` runs, nothing re-implemented
 
     for i in range(warmup):
         step(i)

@@ -25,11 +25,12 @@ def _add_set(p: argparse.ArgumentParser) -> None:
 # ----------------------------------------------------------------------------------- verbs
 def cmd_train(args) -> int:
     from semiseg.config import load_config
-    from semiseg.engine.trainer import Trainer, config_differences, resume_config
 
     if args.resume:
         if not args.out:
             raise SemisegError("--resume needs --out RUN_DIR (the run to continue)")
+        from semiseg.engine.trainer import config_differences, resume_config
+
         # the run's own saved config, changed only by --set of the keys a resume may change
         cfg, _changes = resume_config(args.out, overrides=args.overrides)
         if args.config:  # allowed for old resume commands, but it must describe this run
@@ -44,7 +45,9 @@ def cmd_train(args) -> int:
         if not args.config:
             raise SemisegError("train: give a CONFIG (a YAML file or a built-in name such as camvid), or "
                                "--out RUN_DIR --resume to continue a run")
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides)  # a config error is reported before torch loads
+    from semiseg.engine.trainer import Trainer
+
     name = Path(args.config).stem if args.config else "run"
     trainer = Trainer(cfg, args.out, resume=args.resume, config_name=name)
     result = trainer.fit()
@@ -60,7 +63,7 @@ def cmd_train(args) -> int:
 
 def _threads(args, cfg) -> int:
     """``--threads`` if given, else the run's ``train.threads`` (``--set train.threads=N``)."""
-    from semiseg.engine.trainer import set_threads
+    from semiseg.engine.precision import set_threads
 
     return set_threads(args.threads if getattr(args, "threads", None) else cfg.train.threads)
 
@@ -265,9 +268,10 @@ def _group_problems(problems: list[str], show: int = 3) -> list[str]:
 
 def cmd_check_data(args) -> int:
     from semiseg.config import load_config
+
+    cfg = load_config(args.config, args.overrides)  # a config error is reported before torch loads
     from semiseg.data.build import check_dataset, dataset_summary
 
-    cfg = load_config(args.config, args.overrides)
     hints: list[str] = []
     problems = check_dataset(cfg, hints=hints)
     try:
@@ -314,10 +318,12 @@ def cmd_pseudo_label(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from semiseg.bench import main as bench_main
     from semiseg.config import load_config
 
-    return bench_main(load_config(args.config, args.overrides), args.steps, args.warmup, args.json)
+    cfg = load_config(args.config, args.overrides)  # a config error is reported before torch loads
+    from semiseg.bench import main as bench_main
+
+    return bench_main(cfg, args.steps, args.warmup, args.json)
 
 
 def cmd_demo(args) -> int:

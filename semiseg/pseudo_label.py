@@ -33,15 +33,22 @@ from PIL import Image
 from torch import nn
 
 from semiseg.data import IGNORE_INDEX
+from semiseg.data.build import EvalSet
+from semiseg.data.datasets import dataset_info, list_samples, read_split_file, resolve_root
+from semiseg.data.io import read_image
+from semiseg.data.splits import resolve_labeled
+from semiseg.data.tags import TagSource, build_tag_source, resolve_background
+from semiseg.data.transforms import base_resize, normalize
+from semiseg.engine.evaluator import predict_logits
+from semiseg.engine.metrics import ConfusionMatrix
 from semiseg.errors import DataError
+from semiseg.methods.cce import restrict_logits, tags_from_labels
+from semiseg.models.common import eval_mode
 
 
 def split_samples(cfg, split: str):
     """The samples of ``split``: ``unlabeled`` / ``labeled`` (the config's partition of the
     training split), a split file, or a split name of the dataset."""
-    from semiseg.data.datasets import list_samples, read_split_file, resolve_root
-    from semiseg.data.splits import resolve_labeled
-
     data = cfg.data
     if split in ("unlabeled", "labeled"):
         labeled, unlabeled = resolve_labeled(data, list_samples(data, data.train_split))
@@ -65,9 +72,6 @@ def restricted_prediction(net: nn.Module, image: torch.Tensor, tags: torch.Tenso
                           ) -> torch.Tensor:
     """``(B, H, W)`` labels: the tag-restricted argmax of ``net``'s (test-time augmented) logits
     of ``image`` ``(B, 3, h, w)``, resized bilinearly to ``out_size = (H, W)`` first."""
-    from semiseg.engine.evaluator import predict_logits
-    from semiseg.methods.cce import restrict_logits
-
     logits = predict_logits(net, image, eval_cfg, num_classes, crop_size)
     if out_size is not None and tuple(logits.shape[-2:]) != tuple(out_size):
         logits = F.interpolate(logits, size=tuple(out_size), mode="bilinear", align_corners=False)
@@ -77,14 +81,8 @@ def restricted_prediction(net: nn.Module, image: torch.Tensor, tags: torch.Tenso
 def write_pseudo_labels(cfg, net: nn.Module, samples, out_dir: str | Path, num_classes: int,
                         device: str | torch.device = "cpu", progress: bool = False) -> list[Path]:
     """One ``<id>.png`` per sample in ``out_dir`` (tag-restricted labels at the original size)."""
-    from semiseg.data.io import read_image
-    from semiseg.data.tags import TagSource, build_tag_source, resolve_background
-    from semiseg.data.transforms import base_resize, normalize
-
     tags_source = build_tag_source(cfg.data)
     if tags_source is None:  # no data.tags: the masks are the only possible source
-        from semiseg.data.datasets import dataset_info
-
         info = dataset_info(cfg.data)
         tags_source = TagSource(num_classes, list(info.class_names), resolve_background(cfg.data, info.class_names),
                                 cfg.data.tags_min_pixels)
@@ -92,15 +90,13 @@ def write_pseudo_labels(cfg, net: nn.Module, samples, out_dir: str | Path, num_c
     out.mkdir(parents=True, exist_ok=True)
     eval_cfg, crop = _eval_cfg(cfg), cfg.eval.crop_size or cfg.data.crop_size
     device = torch.device(device)
-    was_training = net.training
-    net.eval()
     written = []
     iterator = samples
     if progress:
         from tqdm import tqdm
 
         iterator = tqdm(samples, desc="pseudo-label", dynamic_ncols=True, leave=False)
-    try:
+    with eval_mode(net):
         for sample in iterator:
             tags = torch.from_numpy(tags_source.for_sample(sample)).unsqueeze(0)
             img = read_image(sample.image)
@@ -110,8 +106,6 @@ def write_pseudo_labels(cfg, net: nn.Module, samples, out_dir: str | Path, num_c
             path = out / f"{sample.id}.png"
             Image.fromarray(labels[0].cpu().numpy().astype(np.uint8), mode="L").save(path)
             written.append(path)
-    finally:
-        net.train(was_training)
     return written
 
 
@@ -119,10 +113,6 @@ def score_with_tags(cfg, net: nn.Module, split: str, num_classes: int, device: s
                     background: Optional[int] = None) -> dict:
     """mIoU etc. of the tag-restricted predictions on ``split`` (a split with masks), the tags
     of each image derived from its ground truth (any pixel; ``background`` always)."""
-    from semiseg.data.build import EvalSet
-    from semiseg.engine.metrics import ConfusionMatrix
-    from semiseg.methods.cce import tags_from_labels
-
     samples = split_samples(cfg, split)
     if any(s.mask is None for s in samples):
         raise DataError(f"--score: split '{split}' has images without masks; scoring needs ground truth")
@@ -130,9 +120,7 @@ def score_with_tags(cfg, net: nn.Module, split: str, num_classes: int, device: s
     eval_cfg, crop = _eval_cfg(cfg), cfg.eval.crop_size or cfg.data.crop_size
     device = torch.device(device)
     cm = ConfusionMatrix(num_classes, IGNORE_INDEX, device=device)
-    was_training = net.training
-    net.eval()
-    try:
+    with eval_mode(net):
         for i in range(len(dataset)):
             item = dataset[i]
             if "image" not in item:  # a file that cannot be read
@@ -142,8 +130,6 @@ def score_with_tags(cfg, net: nn.Module, split: str, num_classes: int, device: s
             pred = restricted_prediction(net, item["image"].unsqueeze(0).to(device), tags, eval_cfg, num_classes,
                                          crop, tuple(mask.shape[-2:]))
             cm.update(pred, mask)
-    finally:
-        net.train(was_training)
     result = cm.compute()
     result["images"] = len(dataset)
     return result

@@ -158,7 +158,7 @@ def evaluate_best(run_dir: Path, num_images: int = 4, device: Optional[str] = No
     from semiseg.api import build_method_from_checkpoint, check_classes, inference_layout
     from semiseg.data.build import build_eval_set
     from semiseg.engine.evaluator import class_map, evaluate, predict_logits
-    from semiseg.engine.trainer import set_threads
+    from semiseg.engine.precision import set_threads
     from semiseg.viz import colorize
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")

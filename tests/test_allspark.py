@@ -538,7 +538,7 @@ def test_allspark_unimatch_pseudo_labels_come_from_the_labelled_branch_by_defaul
     assert torch.allclose(fp_target.confidence, expected.confidence, atol=1e-5)
     box = batch.unlabeled["box_1"]
     assert torch.equal(targets[0].pseudo_label, expected.pseudo_label.where(box != 1, expected.pseudo_label.flip(0)))
-    assert m._eval_logits_u is None  # nothing kept for the next step
+    assert not hasattr(m, "_eval_logits_u")  # the logits travel in the step's ForwardPlan, nothing is kept
 
 
 def test_allspark_unimatch_weak_forward_takes_the_training_forward_prediction(monkeypatch):
@@ -705,3 +705,15 @@ def test_shipped_camvid_config_validates():
     assert cfg.model.head == "segformer" and cfg.data.crop_size == 128
     assert (cfg.train.unlabeled_batch_size or cfg.train.batch_size) == cfg.train.batch_size
     assert isinstance(AllSpark, type)
+
+
+def test_init_from_offers_the_neck_weights_to_the_method():
+    """``train.init_from`` an AllSpark run: the bare network takes its own weights, the method its neck's."""
+    source = build("allspark", model=tiny_model(seed=1))
+    source.train()
+    source.train_step(make_batch(seed=1), ctx())  # a filled memory too
+    extra = {k: v for k, v in source.model.state_dict().items() if k.startswith("neck.")}
+    target = build("allspark", model=tiny_model(seed=2))
+    target.take_init_weights({**extra, "something.else": torch.zeros(1)})
+    for k, v in extra.items():
+        assert torch.equal(target.model.state_dict()[k], v), k

@@ -34,3 +34,27 @@ def test_bench_cli_json():
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout.strip().splitlines()[-1])["method"] == "supervised"
+
+
+def test_bench_times_the_step_train_runs(tmp_path, monkeypatch):
+    """``semiseg bench`` and ``semiseg train`` call one and the same ``Trainer.step``, gradient
+    averaging and clipping included: nothing of the step is re-implemented for the benchmark."""
+    import torch
+
+    from semiseg.engine import trainer as T
+
+    calls, clips = [], []
+    real_step, real_clip = T.Trainer.step, torch.nn.utils.clip_grad_norm_
+
+    def spy_step(self, it, batches):
+        calls.append(it)
+        return real_step(self, it, batches)
+
+    monkeypatch.setattr(T.Trainer, "step", spy_step)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda *a, **k: clips.append(1) or real_clip(*a, **k))
+    clip = ["train.grad_clip=1.0", "train.eval_every=0", "train.iters=2"]
+    run_bench(load_config("synthetic", TINY + clip), steps=1, warmup=1, loader_batches=1)
+    assert calls == [0, 1, 2] and len(clips) == 3  # warm-up, the FLOP count, the timed step
+    calls.clear(), clips.clear()
+    T.Trainer(load_config("synthetic", TINY + clip), tmp_path / "run", progress=False).fit()
+    assert calls == [0, 1] and len(clips) == 2

@@ -31,10 +31,10 @@ from semiseg.methods.contrastive_memory import (
 from semiseg.methods.memory_bank import (
     ClassMemory,
     class_memory_loss,
-    gather_from_ranks,
     memory_candidates,
     rank_for_memory,
 )
+from semiseg.models.common import gather_from_ranks
 
 K = 3  # classes
 

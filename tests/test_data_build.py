@@ -6,12 +6,10 @@ import numpy as np
 import pytest
 import torch
 from conftest import write_png
-from torch.utils.data import Dataset
 
 from semiseg.config import load_config
 from semiseg.data import IGNORE_INDEX
-from semiseg.data.build import (LabeledSet, UnlabeledSet, build_eval_set, build_train_sets, make_loader,
-                                set_epoch)
+from semiseg.data.build import LabeledSet, UnlabeledSet, build_eval_set, build_train_sets
 from semiseg.data.datasets import list_samples
 from semiseg.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
@@ -120,46 +118,3 @@ def test_labeled_set_is_repeated_to_the_unlabeled_length(make_folder_dataset, fo
     assert sets.info.num_classes == 3
     alone = build_train_sets(cfg, num_strong=0, with_unlabeled=False)
     assert len(alone.labeled) == 4 and alone.unlabeled is None
-
-
-# ------------------------------------------------------------------------------ loaders
-class Draws(Dataset):
-    """Its index and one draw from each global generator, as an augmentation would make."""
-
-    def __len__(self):
-        return 12
-
-    def __getitem__(self, i):
-        return torch.tensor([i, random.random(), np.random.rand(), torch.rand(()).item()], dtype=torch.float64)
-
-
-def epoch_batches(loader, epoch):
-    set_epoch(loader, epoch)
-    return [b for b in loader]
-
-
-def test_same_seed_and_epoch_give_the_same_order():
-    a, b = make_loader(Draws(), 4, seed=7), make_loader(Draws(), 4, seed=7)
-    order = lambda batches: torch.cat(batches)[:, 0].tolist()  # noqa: E731
-    assert order(epoch_batches(a, 3)) == order(epoch_batches(b, 3))
-    assert order(epoch_batches(a, 3)) != order(epoch_batches(a, 4))  # re-shuffled per epoch
-    assert order(epoch_batches(b, 4)) == order(epoch_batches(a, 4))  # resuming at epoch 4 replays it
-    assert sorted(order(epoch_batches(a, 0))) == list(range(12))
-    assert order(epoch_batches(make_loader(Draws(), 4, shuffle=False), 5)) == list(range(12))
-
-
-def test_ranks_get_disjoint_shards():
-    shards = [torch.cat(epoch_batches(make_loader(Draws(), 3, seed=1, rank=r, world_size=2), 2))[:, 0].tolist()
-              for r in range(2)]
-    assert len(shards[0]) == len(shards[1]) == 6 and not set(shards[0]) & set(shards[1])
-
-
-def test_workers_are_seeded_reproducibly():
-    runs = []
-    for _ in range(2):
-        loader = make_loader(Draws(), 3, seed=5, workers=2)
-        runs.append(torch.cat(epoch_batches(loader, 0)))
-        del loader
-    assert torch.equal(runs[0], runs[1])  # order and every worker's random draws replay
-    draws = runs[0][:, 1:]
-    assert len(torch.unique(draws[:, 0])) == 12  # workers do not repeat each other's draws

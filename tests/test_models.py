@@ -229,3 +229,33 @@ def test_pretrained_true_without_network(monkeypatch):
     monkeypatch.setattr(timm, "create_model", no_hub)
     with pytest.raises(SemisegError, match=r"could not fetch pretrained weights for encoder 'resnet18' \(no network\?\)"):
         make("resnet18", pretrained=True)
+
+
+def test_eval_mode_restores_every_submodule_also_after_an_error():
+    from semiseg.models.common import eval_mode, gather_from_ranks
+
+    net = nn.Sequential(nn.BatchNorm2d(2), nn.Dropout(0.5))
+    net[1].eval()  # a submodule in its own mode
+    with pytest.raises(RuntimeError), eval_mode(net):
+        assert not any(m.training for m in net.modules())
+        raise RuntimeError
+    assert [m.training for m in net.modules()] == [True, True, False]
+    rows = torch.ones(3, 2)
+    assert gather_from_ranks(rows) is rows  # no process group: a no-op
+
+
+def test_every_config_head_name_has_a_registered_builder():
+    from semiseg.config import HEADS
+    from semiseg.models.heads import HEAD_BUILDERS, register_head
+
+    assert set(HEAD_BUILDERS) == set(HEADS)
+    assert isinstance(make(head="segformer").decoder, SegFormerHead)
+
+    @register_head("probe")  # a new head needs a builder here and its name in semiseg.config.schema.HEADS
+    def build_probe(model_cfg, channels, reductions, num_classes):
+        return nn.Identity()
+
+    try:
+        assert HEAD_BUILDERS["probe"] is build_probe
+    finally:
+        del HEAD_BUILDERS["probe"]

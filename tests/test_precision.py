@@ -4,6 +4,7 @@ really runs the chosen precision (autocast dtype of the forward, fp32 master wei
 import pytest
 import torch
 
+import semiseg.engine.precision as P
 import semiseg.engine.trainer as T
 from semiseg.config import load_config
 from semiseg.errors import SemisegError
@@ -19,23 +20,23 @@ TINY = [
 
 
 def test_native_bf16_is_read_from_the_cpu_flags():
-    assert T.cpu_has_native_bf16(ZEN4)
-    assert T.cpu_has_native_bf16(SAPPHIRE)
-    assert not T.cpu_has_native_bf16(ZEN3)
-    assert not T.cpu_has_native_bf16("")  # no flags line: assume emulation
+    assert P.cpu_has_native_bf16(ZEN4)
+    assert P.cpu_has_native_bf16(SAPPHIRE)
+    assert not P.cpu_has_native_bf16(ZEN3)
+    assert not P.cpu_has_native_bf16("")  # no flags line: assume emulation
 
 
 @pytest.mark.parametrize("native, expected", [(True, "bf16"), (False, "fp32")])
 def test_auto_is_bf16_only_on_a_cpu_with_native_bf16(monkeypatch, native, expected):
-    monkeypatch.setattr(T, "cpu_has_native_bf16", lambda cpuinfo=None: native)
-    assert T.resolve_precision("auto", torch.device("cpu")) == expected
+    monkeypatch.setattr(P, "cpu_has_native_bf16", lambda cpuinfo=None: native)
+    assert P.resolve_precision("auto", torch.device("cpu")) == expected
 
 
 def test_auto_keeps_fp32_on_cuda_and_explicit_values_pass_through(monkeypatch):
-    monkeypatch.setattr(T, "cpu_has_native_bf16", lambda cpuinfo=None: True)
-    assert T.resolve_precision("auto", torch.device("cuda", 0)) == "fp32"
+    monkeypatch.setattr(P, "cpu_has_native_bf16", lambda cpuinfo=None: True)
+    assert P.resolve_precision("auto", torch.device("cuda", 0)) == "fp32"
     for p in ("fp32", "bf16", "fp16"):
-        assert T.resolve_precision(p, torch.device("cpu")) == p
+        assert P.resolve_precision(p, torch.device("cpu")) == p
 
 
 def test_auto_is_the_default():
@@ -44,7 +45,7 @@ def test_auto_is_the_default():
 
 def test_fp16_on_the_cpu_is_a_config_error():
     with pytest.raises(SemisegError, match=r"train\.precision.*fp16 needs CUDA"):
-        T.autocast_factory("fp16", torch.device("cpu"))
+        P.autocast_factory("fp16", torch.device("cpu"))
 
 
 def test_unknown_precision_names_the_key():
@@ -56,7 +57,7 @@ def test_unknown_precision_names_the_key():
 def test_trainer_forward_runs_in_the_chosen_precision(tmp_path, precision, dtype):
     cfg = load_config(None, TINY + [f"train.precision={precision}"])
     trainer = T.Trainer(cfg, run_dir=tmp_path / "run", progress=False)
-    trainer._build()
+    trainer.build()
     assert trainer.precision == precision
     model = trainer.method.model
     with trainer.autocast():
@@ -70,10 +71,10 @@ def test_channels_last_converts_weights_and_batches(tmp_path, channels_last):
     cfg = load_config(None, TINY + [f"train.channels_last={channels_last}"])
     assert load_config(None, []).train.channels_last  # the default
     trainer = T.Trainer(cfg, run_dir=tmp_path / "run", progress=False)
-    trainer._build()
+    trainer.build()
     convs = [p for p in trainer.method.model.parameters() if p.dim() == 4 and p.shape[-1] > 1]
     assert convs and all(p.is_contiguous(memory_format=torch.channels_last) == channels_last for p in convs)
-    batch = T.to_device({"image": torch.randn(2, 3, 8, 8), "mask": torch.zeros(2, 8, 8)}, torch.device("cpu"),
+    batch = P.to_device({"image": torch.randn(2, 3, 8, 8), "mask": torch.zeros(2, 8, 8)}, torch.device("cpu"),
                         channels_last=channels_last)
     assert batch["image"].is_contiguous(memory_format=torch.channels_last) == channels_last
     assert batch["mask"].is_contiguous()

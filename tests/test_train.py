@@ -77,7 +77,7 @@ def test_resume_equals_uninterrupted(tmp_path):
 
 def test_init_from_copies_weights_with_fresh_optimizer(run, tmp_path):
     trainer = Trainer(tiny_cfg(f"train.init_from={run.run_dir}", "train.iters=1"), tmp_path / "ft", progress=False)
-    trainer._build()
+    trainer.build()
     best, _ = weights(run.run_dir, "best")
     own = trainer.method.state_dict()
     for k, v in best.items():

@@ -33,7 +33,7 @@ from typing import Optional, Union
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import Dataset
 
 from semiseg.config import Config, DataConfig
 from semiseg.data import IGNORE_INDEX
@@ -235,46 +235,6 @@ def build_eval_set(cfg: Union[Config, DataConfig], split: str = "val") -> EvalSe
     if unmasked is not None:
         raise DataError(f"image {unmasked.image} of split '{split}' has no mask: every evaluation image needs one")
     return EvalSet(samples, data)
-
-
-# ---------------------------------------------------------------------------------------------
-# Loaders
-
-
-def _loader_seed(seed: int, rank: int, epoch: int) -> int:
-    return int(np.random.SeedSequence([seed, rank, epoch]).generate_state(1)[0])
-
-
-def seed_worker(worker_id: int) -> None:
-    """``worker_init_fn``: seed ``random`` and numpy from the seed torch gave this worker
-    (derived from the loader's generator), as torch's reproducibility notes recommend."""
-    worker_seed = torch.initial_seed() % 2**32
-    random.seed(worker_seed)
-    np.random.seed(worker_seed)
-
-
-def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool = True, drop_last: bool = True, seed: int = 0,
-                workers: int = 0, rank: int = 0, world_size: int = 1) -> DataLoader:
-    """A DataLoader whose order is a function of ``(seed, epoch)`` only.
-
-    The sampler is a ``DistributedSampler`` in every case (with ``world_size=1`` it is simply a
-    permutation seeded with ``seed + epoch``), so ranks see disjoint shards and :func:`set_epoch`
-    re-draws the order identically after a restart. Workers seed ``random``, numpy and torch
-    from the loader's generator (seeded from ``seed``, ``rank`` and the epoch). With persistent
-    workers the worker generators are seeded once, at the first epoch; for augmentations that
-    replay exactly from any iteration use :class:`semiseg.engine.sampling.Stream`.
-    """
-    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=drop_last,
-                      worker_init_fn=seed_worker, generator=torch.Generator().manual_seed(_loader_seed(seed, rank, 0)),
-                      persistent_workers=workers > 0)
-
-
-def set_epoch(loader: DataLoader, epoch: int) -> None:
-    """Re-seed the order (and the workers' seeds) of a :func:`make_loader` loader for ``epoch``."""
-    sampler = loader.sampler
-    sampler.set_epoch(epoch)
-    loader.generator.manual_seed(_loader_seed(sampler.seed, sampler.rank, epoch))
 
 
 # ---------------------------------------------------------------------------------------------

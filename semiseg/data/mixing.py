@@ -24,11 +24,6 @@ def cutmix(a: torch.Tensor, b: torch.Tensor, box: torch.Tensor) -> torch.Tensor:
     return torch.where(take_b, b, a)
 
 
-def mix_targets(target_a: torch.Tensor, target_b: torch.Tensor, box: torch.Tensor) -> torch.Tensor:
-    """The targets of :func:`cutmix` ed images: labels, confidences, ignore masks ``(B, H, W)``."""
-    return cutmix(target_a, target_b, box)
-
-
 ClassMixVariant = Literal["classmix", "alonso"]
 
 
@@ -73,3 +68,12 @@ def classmix(source: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> 
     """Paste ``source`` onto ``target`` where ``mask`` is True (the pixels of the classes chosen
     from the source's labels). Shapes as in :func:`cutmix`."""
     return cutmix(target, source, mask)
+
+
+def mix_with_next(tensors: Sequence[torch.Tensor], masks: torch.Tensor) -> list[torch.Tensor]:
+    """ClassMix of a batch with itself: image ``j`` receives the masked pixels of image ``j + 1``
+    (cyclically), the mask being image ``j + 1``'s own ClassMix mask (:func:`classmix_masks` of
+    its labels; Alonso et al.'s official ``transformsgpu.mix``). Every tensor -- images
+    ``(B, C, H, W)``, labels and confidences ``(B, H, W)`` -- is mixed with the same mask."""
+    source_mask = masks.roll(-1, dims=0)
+    return [classmix(t.roll(-1, dims=0), t, source_mask) for t in tensors]

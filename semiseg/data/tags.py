@@ -237,10 +237,3 @@ def build_tag_source(data_cfg, info=None) -> Optional[TagSource]:
                         f"{' and '.join(str(c) for c in candidates)}); expected a CSV or JSON file, or 'masks'")
     return TagSource(info.num_classes, list(info.class_names), background, min_pixels,
                      entries=read_tags_file(path, list(info.class_names)), root=root, source=str(path))
-
-
-def as_float(tags: np.ndarray):
-    """Tags as the float32 tensor the batches carry."""
-    import torch
-
-    return torch.from_numpy(tags.astype(np.float32))

@@ -5,8 +5,8 @@ mask is an 8-bit ``L`` image (labels, or for unlabelled images an ignore mask). 
 comes from the global generators, as in UniMatch: Python's ``random`` for the geometric
 choices, numpy's for blur sigma and CutMix boxes, torch's inside torchvision's ``ColorJitter``
 and ``RandomGrayscale``. The data streams seed all three per sample
-(:class:`semiseg.engine.sampling.SeededDataset`), and :func:`semiseg.data.build.make_loader`
-seeds them per worker, so every draw is reproducible.
+(:class:`semiseg.engine.sampling.SeededDataset`), so every draw is reproducible whatever the
+number of loader workers.
 """
 
 from __future__ import annotations
@@ -20,9 +20,7 @@ from PIL import Image, ImageFilter, ImageOps
 from torchvision import transforms as T
 
 from semiseg.data import IGNORE_INDEX
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from semiseg.models.pretrained import IMAGENET_MEAN, IMAGENET_STD
 
 Mask = Optional[Image.Image]
 

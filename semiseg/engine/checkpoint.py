@@ -423,21 +423,26 @@ class CheckpointManager:
         return self.dir / f"iter_{it:07d}.safetensors"
 
     def save(self, it: int, tensors: dict[str, torch.Tensor], meta: dict, is_best: bool = False) -> Path:
-        """Write the full state of iteration ``it`` as ``last`` and ``iter_{it}`` (and the
-        ``model.*`` weights as ``best`` when ``is_best``), then prune. Returns the rolling path.
+        """Write the ``model.*`` weights as ``best`` when ``is_best``, then the full state of
+        iteration ``it`` as ``last`` and ``iter_{it}``, then prune. Returns the rolling path.
+        The only writer of ``best``.
 
-        ``last`` is written first, so after a crash it is never older than a rolling file.
-        Rolling files of later iterations than ``it`` belong to an abandoned timeline (a resume
-        that had to fall back past corrupt checkpoints) and are removed."""
+        ``best`` before ``last``: a kill between the two writes must not leave a ``last`` whose
+        ``best_mIoU`` already counts this evaluation while ``best`` still holds older weights (the
+        resumed run would never rewrite it); killed before ``last``, the resumed run repeats the
+        step and writes the same ``best`` again. ``last`` before the rolling file, so after a
+        crash it is never older than a rolling file. Rolling files of later iterations than
+        ``it`` belong to an abandoned timeline (a resume that had to fall back past corrupt
+        checkpoints) and are removed."""
         self.dir.mkdir(parents=True, exist_ok=True)
         self._remove_stale_tmp()
         meta = {**meta, "iter": meta.get("iter", it)}
-        save_checkpoint(self.last_path, tensors, meta)
-        rolling = self.rolling_path(it)
-        _link_or_copy(self.last_path, rolling)
         if is_best:
             weights = {k: v for k, v in tensors.items() if k.startswith(WEIGHTS_PREFIX)} or tensors
             save_checkpoint(self.best_path, weights, {**meta, "weights_only": True})
+        save_checkpoint(self.last_path, tensors, meta)
+        rolling = self.rolling_path(it)
+        _link_or_copy(self.last_path, rolling)
         self._prune(it, rolling)
         return rolling
 
@@ -500,3 +505,27 @@ def load_weights(path_or_run_dir: PathLike) -> tuple[dict[str, torch.Tensor], di
         tensors, meta = load_checkpoint(p)
     weights = tensors_to_state_dict(tensors, WEIGHTS_PREFIX[:-1])
     return (weights or tensors), meta
+
+
+def load_init_weights(model: torch.nn.Module, path: str) -> dict:
+    """``train.init_from``: copy the network weights of an earlier run (its best checkpoint if
+    it has one) into ``model``; optimiser and schedule start fresh.
+
+    Every weight of ``model`` must be in the checkpoint with the same shape. The checkpoint's
+    other weights are returned: parts a method attaches later (AllSpark's ``neck.*``), which
+    the method takes once it has built them (:meth:`semiseg.methods.Method.take_init_weights`);
+    a plain network started from such a run simply leaves them out.
+    """
+    state, _meta = load_weights(path)
+    weights = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")} or state
+    own = model.state_dict()
+    bad = [k for k, v in weights.items() if k in own and own[k].shape != v.shape]
+    missing = [k for k in own if k not in weights]
+    if bad or missing:
+        what = (f"shape mismatch at {bad[0]} ({tuple(weights[bad[0]].shape)} vs {tuple(own[bad[0]].shape)})"
+                if bad else f"missing {missing[0]}")
+        raise CheckpointError(
+            f"train.init_from {path}: weights do not fit this model ({what}); "
+            "same model.encoder, model.head and number of classes are required")
+    model.load_state_dict({k: weights[k] for k in own})
+    return {k: v for k, v in weights.items() if k not in own}

@@ -98,14 +98,6 @@ def broadcast_module(module: torch.nn.Module, src: int = 0) -> None:
         dist.broadcast(t.data, src)
 
 
-def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized():
-        value = value.clone()
-        dist.all_reduce(value)
-        value /= dist.get_world_size()
-    return value
-
-
 def all_reduce_means(values: dict[str, float]) -> dict[str, float]:
     """Average a dict of scalars over ranks (every rank must pass the same keys)."""
     if not (dist.is_available() and dist.is_initialized()) or not values:
@@ -120,8 +112,3 @@ def all_reduce_means(values: dict[str, float]) -> dict[str, float]:
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
-
-
-def cleanup() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()

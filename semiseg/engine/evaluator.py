@@ -40,6 +40,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from semiseg.engine.metrics import ConfusionMatrix
+from semiseg.models.common import eval_mode
 
 AutocastFactory = Optional[Callable[[], object]]
 
@@ -279,10 +280,8 @@ def evaluate(model: nn.Module, dataset_or_loader: Dataset | Iterable, eval_cfg, 
 
     cm = ConfusionMatrix(num_classes, ignore_index, device=device)
     skipped: list[str] = []
-    modes = [(m, m.training) for m in model.modules()]  # restored exactly, submodule by submodule
-    model.eval()
     try:
-        with torch.inference_mode():
+        with eval_mode(model), torch.inference_mode():
             for batch in loader:
                 if should_stop is not None and should_stop():
                     raise EvaluationInterrupted()
@@ -306,8 +305,6 @@ def evaluate(model: nn.Module, dataset_or_loader: Dataset | Iterable, eval_cfg, 
                 if report is not None and rank == 0:
                     report(done, total)
     finally:
-        for m, training in modes:
-            m.training = training
         if bar is not None:
             bar.close()
     cm.all_reduce()

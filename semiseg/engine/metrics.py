@@ -42,9 +42,6 @@ class ConfusionMatrix:
         self.ignore_index = int(ignore_index)
         self.matrix = torch.zeros(self.num_classes, self.num_classes, dtype=torch.int64, device=device)
 
-    def reset(self) -> None:
-        self.matrix.zero_()
-
     @torch.no_grad()
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
         """Count the pixels of one batch. ``pred`` and ``target`` hold class indices (any integer

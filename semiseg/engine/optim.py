@@ -26,10 +26,10 @@ def build_optimizer(method, train_cfg) -> torch.optim.Optimizer:
 
 
 def poly_lr(base_lr: float, iteration: int, total_iters: int, power: float = 0.9, warmup_iters: int = 0) -> float:
-    """Learning rate for 0-based ``iteration``."""
+    """Learning rate for 0-based ``iteration`` (0 past ``total_iters``, where a benchmark may run)."""
     if warmup_iters and iteration < warmup_iters:
         return base_lr * (iteration + 1) / warmup_iters
-    return base_lr * (1.0 - iteration / total_iters) ** power
+    return base_lr * max(0.0, 1.0 - iteration / total_iters) ** power
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

@@ -1,9 +1,11 @@
 """The one training loop every method runs in.
 
-Per iteration: set the poly learning rate, draw the batches the method asked for (labelled,
-unlabelled, CutMix partner), ``method.train_step`` under the configured precision, skip a
-non-finite loss, backward, average gradients across ranks, optimiser step,
-``method.after_step`` (EMA teachers, memories), log; evaluate and checkpoint on schedule.
+One iteration is :meth:`Trainer.step`: set the poly learning rate, draw the batches the method
+asked for (labelled, unlabelled, CutMix partner), ``method.train_step`` under the configured
+precision, skip a non-finite loss, backward, average gradients across ranks, clip, optimiser
+step, average BatchNorm statistics across ranks, ``method.after_step`` (EMA teachers,
+memories). :meth:`Trainer.fit` runs it ``train.iters`` times and logs, evaluates and
+checkpoints on schedule; ``semiseg bench`` times the very same :meth:`Trainer.step`.
 Methods never see the loop.
 """
 
@@ -13,7 +15,7 @@ import random
 import signal
 import sys
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -27,12 +29,23 @@ from semiseg.config import Config, load_config, save_config
 from semiseg.engine import distributed as D
 from semiseg.engine.logging import MetricsLogger, RunningMeans, to_float
 from semiseg.engine.optim import build_optimizer, poly_lr, set_lr
+from semiseg.engine.precision import autocast_factory, resolve_precision, set_threads, to_device
 from semiseg.engine.sampling import Stream
 from semiseg.errors import CheckpointError, ConfigError, DataError, SemisegError, warn
 
 
 class TrainingError(SemisegError):
     exit_code = 5
+
+
+@dataclass
+class StepOutcome:
+    """What one :meth:`Trainer.step` did: the (detached) loss and the method's logs; ``finite``
+    False when the loss was not finite and the step was skipped (no update, buffers restored)."""
+    lr: float
+    loss: torch.Tensor
+    logs: dict
+    finite: bool
 
 
 @dataclass
@@ -57,91 +70,6 @@ def new_run_dir(base: str | Path = "runs", name: str = "run") -> Path:
         path = Path(base) / f"{stamp}-{name}-{i}"
         i += 1
     return path
-
-
-def cpu_has_native_bf16(cpuinfo: Optional[str] = None) -> bool:
-    """True when the CPU executes bf16 dot products natively (AVX-512 BF16 or AMX), read from
-    ``/proc/cpuinfo`` (or the given text); False where that cannot be read. Without them bf16 is
-    emulated and slower than fp32."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return False
-    for line in cpuinfo.splitlines():
-        if line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-            return bool(flags & {"avx512_bf16", "amx_bf16"})
-    return False
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """``train.precision: auto`` (the default) is ``bf16`` on a CPU with native bf16 and ``fp32``
-    everywhere else, CUDA included.
-
-    Measured on the CamVid-CPU v1 protocol (BENCHMARKS.md): on an AVX-512 BF16 CPU, bf16 autocast
-    makes the UniMatch step 1.9x faster at unchanged mIoU. On CUDA nothing has been measured
-    here yet, so ``auto`` keeps fp32 there; ``bf16`` and ``fp16`` are one key away."""
-    if precision != "auto":
-        return precision
-    if device.type == "cpu" and cpu_has_native_bf16():
-        return "bf16"
-    return "fp32"
-
-
-def autocast_factory(precision: str, device: torch.device):
-    if precision == "fp32":
-        return nullcontext
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    if precision == "fp16" and device.type != "cuda":
-        raise SemisegError("config error: key 'train.precision': fp16 needs CUDA; use bf16 on the CPU")
-    return lambda: torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def to_device(batch: Optional[dict], device: torch.device, channels_last: bool = False) -> Optional[dict]:
-    if batch is None:
-        return None
-    out = {}
-    for k, v in batch.items():
-        if isinstance(v, torch.Tensor):
-            v = v.to(device, non_blocking=True)
-            if channels_last and v.dim() == 4:
-                v = v.contiguous(memory_format=torch.channels_last)
-        out[k] = v
-    return out
-
-
-def load_init_weights(model: nn.Module, path: str) -> dict:
-    """``train.init_from``: copy the network weights of an earlier run (its best checkpoint if
-    it has one) into ``model``; optimiser and schedule start fresh.
-
-    Every weight of ``model`` must be in the checkpoint with the same shape. Weights of parts
-    a method attaches later (AllSpark's ``neck.*``) are returned, to be loaded once the method
-    has built them; a plain network started from such a run simply leaves them out.
-    """
-    from semiseg.engine.checkpoint import load_weights
-
-    state, _meta = load_weights(path)
-    weights = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")} or state
-    own = model.state_dict()
-    bad = [k for k, v in weights.items() if k in own and own[k].shape != v.shape]
-    missing = [k for k in own if k not in weights]
-    if bad or missing:
-        what = (f"shape mismatch at {bad[0]} ({tuple(weights[bad[0]].shape)} vs {tuple(own[bad[0]].shape)})"
-                if bad else f"missing {missing[0]}")
-        raise CheckpointError(
-            f"train.init_from {path}: weights do not fit this model ({what}); "
-            "same model.encoder, model.head and number of classes are required")
-    model.load_state_dict({k: weights[k] for k in own})
-    return {k: v for k, v in weights.items() if k.startswith("neck.")}
-
-
-def set_threads(threads) -> int:
-    """``train.threads`` (or ``--threads``): ``"auto"`` keeps torch's default, a number sets
-    ``torch.set_num_threads``. Returns the number of threads now in use."""
-    if threads not in (None, "auto"):
-        torch.set_num_threads(int(threads))
-    return torch.get_num_threads()
 
 
 # Keys a resumed run may change: budget, schedule of evaluations/checkpoints/logs, and how the
@@ -195,12 +123,12 @@ def resume_config(run_dir: str | Path, requested: Optional[Config] = None, overr
     (``--set`` strings) applied -- or ``requested``, which must equal it -- where only
     :data:`RESUMABLE_KEYS` may differ. Returns the config and its changes ``(key, old, new)``;
     any other difference is a ConfigError naming the key, both values and the ``--set``."""
-    from semiseg.config import _override_items
+    from semiseg.config import override_items
 
     from semiseg.models.pretrained import resolve_normalization
 
     saved, path = run_config(run_dir)
-    items = _override_items(overrides)
+    items = override_items(overrides)
     set_keys = {".".join(parts): text for parts, _v, text in items}
     own = _flatten(saved.to_dict())
 
@@ -265,10 +193,12 @@ class Trainer:
             print(message, file=sys.stderr)
 
     # ------------------------------------------------------------------ set-up
-    def _build(self):
+    def build(self):
+        """Read and check config, data and model; build the method, the data streams, the
+        optimiser and the precision set-up. Writes nothing."""
         from semiseg.data.build import build_eval_set, build_train_sets
         from semiseg.data.datasets import dataset_info
-        from semiseg.engine.checkpoint import CheckpointManager
+        from semiseg.engine.checkpoint import CheckpointManager, load_init_weights
         from semiseg.methods import build_method
         from semiseg.models import build_model
 
@@ -286,8 +216,8 @@ class Trainer:
         if tc.channels_last:
             model.to(memory_format=torch.channels_last)
         self.method = build_method(cfg, model, self.info.num_classes, self.info.ignore_index).to(self.device)
-        if later_weights and getattr(model, "neck", None) is not None:
-            model.load_state_dict(later_weights, strict=False)
+        if later_weights:
+            self.method.take_init_weights(later_weights)
         D.broadcast_module(self.method)
         if tc.compile:
             for part in (model.encoder, model.decoder):
@@ -315,6 +245,7 @@ class Trainer:
         self.iters_per_epoch = driver.epoch_length
 
         self.optimizer = build_optimizer(m, tc)
+        self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
         self.autocast = autocast_factory(self.precision, self.device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
         self.ckpt = CheckpointManager(self.run_dir, keep_last=tc.keep_last)
@@ -372,16 +303,7 @@ class Trainer:
                 if p.is_floating_point() and not torch.isfinite(p).all():
                     raise TrainingError(f"refusing to checkpoint: {kind} {name} holds NaN/inf at iteration {it}")
         tensors, meta = self._state_tensors(it, best, skips, rng, pending_eval)
-        if is_best:
-            # best before last: a kill between the two writes must not leave a ``last`` whose
-            # best_mIoU already counts this evaluation while ``best`` still holds older weights
-            # (the resumed run would never rewrite it). Killed before ``last``, the resumed run
-            # repeats this step and writes the same ``best`` again.
-            from semiseg.engine.checkpoint import WEIGHTS_PREFIX, save_checkpoint
-
-            weights = {k: v for k, v in tensors.items() if k.startswith(WEIGHTS_PREFIX)}
-            save_checkpoint(self.ckpt.best_path, weights, {**meta, "weights_only": True})
-        self.ckpt.save(it, tensors, meta)
+        self.ckpt.save(it, tensors, meta, is_best=is_best)
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, it: int) -> Optional[dict]:
@@ -520,7 +442,7 @@ class Trainer:
             raise SemisegError(f"{self.run_dir} already holds a run: continue it with --resume, "
                                "or choose another --out")
         self.threads = set_threads(tc.threads)
-        self._build()  # reads and checks config, data and model; nothing is written before this succeeds
+        self.build()  # reads and checks config, data and model; nothing is written before this succeeds
         start, best, skips, pending_eval = 0, -1.0, 0, False
         if self.resume:
             restored = self._restore()
@@ -556,7 +478,6 @@ class Trainer:
             self._bar = tqdm(total=tc.iters, initial=start, desc=f"{cfg.method.name} [{self.precision}]",
                              dynamic_ncols=True, mininterval=1.0)
         bar = self._bar
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
         t_window = time.perf_counter()
         it = start
         rng_done = capture_rng_state()  # the generators as they are after iteration ``it``
@@ -570,25 +491,12 @@ class Trainer:
                     if it >= tc.iters:
                         return TrainResult(self.run_dir, last_metrics, it)
                 while it < tc.iters:
-                    lr = poly_lr(tc.lr, it, tc.iters, tc.poly_power, tc.warmup_iters)
-                    set_lr(self.optimizer, lr)
-                    batch = self._next_batch(iters)
-                    ctx = self._context(it, lr)
-                    self.method.train()
-                    # buffers the forward passes update (BatchNorm statistics, memories) are put back
-                    # when the step is skipped: a NaN forward would otherwise leave NaN statistics
-                    buffers = list(self.method.buffers()) if tc.nonfinite == "skip" else []
-                    saved = [b.detach().clone() for b in buffers]
-                    result = self.method.train_step(batch, ctx)
-                    loss = result.loss
-                    if not torch.isfinite(loss.detach()):
-                        with torch.no_grad():
-                            for b, old in zip(buffers, saved):
-                                b.copy_(old)
+                    outcome = self.step(it, iters)
+                    lr = outcome.lr
+                    if not outcome.finite:
                         skips += 1
                         consecutive_bad += 1
-                        self.optimizer.zero_grad(set_to_none=True)
-                        msg = f"non-finite loss ({to_float(loss)}) at iteration {it + 1}"
+                        msg = f"non-finite loss ({to_float(outcome.loss)}) at iteration {it + 1}"
                         if tc.nonfinite == "stop" or consecutive_bad >= tc.max_nonfinite:
                             if tc.nonfinite == "skip":
                                 msg += f" ({consecutive_bad} in a row)"
@@ -596,17 +504,7 @@ class Trainer:
                                                 "(lower train.lr, or set train.precision=fp32)")
                     else:
                         consecutive_bad = 0
-                        self.optimizer.zero_grad(set_to_none=True)
-                        self.scaler.scale(loss).backward()
-                        D.average_gradients(params, self.dist.world_size)
-                        if tc.grad_clip:
-                            self.scaler.unscale_(self.optimizer)
-                            torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
-                        self.scaler.step(self.optimizer)
-                        self.scaler.update()
-                        D.average_batchnorm_stats(self.method, self.dist.world_size)
-                        self.method.after_step(ctx)
-                        means.add({"loss": loss.detach(), **result.logs})
+                        means.add({"loss": outcome.loss, **outcome.logs})
                     it += 1
                     rng_done = capture_rng_state()
                     if bar is not None:
@@ -646,6 +544,44 @@ class Trainer:
             self.logger.close()
         D.barrier()
         return TrainResult(self.run_dir, last_metrics, it)
+
+    def step(self, it: int, batches: dict) -> StepOutcome:
+        """Training iteration ``it`` (0-based), the one :meth:`fit` runs and ``semiseg bench``
+        times: poly learning rate, next batch of every stream in ``batches`` (``{name:
+        iterator}``, as :meth:`Stream.iterate_from` gives), ``method.train_step`` in train mode,
+        then -- for a finite loss -- backward, gradient averaging over ranks, ``train.grad_clip``,
+        optimiser and scaler step, BatchNorm statistics averaged over ranks, ``method.after_step``.
+
+        A non-finite loss updates nothing: with ``train.nonfinite=skip`` the buffers the forward
+        passes changed (BatchNorm statistics, memories) are put back, since a NaN forward would
+        otherwise leave NaN statistics. Counting and stopping on such steps is the loop's job."""
+        tc = self.cfg.train
+        lr = poly_lr(tc.lr, it, tc.iters, tc.poly_power, tc.warmup_iters)
+        set_lr(self.optimizer, lr)
+        batch = self._next_batch(batches)
+        ctx = self._context(it, lr)
+        self.method.train()
+        buffers = list(self.method.buffers()) if tc.nonfinite == "skip" else []
+        saved = [b.detach().clone() for b in buffers]
+        result = self.method.train_step(batch, ctx)
+        loss = result.loss
+        if not torch.isfinite(loss.detach()):
+            with torch.no_grad():
+                for b, old in zip(buffers, saved):
+                    b.copy_(old)
+            self.optimizer.zero_grad(set_to_none=True)
+            return StepOutcome(lr, loss.detach(), result.logs, finite=False)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        D.average_gradients(self.params, self.dist.world_size)
+        if tc.grad_clip:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.params, tc.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        D.average_batchnorm_stats(self.method, self.dist.world_size)
+        self.method.after_step(ctx)
+        return StepOutcome(lr, loss.detach(), result.logs, finite=True)
 
     def _context(self, it: int, lr: float):
         from semiseg.methods import StepContext

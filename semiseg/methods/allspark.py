@@ -62,55 +62,20 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
-from typing import Literal, Optional
+from typing import Optional
 
 import torch
-from pydantic import Field
 from torch import nn
 
-from semiseg.config import Config, MethodConfig
+from semiseg.config import Config
+from semiseg.config.methods import AllSparkConfig, AllSparkKeys, AllSparkUniMatchConfig
 from semiseg.errors import ConfigError
 from semiseg.methods.base import Batch, Method, StepContext, StepResult, register_method
-from semiseg.methods.consistency import (
-    PseudoTarget,
-    apply_cutmix,
-    mask_ratio,
-    pseudo_target,
-    unsupervised_loss,
-)
-from semiseg.methods.unimatch import UniMatch, UniMatchConfig
-from semiseg.models.allspark_neck import AllSparkNeck, CrossHeads, KVScope, NeckPass, feature_grid
+from semiseg.methods.consistency import ForwardPlan, mask_ratio, pseudo_target, unsupervised_loss
+from semiseg.methods.unimatch import UniMatch
+from semiseg.models.allspark_neck import AllSparkNeck, NeckPass, feature_grid
+from semiseg.models.common import eval_mode
 from semiseg.models.heads import SegFormerHead
-
-
-class AllSparkKeys(MethodConfig):
-    """Keys of the AllSpark neck and memory, shared by ``allspark`` and ``allspark_unimatch``."""
-
-    num_heads: int = Field(2, ge=1)  # official configs: 2
-    attn_dropout: float = Field(0.1, ge=0.0, lt=1.0)  # attention and projection dropout (official 0.1)
-    neck_dim: Optional[int] = Field(None, ge=1)  # attention width; None = the deepest feature's channels (official)
-    cross_heads: CrossHeads = "merged"  # "merged": official code; "per_head": the paper's multi-head reading
-    memory: bool = True  # false: never fill nor read the semantic memory (ablation)
-    memory_warmup_iters: Optional[int] = Field(None, ge=0)  # read the memory from this iteration on
-    memory_warmup_epochs: float = Field(5.0, ge=0.0)  # used when memory_warmup_iters is None (official Pascal: 5)
-    grouping_source: Literal["logits", "probs"] = "logits"  # what channels are grouped against (official: logits)
-    pseudo_label_kv: KVScope = "batch"  # neck keys/values in the pseudo-label pass (official: the whole batch)
-    strong_labeled: bool = True  # photometric strong augmentation of the labelled images (official AllSpark)
-
-
-class AllSparkConfig(AllSparkKeys):
-    name: str = "allspark"
-    conf_thresh: float = Field(0.0, ge=0.0, le=1.0)  # official: none (every pixel teaches)
-
-
-class AllSparkUniMatchConfig(UniMatchConfig, AllSparkKeys):
-    name: str = "allspark_unimatch"
-    strong_labeled: bool = False  # UniMatch's labelled pipeline
-    # Where the weak view's pseudo labels come from (without an EMA teacher): "eval_pass", an
-    # eval-mode pass, i.e. the neck's labelled (cross-attention) branch, as in official AllSpark;
-    # "weak_forward": UniMatch's training-mode weak prediction, i.e. the unlabelled
-    # (self-attention) branch, which no label ever reaches (see AllSparkUniMatch).
-    pseudo_label_source: Literal["eval_pass", "weak_forward"] = "eval_pass"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,19 +149,20 @@ class AllSparkMixin:
         logits = logits.detach().float()
         return logits if self.mcfg.grouping_source == "logits" else logits.softmax(dim=1)
 
+    def take_init_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        """``train.init_from`` a run with an AllSpark neck: its ``neck.*`` weights (the memory too)."""
+        neck = {k: v for k, v in weights.items() if k.startswith("neck.")}
+        if neck:
+            self.model.load_state_dict(neck, strict=False)
+
     @torch.no_grad()
     def eval_logits(self, net: nn.Module, image: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         """Logits of an eval-mode, no-grad pass of ``net`` (restoring its mode afterwards), the
         neck's keys/values scoped by ``pseudo_label_kv``."""
         neck = neck_of(net)
-        was_training = net.training
-        net.eval()
-        try:
-            with neck.kv_scope(self.mcfg.pseudo_label_kv) if neck is not None else nullcontext():
-                with ctx.autocast():
-                    logits = net(image)
-        finally:
-            net.train(was_training)
+        with eval_mode(net), neck.kv_scope(self.mcfg.pseudo_label_kv) if neck is not None else nullcontext():
+            with ctx.autocast():
+                logits = net(image)
         return logits.detach()
 
 
@@ -253,8 +219,10 @@ class AllSparkUniMatch(AllSparkMixin, UniMatch):
     """UniMatch (feature perturbation, dual strong views, CutMix partner, optional EMA teacher,
     every ablation switch) with the AllSpark neck in the network; the loss is UniMatch's.
 
-    UniMatch's ``train_step`` runs unchanged; this class only tells the neck, through
-    :meth:`AllSparkNeck.plan`, which images of each of its training forwards are labelled:
+    UniMatch's ``train_step`` runs unchanged; this class only overrides the consistency base's
+    :meth:`~semiseg.methods.consistency.ConsistencyMethod.plan_forwards` hook, which tells the
+    neck, through :meth:`AllSparkNeck.plan`, which images of each of UniMatch's training
+    forwards (laid out as its ``joint_strong_pass`` says) are labelled:
 
     * ``forward_fp(cat(img_x, img_u_w))`` (or ``model(cat(img_x, img_u_w))`` without the fp
       stream): ``img_x`` labelled, the weak views unlabelled -- the official AllSpark layout. The
@@ -306,49 +274,25 @@ class AllSparkUniMatch(AllSparkMixin, UniMatch):
         choose_logit_resize(cfg, model, align_corners=True)  # UniMatch's forward
         super().__init__(cfg, model, num_classes, ignore_index)
         self.strong_labeled = self.mcfg.strong_labeled
-        self._eval_logits_u: Optional[torch.Tensor] = None  # set by neck_passes for one step
-
-    def first_pass_unlabeled(self, batch: Batch) -> torch.Tensor:
-        """The unlabelled images of UniMatch's first training forward (those that fill the memory)."""
-        u = batch.unlabeled
-        if self.feature_perturbation or self.teacher is None:
-            return u["weak"]
-        n = self.num_strong_views
-        partners = self.mix_partner_images(batch, n)
-        return torch.cat([apply_cutmix(u[f"strong_{k}"], partner, u[f"box_{k}"])
-                          for k, partner in enumerate(partners, start=1)])
 
     def labels_from_eval_pass(self) -> bool:
         """Whether the weak view's pseudo labels come from the eval-mode pass (the labelled branch)."""
         return self.teacher is None and self.mcfg.pseudo_label_source == "eval_pass"
 
-    def neck_passes(self, batch: Batch, ctx: StepContext) -> list[NeckPass]:
-        """The neck's layout of UniMatch's training forwards; makes the eval-mode pass on the
-        first forward's unlabelled images (grouping map, and pseudo labels with ``eval_pass``)."""
+    def plan_forwards(self, batch: Batch, strong_images, ctx: StepContext) -> ForwardPlan:
+        """The neck's layout of UniMatch's training forwards, and the eval-mode pass on the first
+        forward's unlabelled images (those that fill the memory): its logits give the grouping
+        map, and with ``eval_pass`` the weak view's pseudo labels."""
         num_lb = batch.labeled["image"].shape[0]
-        grouping = None
+        first_unlabeled = torch.cat(list(strong_images)) if self.joint_strong_pass else batch.unlabeled["weak"]
+        grouping = weak_logits = None
         if self.mcfg.memory or self.labels_from_eval_pass():
-            logits = self.eval_logits(self.pseudo_labeler, self.first_pass_unlabeled(batch), ctx)
+            logits = self.eval_logits(self.pseudo_labeler, first_unlabeled, ctx)
             grouping = self.grouping_map(logits) if self.mcfg.memory else None
-            self._eval_logits_u = logits if self.labels_from_eval_pass() else None
+            weak_logits = logits if self.labels_from_eval_pass() else None
         passes = [NeckPass(num_lb, grouping)]
-        if self.feature_perturbation or self.teacher is None:
+        if not self.joint_strong_pass:
             passes.append(NeckPass(0))  # the strong views' pass
-        return passes
-
-    def weak_and_partner_targets(self, weak_logits: Optional[torch.Tensor], unlabeled: dict,
-                                 partner: Optional[PseudoTarget], ctx: StepContext
-                                 ) -> tuple[PseudoTarget, PseudoTarget]:
-        if self._eval_logits_u is not None:
-            weak_logits = self._eval_logits_u  # the labelled branch's prediction of the weak view
-        return super().weak_and_partner_targets(weak_logits, unlabeled, partner, ctx)
-
-    def train_step(self, batch: Batch, ctx: StepContext) -> StepResult:
         use_memory = self.memory_in_use(ctx)
-        try:
-            with self.neck.plan(self.neck_passes(batch, ctx), use_memory=use_memory):
-                result = super().train_step(batch, ctx)
-        finally:
-            self._eval_logits_u = None
-        result.logs["memory_in_use"] = float(use_memory)
-        return result
+        return ForwardPlan(self.neck.plan(passes, use_memory=use_memory), weak_logits,
+                           {"memory_in_use": float(use_memory)})

@@ -22,7 +22,9 @@ METHODS: dict[str, type["Method"]] = {}
 
 
 def register_method(name: str, config_class: type[MethodConfig] = MethodConfig):
-    """Class decorator: make a method available as ``method.name: <name>``."""
+    """Class decorator: make a method available as ``method.name: <name>``, its ``method``
+    section validated by ``config_class`` (built-in methods' schemas live in
+    :mod:`semiseg.config.methods`; registering one there again changes nothing)."""
 
     def wrap(cls):
         cls.name = name
@@ -105,6 +107,11 @@ class Method(nn.Module):
     def after_step(self, ctx: StepContext) -> None:
         """Called after the optimiser step (EMA updates and the like)."""
 
+    def take_init_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        """``train.init_from``: the start run's network weights that the bare network lacks
+        (parts a method attaches, such as AllSpark's ``neck.*``), offered once the method is
+        built; a method takes the ones that are its own. The base takes none."""
+
     def param_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
         """(encoder parameters, everything else trained by the optimiser)."""
         enc, head = self.model.param_groups()
@@ -131,6 +138,5 @@ class Method(nn.Module):
 
 
 def build_method(cfg: Config, model: nn.Module, num_classes: int, ignore_index: int = 255) -> Method:
-    import semiseg.methods  # noqa: F401  (registers the built-in methods)
-
+    """The method ``method.name`` names (its module was imported with :mod:`semiseg.methods`)."""
     return METHODS[cfg.method.name](cfg, model, num_classes, ignore_index)

@@ -6,7 +6,7 @@ The recipe, in the notation of the official UniMatch code (LiheYoung/UniMatch):
    with ``p_w = softmax(logits_w)``, never back-propagated (:func:`pseudo_target`).
 2. CutMix: inside ``cutmix_box`` the strong image is replaced by a partner image's strong view,
    and the target (pseudo label, confidence *and* ignore mask) by the partner's, with the same
-   box (:func:`apply_cutmix`, :meth:`PseudoTarget.cutmix`).
+   box (:func:`semiseg.data.mixing.cutmix`, :meth:`PseudoTarget.cutmix`).
 3. The unsupervised loss (:func:`unsupervised_loss`)::
 
        L_u = sum_pixels CE(logits_s, pseudo_label) * [confidence >= tau] * [ignore_mask != 255]
@@ -30,33 +30,21 @@ and :meth:`~ConsistencyMethod.separate_partner_target` pass each batch's ``tags`
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-from typing import Callable, Literal, NamedTuple, Optional
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from typing import Callable, NamedTuple, Optional, Sequence, TypeVar, Union
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 from torch import nn
 
-from semiseg.config import MethodConfig
+from semiseg.data import IGNORE_INDEX
+from semiseg.data.mixing import cutmix as apply_cutmix
 from semiseg.errors import ConfigError
 from semiseg.methods.base import Batch, Method, StepContext
 from semiseg.methods.cce import restrict_logits
 from semiseg.methods.teacher import EMATeacher
-
-PADDING = 255  # value of ``ignore_mask`` on pixels added by padding the crop
-
-MixSource = Literal["separate_batch", "in_batch"]
-# Where the CutMix partner of an unlabelled image comes from, for every method of this module:
-#   "separate_batch": a second, independently drawn unlabelled batch whose pseudo labels come
-#       from an extra eval-mode, no-grad forward pass (official UniMatch / FixMatch code);
-#   "in_batch": the same batch in reverse order (``flip(0)``), reusing the weak predictions
-#       already computed (UniMatch V2's code): no extra batch, no extra forward pass.
-# The default is "in_batch": it drops the partner's eval-mode pass (7% of UniMatch's step, 15% of
-# FixMatch's on the CamVid-CPU v1 model) with CamVid mIoU within seed noise of the official
-# source (BENCHMARKS.md, "Defaults against the official recipe"). "separate_batch" reproduces the
-# official recipe exactly.
-DEFAULT_MIX_SOURCE: MixSource = "in_batch"
+from semiseg.models.common import eval_mode
 
 
 class PseudoTarget(NamedTuple):
@@ -73,18 +61,6 @@ class PseudoTarget(NamedTuple):
     def flip(self) -> "PseudoTarget":
         """The batch in reverse order (the in-batch CutMix partner)."""
         return PseudoTarget(*(t.flip(0) for t in self))
-
-
-def apply_cutmix(tensor_a: torch.Tensor, tensor_b: torch.Tensor, box: torch.Tensor) -> torch.Tensor:
-    """``tensor_a`` with the pixels where ``box == 1`` taken from ``tensor_b`` (a new tensor).
-
-    ``box`` is ``(B,H,W)``; the tensors are ``(B,C,H,W)`` images / probability maps or
-    ``(B,H,W)`` label, confidence and ignore maps, so one box moves image and target alike.
-    """
-    inside = box == 1
-    if tensor_a.dim() == 4:
-        inside = inside.unsqueeze(1)
-    return torch.where(inside, tensor_b, tensor_a)
 
 
 @torch.no_grad()
@@ -112,25 +88,20 @@ def predict_eval(model: nn.Module, image: torch.Tensor, ignore_mask: torch.Tenso
     """Pseudo labels from an eval-mode, no-grad pass (BatchNorm running statistics, no dropout),
     leaving the model in the mode it was in: the official code's prediction of the CutMix partner
     batch (``model.eval()``; ``model(img_u_w_mix)``; ``model.train()``)."""
-    was_training = model.training
-    model.eval()
-    try:
-        with autocast():
-            logits = model(image)
-    finally:
-        model.train(was_training)
+    with eval_mode(model), autocast():
+        logits = model(image)
     return pseudo_target(logits, ignore_mask, tags)
 
 
 def confident_pixels(target: PseudoTarget, conf_thresh: float) -> torch.Tensor:
     """``(confidence >= conf_thresh) & (ignore_mask != 255)``: the pixels that teach."""
-    return (target.confidence >= conf_thresh) & (target.ignore_mask != PADDING)
+    return (target.confidence >= conf_thresh) & (target.ignore_mask != IGNORE_INDEX)
 
 
 def num_valid_pixels(ignore_mask: torch.Tensor) -> torch.Tensor:
     """Number of non-padding pixels (at least 1, so that an all-padding batch gives a zero loss
     instead of the official code's 0/0 = NaN)."""
-    return (ignore_mask != PADDING).sum().clamp_min(1)
+    return (ignore_mask != IGNORE_INDEX).sum().clamp_min(1)
 
 
 def masked_mean(per_pixel_loss: torch.Tensor, target: PseudoTarget, conf_thresh: float) -> torch.Tensor:
@@ -157,21 +128,39 @@ def mask_ratio(target: PseudoTarget, conf_thresh: float) -> torch.Tensor:
 # Common base of FixMatch, UniMatch and Mean Teacher
 
 
-class ConsistencyConfig(MethodConfig):
-    """Keys shared by FixMatch and UniMatch."""
+@dataclass
+class ForwardPlan:
+    """What a subclass adds around one step's training forwards (:meth:`ConsistencyMethod.plan_forwards`).
 
-    conf_thresh: float = Field(0.95, ge=0.0, le=1.0)  # tau: official UniMatch Pascal and COCO 0.95, Cityscapes 0
-    mix_source: MixSource = DEFAULT_MIX_SOURCE
-    teacher: Literal["none", "ema"] = "none"  # "ema": pseudo labels from an EMA teacher
-    ema_momentum: float = Field(0.996, ge=0.0, le=1.0)  # with teacher=ema; UniMatch V2's value
-    use_tags: bool = False  # restrict pseudo labels to the unlabelled images' tags (needs data.tags)
+    ``scope``: a context entered around the training forwards (AllSpark: the neck's layout of
+    each forward); ``weak_logits``: logits of the weak view made before the forwards, which the
+    weak pseudo labels then come from instead of the student's weak forward (AllSpark: an
+    eval-mode pass through the labelled branch); ``logs``: extra step logs."""
+
+    scope: AbstractContextManager = field(default_factory=nullcontext)
+    weak_logits: Optional[torch.Tensor] = None
+    logs: dict = field(default_factory=dict)
+
+
+T = TypeVar("T", bound=Union[torch.Tensor, Sequence[torch.Tensor]])
 
 
 class ConsistencyMethod(Method):
     """Base class: EMA teacher (optional), CutMix partner, evaluation of student and teacher.
 
-    Subclasses write ``train_step``. ``self.teacher`` is an :class:`EMATeacher` or None;
-    pseudo labels come from :attr:`pseudo_labeler`, the teacher when there is one.
+    Subclasses write ``train_step`` from the pieces here, and extend a recipe by overriding a
+    hook instead of copying its step:
+
+    * :meth:`partner_of` / :meth:`mix_partner_images` / :meth:`mixed_strong_views`: who the
+      CutMix partner is (the separate batch or the batch reversed) and the mixed strong views;
+    * :attr:`joint_strong_pass`: how the student's training forwards are laid out (labelled +
+      weak, then the strong views; or labelled + strong views in one pass);
+    * :meth:`plan_forwards`: what goes around those forwards, and where the weak view's
+      pseudo-label logits come from when not from the student's weak forward (the teacher, if
+      any, always makes them: :meth:`weak_and_partner_targets`).
+
+    ``self.teacher`` is an :class:`EMATeacher` or None; pseudo labels come from
+    :attr:`pseudo_labeler`, the teacher when there is one.
     """
 
     uses_unlabeled = True
@@ -221,11 +210,40 @@ class ConsistencyMethod(Method):
             target_w = self.weak_target(weak_logits, unlabeled)
         return target_w, partner if partner is not None else target_w.flip()
 
+    def partner_of(self, batch: Batch, own: T, of_mix_batch: Callable[[dict], T]) -> T:
+        """The CutMix partner's counterpart of ``own`` (a tensor, or a list or tuple of tensors,
+        of the unlabelled batch): ``of_mix_batch(batch.unlabeled_mix)`` with ``mix_source:
+        separate_batch``, else ``own`` reversed along the batch (image ``i`` mixes with image
+        ``B - 1 - i``, UniMatch V2's in-batch partner)."""
+        if self.mcfg.mix_source == "separate_batch":
+            return of_mix_batch(batch.unlabeled_mix)
+        if isinstance(own, torch.Tensor):
+            return own.flip(0)
+        return type(own)(t.flip(0) for t in own)
+
     def mix_partner_images(self, batch: Batch, num_views: int) -> list[torch.Tensor]:
         """The partner's strong views, one per strong view of the unlabelled batch."""
-        if self.mcfg.mix_source == "separate_batch":
-            return [batch.unlabeled_mix[f"strong_{k}"] for k in range(1, num_views + 1)]
-        return [batch.unlabeled[f"strong_{k}"].flip(0) for k in range(1, num_views + 1)]
+        views = [f"strong_{k}" for k in range(1, num_views + 1)]
+        return self.partner_of(batch, [batch.unlabeled[v] for v in views], lambda mix: [mix[v] for v in views])
+
+    def mixed_strong_views(self, batch: Batch, num_views: int) -> list[torch.Tensor]:
+        """Strong view ``k`` of the unlabelled batch CutMix-ed with the partner's strong view ``k``
+        through its own box ``box_k``, for ``k = 1 .. num_views``."""
+        u = batch.unlabeled
+        return [apply_cutmix(u[f"strong_{k}"], partner, u[f"box_{k}"])
+                for k, partner in enumerate(self.mix_partner_images(batch, num_views), start=1)]
+
+    @property
+    def joint_strong_pass(self) -> bool:
+        """The layout of the student's training forwards: True when the labelled and the strong
+        images share one pass and the student never sees the weak view (with an EMA teacher,
+        UniMatch V2's layout); False for ``model(cat(img_x, img_u_w))`` and then the strong views."""
+        return self.teacher is not None
+
+    def plan_forwards(self, batch: Batch, strong_images: Sequence[torch.Tensor], ctx: StepContext) -> ForwardPlan:
+        """Called once a step, after the strong views are mixed and before any forward pass:
+        what goes around the training forwards (see :class:`ForwardPlan`). Nothing by default."""
+        return ForwardPlan()
 
     def separate_partner_target(self, batch: Batch, ctx: StepContext) -> Optional[PseudoTarget]:
         """With ``separate_batch``: the partner batch's pseudo labels from an eval-mode pass of

@@ -89,30 +89,28 @@ from __future__ import annotations
 import math
 import random
 import warnings
-from typing import Literal, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-import torchvision.transforms.v2.functional as TF
-from pydantic import Field
 from torch import nn
 
-from semiseg.config import MethodConfig
-from semiseg.data.mixing import classmix, classmix_masks
+from semiseg.config.methods import ContrastiveMemoryConfig
+from semiseg.data import IGNORE_INDEX
+from semiseg.data.batch_transforms import color_jitter, denormalize, gaussian_blur, normalize
+from semiseg.data.mixing import classmix_masks, mix_with_next
 from semiseg.methods.base import Batch, Method, StepContext, StepResult, register_method
 from semiseg.methods.meanteacher import sigmoid_rampup
 from semiseg.methods.memory_bank import (
     ClassMemory,
     ContrastiveHeads,
     class_memory_loss,
-    gather_from_ranks,
     memory_candidates,
     rank_for_memory,
 )
 from semiseg.methods.teacher import EMATeacher
-
-PADDING = 255  # value of the unlabelled ``ignore_mask`` on padded pixels
+from semiseg.models.common import eval_mode, gather_from_ranks
 
 # Official photometric parameters (``augment_samples``): strong (unlabelled) and weak (labelled).
 STRONG_JITTER_STRENGTH = 0.25
@@ -123,33 +121,6 @@ BLUR_SIGMA = (0.1, 1.5)
 BLUR_KERNEL = 23
 FLIP_PROB = 0.5
 MASK_RATIO_THRESH = 0.95  # the logged ``mask_ratio``: share of unlabelled pixels this confident
-
-
-class ContrastiveMemoryConfig(MethodConfig):
-    name: str = "contrastive_memory"
-    # --- mean teacher and self-training
-    ema_momentum: float = Field(0.995, ge=0.0, le=1.0)
-    ema_schedule: Literal["cosine", "constant"] = "cosine"
-    rampup_iters: int = Field(2000, ge=0)  # sigmoid ramp-up of L_u; ClassMix only after it
-    classmix_prob: float = Field(0.75, ge=0.0, le=1.0)  # per strong copy, after the ramp-up
-    classmix_exclude: list[int] = []  # classes never pasted when others exist; [0] for Pascal
-    labeled_classmix_prob: float = Field(0.2, ge=0.0, le=1.0)  # official weak labelled augmentation
-    labeled_jitter_prob: float = Field(0.2, ge=0.0, le=1.0)
-    confidence_power: float = Field(6.0, ge=0.0)  # pixel weight = confidence ** 6
-    entropy_weight: float = Field(0.01, ge=0.0)
-    class_balance: bool = False  # official on Cityscapes
-    class_balance_window: Optional[int] = Field(None, ge=1)  # steps; None = one unlabelled epoch
-    # --- contrastive module
-    proj_dim: int = Field(256, ge=2)
-    memory_per_class: int = Field(256, ge=2)
-    memory_per_image: Optional[int] = Field(None, ge=1)  # None = official rule (see below)
-    memory_ranking: Literal["paper", "official"] = "paper"
-    memory_conf_thresh: float = Field(0.95, ge=0.0, le=1.0)
-    memory_start_iter: int = Field(1000, ge=0)  # memory updated once iteration > this
-    contrastive_start_iter: int = Field(2000, ge=0)  # contrastive terms once iteration > this
-    contrastive_weight_l: float = Field(0.1, ge=0.0)
-    contrastive_weight_u: float = Field(0.1, ge=0.0)
-    max_pixels_per_class: Optional[int] = Field(None, ge=2)  # random cap per class; None = all
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,14 +148,6 @@ def official_memory_per_image(memory_per_class: int, num_labeled: int, num_class
     three classes per image there)."""
     ratio = round(memory_per_class / num_labeled)
     return max(1, int(num_classes / 3 * ratio)) if pascal else max(1, int(ratio))
-
-
-def mix_with_next(tensors: Sequence[torch.Tensor], masks: torch.Tensor) -> list[torch.Tensor]:
-    """Image ``j`` receives the masked pixels of image ``j + 1`` (cyclically), the mask being image
-    ``j + 1``'s own ClassMix mask (official ``transformsgpu.mix``). Every tensor -- image
-    ``(B, C, H, W)``, labels and confidences ``(B, H, W)`` -- is mixed with the same mask."""
-    source_mask = masks.roll(-1, dims=0)
-    return [classmix(t.roll(-1, dims=0), t, source_mask) for t in tensors]
 
 
 def downsample_nearest(maps: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
@@ -215,35 +178,6 @@ def entropy_loss(logits: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return (entropy * valid).sum() / (math.log2(num_classes) * valid.sum().clamp_min(1))
 
 
-def color_jitter(images: torch.Tensor, strength: float) -> torch.Tensor:
-    """kornia's ``ColorJitter(brightness=s, contrast=s, saturation=s/2, hue=s/3)`` on ``(B, 3, H, W)``
-    images in [0, 1], factors drawn per image, the four operations in a random order per image."""
-    out = []
-    s = strength
-    for img in images:
-        ops = [
-            lambda x, f=random.uniform(1 - s, 1 + s): TF.adjust_brightness(x, f),
-            lambda x, f=random.uniform(1 - s, 1 + s): TF.adjust_contrast(x, f),
-            lambda x, f=random.uniform(1 - s / 2, 1 + s / 2): TF.adjust_saturation(x, f),
-            lambda x, f=random.uniform(-s / 3, s / 3): TF.adjust_hue(x, f),
-        ]
-        for k in torch.randperm(4).tolist():
-            img = ops[k](img)
-        out.append(img.clamp(0, 1))
-    return torch.stack(out)
-
-
-def gaussian_blur(images: torch.Tensor, sigma_range: tuple[float, float] = BLUR_SIGMA,
-                  kernel: int = BLUR_KERNEL) -> torch.Tensor:
-    """Isotropic Gaussian blur, sigma ``U(sigma_range)`` per image; the kernel (23 officially) is
-    shrunk to fit small images."""
-    h, w = images.shape[-2:]
-    k = min(kernel, 2 * min(h, w) - 1)
-    k = k if k % 2 == 1 else k - 1
-    return torch.stack([TF.gaussian_blur(img, [k, k], [s, s])
-                        for img, s in zip(images, (random.uniform(*sigma_range) for _ in images))])
-
-
 def forward_with_features(net: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(logits at the input size, decoder features before the classifier)``."""
     return net.decode(net.features(images), out_size=images.shape[-2:], return_features=True)
@@ -254,14 +188,9 @@ def decoder_feature_dim(model: nn.Module) -> int:
     classifier = getattr(getattr(model, "decoder", None), "classifier", None)
     if isinstance(classifier, nn.Conv2d):
         return classifier.in_channels
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            param = next(model.parameters())
-            _, feature = forward_with_features(model, torch.zeros(1, 3, 64, 64, device=param.device))
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.no_grad():
+        param = next(model.parameters())
+        _, feature = forward_with_features(model, torch.zeros(1, 3, 64, 64, device=param.device))
     return feature.shape[1]
 
 
@@ -386,15 +315,16 @@ class ContrastiveMemory(Method):
         self.teacher_heads.update_with_momentum(self.heads, m)
 
     # --- augmentation ------------------------------------------------------------------------
-    def _denormalize(self, images: torch.Tensor) -> torch.Tensor:
-        mean = images.new_tensor(self.cfg.data.mean).view(1, 3, 1, 1)
-        std = images.new_tensor(self.cfg.data.std).view(1, 3, 1, 1)
-        return images * std + mean
-
-    def _normalize(self, images: torch.Tensor) -> torch.Tensor:
-        mean = images.new_tensor(self.cfg.data.mean).view(1, 3, 1, 1)
-        std = images.new_tensor(self.cfg.data.std).view(1, 3, 1, 1)
-        return (images - mean) / std
+    def _photometric(self, images: torch.Tensor, jitter: Optional[float], blur: bool) -> torch.Tensor:
+        """Colour jitter of strength ``jitter`` (None: none), then the blur when ``blur``, on the
+        normalised ``images``: done on their [0, 1] colours."""
+        mean, std = self.cfg.data.mean, self.cfg.data.std
+        rgb = denormalize(images.float(), mean, std).clamp(0, 1)
+        if jitter is not None:
+            rgb = color_jitter(rgb, jitter)
+        if blur:
+            rgb = gaussian_blur(rgb, BLUR_SIGMA, BLUR_KERNEL)
+        return normalize(rgb, mean, std).to(images.dtype)
 
     def classmix(self, images: torch.Tensor, labels: torch.Tensor, confidence: Optional[torch.Tensor] = None
                  ) -> tuple[torch.Tensor, ...]:
@@ -414,12 +344,7 @@ class ContrastiveMemory(Method):
             images, labels, confidence = images.flip(-1), labels.flip(-1), confidence.flip(-1)
         jitter, blur = random.random() < STRONG_JITTER_PROB, random.random() < BLUR_PROB
         if jitter or blur:
-            rgb = self._denormalize(images.float()).clamp(0, 1)
-            if jitter:
-                rgb = color_jitter(rgb, STRONG_JITTER_STRENGTH)
-            if blur:
-                rgb = gaussian_blur(rgb)
-            images = self._normalize(rgb).to(images.dtype)
+            images = self._photometric(images, STRONG_JITTER_STRENGTH if jitter else None, blur)
         return images, labels, confidence
 
     @torch.no_grad()
@@ -429,8 +354,7 @@ class ContrastiveMemory(Method):
         if random.random() < self.mcfg.labeled_classmix_prob:
             images, masks, _ = self.classmix(images, masks)
         if random.random() < self.mcfg.labeled_jitter_prob:
-            rgb = color_jitter(self._denormalize(images.float()).clamp(0, 1), WEAK_JITTER_STRENGTH)
-            images = self._normalize(rgb).to(images.dtype)
+            images = self._photometric(images, WEAK_JITTER_STRENGTH, blur=False)
         return images, masks
 
     # --- contrastive pieces ------------------------------------------------------------------
@@ -485,7 +409,7 @@ class ContrastiveMemory(Method):
         it = ctx.iteration
         img_x, mask_x = batch.labeled["image"], batch.labeled["mask"]
         u = batch.unlabeled
-        img_u, padding = u["weak"], u["ignore_mask"] == PADDING
+        img_u, padding = u["weak"], u["ignore_mask"] == IGNORE_INDEX
 
         # Pseudo labels from the teacher on the weak view.
         with torch.no_grad():

@@ -29,22 +29,10 @@ sees the weak view, and the labelled and strong images share one student forward
 from __future__ import annotations
 
 import torch
-from pydantic import Field
 
+from semiseg.config.methods import FixMatchConfig
 from semiseg.methods.base import Batch, StepContext, StepResult, register_method
-from semiseg.methods.consistency import (
-    ConsistencyConfig,
-    ConsistencyMethod,
-    apply_cutmix,
-    mask_ratio,
-    unsupervised_loss,
-)
-
-
-class FixMatchConfig(ConsistencyConfig):
-    name: str = "fixmatch"
-    weight_x: float = Field(1.0, ge=0.0)  # loss = (weight_x * L_x + weight_s * L_s) / 2
-    weight_s: float = Field(1.0, ge=0.0)
+from semiseg.methods.consistency import ConsistencyMethod, mask_ratio, unsupervised_loss
 
 
 @register_method("fixmatch", FixMatchConfig)
@@ -55,23 +43,24 @@ class FixMatch(ConsistencyMethod):
         cfg = self.mcfg
         img_x, mask_x = batch.labeled["image"], batch.labeled["mask"]
         u = batch.unlabeled
-        img_u_w, img_u_s, cutmix_box = u["weak"], u["strong_1"], u["box_1"]
+        img_u_w, cutmix_box = u["weak"], u["box_1"]
+        (img_u_s,) = self.mixed_strong_views(batch, 1)
+        plan = self.plan_forwards(batch, [img_u_s], ctx)
 
         # The CutMix partner: its pseudo labels now (eval-mode pass) or, in-batch, after the weak pass.
         target_mix = self.separate_partner_target(batch, ctx)
-        (img_u_s_mix,) = self.mix_partner_images(batch, 1)
-        img_u_s = apply_cutmix(img_u_s, img_u_s_mix, cutmix_box)
 
         num_lb, num_ulb = img_x.shape[0], img_u_w.shape[0]
         pred_u_w = None  # with an EMA teacher the student does not see the weak view
-        with ctx.autocast():
-            if self.teacher is None:
+        with plan.scope, ctx.autocast():
+            if not self.joint_strong_pass:
                 pred_x, pred_u_w = self.model(torch.cat((img_x, img_u_w))).split([num_lb, num_ulb])
                 pred_u_s = self.model(img_u_s)
             else:
                 pred_x, pred_u_s = self.model(torch.cat((img_x, img_u_s))).split([num_lb, num_ulb])
 
-        target_w, target_mix = self.weak_and_partner_targets(pred_u_w, u, target_mix, ctx)
+        weak_logits = plan.weak_logits if plan.weak_logits is not None else pred_u_w
+        target_w, target_mix = self.weak_and_partner_targets(weak_logits, u, target_mix, ctx)
         target_s = target_w.cutmix(target_mix, cutmix_box)
 
         loss_x = self.criterion_l(pred_x.float(), mask_x)
@@ -79,5 +68,5 @@ class FixMatch(ConsistencyMethod):
         loss = (cfg.weight_x * loss_x + cfg.weight_s * loss_s) / 2.0
 
         logs = {"loss_x": loss_x.detach(), "loss_s": loss_s.detach(),
-                "mask_ratio": mask_ratio(target_w, cfg.conf_thresh)}
+                "mask_ratio": mask_ratio(target_w, cfg.conf_thresh), **plan.logs}
         return StepResult(loss, logs)

@@ -35,17 +35,13 @@ student is the default inference network.
 from __future__ import annotations
 
 import math
-from typing import Literal
 
 import torch
-from pydantic import Field
 
-from semiseg.config import MethodConfig
+from semiseg.config.methods import MeanTeacherConfig
 from semiseg.methods.base import Batch, StepContext, StepResult, register_method
 from semiseg.methods.consistency import (
-    DEFAULT_MIX_SOURCE,
     ConsistencyMethod,
-    MixSource,
     PseudoTarget,
     apply_cutmix,
     mask_ratio,
@@ -53,16 +49,6 @@ from semiseg.methods.consistency import (
     pseudo_target_from_probs,
     unsupervised_loss,
 )
-
-
-class MeanTeacherConfig(MethodConfig):
-    name: str = "meanteacher"
-    consistency: Literal["ce", "mse"] = "ce"
-    conf_thresh: float = Field(0.0, ge=0.0, le=1.0)  # 0: every non-padding pixel teaches
-    unsup_weight: float = Field(1.0, ge=0.0)  # loss = L_x + unsup_weight * ramp * L_u
-    rampup_iters: int = Field(0, ge=0)  # sigmoid ramp-up length; 0 = none
-    mix_source: MixSource = DEFAULT_MIX_SOURCE
-    ema_momentum: float = Field(0.99, ge=0.0, le=1.0)
 
 
 def sigmoid_rampup(iteration: int, rampup_iters: int) -> float:
@@ -90,17 +76,14 @@ class MeanTeacher(ConsistencyMethod):
         cfg = self.mcfg
         img_x, mask_x = batch.labeled["image"], batch.labeled["mask"]
         u = batch.unlabeled
-        img_u_w, img_u_s, ignore_mask, cutmix_box = u["weak"], u["strong_1"], u["ignore_mask"], u["box_1"]
+        img_u_w, ignore_mask, cutmix_box = u["weak"], u["ignore_mask"], u["box_1"]
 
+        # The teacher's probabilities of the weak view and of the CutMix partner's, mixed like the images.
         probs_w = self._teacher_probs(img_u_w, ctx)
-        if cfg.mix_source == "separate_batch":
-            mix = batch.unlabeled_mix
-            probs_mix, ignore_mask_mix = self._teacher_probs(mix["weak"], ctx), mix["ignore_mask"]
-        else:
-            probs_mix, ignore_mask_mix = probs_w.flip(0), ignore_mask.flip(0)
-        (img_u_s_mix,) = self.mix_partner_images(batch, 1)
+        probs_mix, ignore_mask_mix = self.partner_of(
+            batch, (probs_w, ignore_mask), lambda mix: (self._teacher_probs(mix["weak"], ctx), mix["ignore_mask"]))
 
-        img_u_s = apply_cutmix(img_u_s, img_u_s_mix, cutmix_box)
+        (img_u_s,) = self.mixed_strong_views(batch, 1)
         probs_s = apply_cutmix(probs_w, probs_mix, cutmix_box)
         target_s = pseudo_target_from_probs(probs_s, apply_cutmix(ignore_mask, ignore_mask_mix, cutmix_box))
 

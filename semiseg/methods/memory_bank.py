@@ -11,7 +11,8 @@ together:
   feature vectors per class, held in buffers (so it is in every checkpoint);
 * :func:`memory_candidates` / :func:`rank_for_memory`: which teacher features enter the memory;
 * :func:`class_memory_loss`: the contrastive loss of student features against the memory;
-* :func:`gather_from_ranks`: all-gather of a variable number of rows across processes.
+* :func:`semiseg.models.common.gather_from_ranks`: all-gather of a variable number of rows across
+  processes, which every rank feeds its memory from.
 
 Memory update (official ``FeatureMemory.add_features_from_sample_learned``)::
 
@@ -53,7 +54,6 @@ from __future__ import annotations
 from typing import Callable, Literal, Optional
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -161,28 +161,6 @@ def rank_for_memory(scores: torch.Tensor, limit: int, ranking: Ranking = "paper"
         return torch.arange(scores.shape[0], device=scores.device)
     order = torch.argsort(scores, descending=(ranking == "paper"), stable=True)
     return order[:limit]
-
-
-def gather_from_ranks(rows: torch.Tensor) -> torch.Tensor:
-    """All rows of every process, rank 0's first: ``(sum_r n_r, D)``; ``rows`` itself when
-    ``torch.distributed`` is not initialised or has one process.
-
-    The row counts differ between ranks, and ``all_gather`` needs equal shapes: the counts are
-    gathered first, every rank pads its rows to the largest count, and the padding is cut off
-    after the gather. Every rank returns the same tensor, so memories fed from it stay identical.
-    """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return rows
-    world = dist.get_world_size()
-    count = torch.tensor([rows.shape[0]], device=rows.device, dtype=torch.long)
-    counts = [torch.zeros_like(count) for _ in range(world)]
-    dist.all_gather(counts, count)
-    sizes = [int(c) for c in counts]
-    padded = rows.new_zeros((max(sizes), *rows.shape[1:]))
-    padded[: rows.shape[0]] = rows
-    gathered = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(gathered, padded)
-    return torch.cat([g[:s] for g, s in zip(gathered, sizes)])
 
 
 def rescale_to_mean_one(weights: torch.Tensor) -> torch.Tensor:

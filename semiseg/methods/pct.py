@@ -68,27 +68,17 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from pydantic import Field
 from torch import nn
 
-from semiseg.config import MethodConfig
+from semiseg.config.methods import PCTConfig
+from semiseg.data import IGNORE_INDEX
+from semiseg.data.datasets import dataset_info
+from semiseg.data.tags import resolve_background
 from semiseg.errors import ConfigError
 from semiseg.methods.base import Batch, Method, StepContext, StepResult, register_method
 from semiseg.methods.cce import (as_tag_mask, class_aware_cross_entropy, class_aware_pseudo_label,
                                  multilabel_tag_loss)
-
-PADDING = 255
-
-
-class PCTConfig(MethodConfig):
-    name: str = "pct"
-    score_momentum: float = Field(0.99, ge=0.0, lt=1.0)  # official score_mom
-    score_power: float = Field(8.0, ge=0.0)  # official TRAIN_SCORE_POW
-    weight_seg: float = Field(1.0, ge=0.0)  # loss = weight_seg L_seg + weight_cls L_cls + ...
-    weight_cls: float = Field(1.0, ge=0.0)
-    weight_pseudo: float = Field(1.0, ge=0.0)
-    weight_pct: float = Field(1.0, ge=0.0)
-    strong_aug_labeled: bool = True  # photometric strong augmentation on the strong images
+from semiseg.models import build_model
 
 
 def confusion_counts(pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int = 255
@@ -153,10 +143,6 @@ class PCT(Method):
         if getattr(cfg.data, "tags", None) is None:
             raise ConfigError("method 'pct' needs image tags: set data.tags to 'masks' (derive them from the masks) "
                               "or to a CSV/JSON tags file")
-        from semiseg.data.datasets import dataset_info
-        from semiseg.data.tags import resolve_background
-        from semiseg.models import build_model
-
         self.pseudo_net = build_model(cfg.model, num_classes)
         if any(isinstance(m, nn.SyncBatchNorm) for m in model.modules()):
             self.pseudo_net = nn.SyncBatchNorm.convert_sync_batchnorm(self.pseudo_net)
@@ -167,10 +153,6 @@ class PCT(Method):
         self.background: Optional[int] = resolve_background(cfg.data, names) if names else None
         self.strong_labeled = self.mcfg.strong_aug_labeled
         self.dynamic_iou = DynamicIoU(num_classes, self.mcfg.score_momentum)
-
-    @property
-    def hybrid_net(self) -> nn.Module:
-        return self.model
 
     def param_groups(self):
         enc_h, head_h = self.model.param_groups()
@@ -200,7 +182,7 @@ class PCT(Method):
         loss_cls = multilabel_tag_loss(pred_hybrid, tags, self.background)
 
         # PseudoNet learns HybridNet's pseudo labels on the weak images.
-        padding = ignore_w == PADDING
+        padding = ignore_w == IGNORE_INDEX
         label_from_hybrid = class_aware_pseudo_label(hyb_w, tags_w).masked_fill(padding, self.ignore_index)
         loss_pseudo = class_aware_cross_entropy(pse_w, label_from_hybrid, tags_w, self.ignore_index)
 

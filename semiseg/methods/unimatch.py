@@ -37,26 +37,10 @@ UniMatch V2's FixMatch.
 from __future__ import annotations
 
 import torch
-from pydantic import Field
 
+from semiseg.config.methods import UniMatchConfig
 from semiseg.methods.base import Batch, StepContext, StepResult, register_method
-from semiseg.methods.consistency import (
-    ConsistencyConfig,
-    ConsistencyMethod,
-    apply_cutmix,
-    mask_ratio,
-    unsupervised_loss,
-)
-
-
-class UniMatchConfig(ConsistencyConfig):
-    name: str = "unimatch"
-    feature_perturbation: bool = True  # UniPerb: the fp stream
-    dual_strong: bool = True  # DusPerb: two strong views
-    fp_dropout: float = Field(0.5, ge=0.0, lt=1.0)  # Dropout2d probability of the fp stream
-    weight_x: float = Field(1.0, ge=0.0)  # loss = (weight_x L_x + weight_s mean_k L_sk + weight_fp L_fp) / 2
-    weight_s: float = Field(0.5, ge=0.0)  # shared equally by the strong views
-    weight_fp: float = Field(0.5, ge=0.0)  # moved to the strong views when feature_perturbation is off
+from semiseg.methods.consistency import ConsistencyMethod, mask_ratio, unsupervised_loss
 
 
 @register_method("unimatch", UniMatchConfig)
@@ -67,6 +51,12 @@ class UniMatch(ConsistencyMethod):
         super().__init__(cfg, model, num_classes, ignore_index)
         self.feature_perturbation = self.mcfg.feature_perturbation
         self.num_strong_views = 2 if self.mcfg.dual_strong else 1
+
+    @property
+    def joint_strong_pass(self) -> bool:
+        """One student pass ``model(cat(img_x, img_u_s1, img_u_s2))`` only with an EMA teacher and
+        no fp stream (the fp stream needs the student's features of the weak view)."""
+        return self.teacher is not None and not self.feature_perturbation
 
     def loss_weights(self) -> tuple[float, float, float]:
         """(weight of L_x, of each strong view's L_s, of L_fp) inside ``(...) / 2``."""
@@ -84,25 +74,26 @@ class UniMatch(ConsistencyMethod):
         cutmix_boxes = [u[f"box_{k}"] for k in range(1, n + 1)]
 
         # CutMix each strong view with the partner's corresponding strong view, through its own box.
+        img_u_s = self.mixed_strong_views(batch, n)
+        plan = self.plan_forwards(batch, img_u_s, ctx)
         target_mix = self.separate_partner_target(batch, ctx)
-        img_u_s = [apply_cutmix(u[f"strong_{k + 1}"], partner, box)
-                   for k, (partner, box) in enumerate(zip(self.mix_partner_images(batch, n), cutmix_boxes))]
 
         num_lb, num_ulb = img_x.shape[0], img_u_w.shape[0]
         pred_u_w = pred_u_w_fp = None
-        with ctx.autocast():
+        with plan.scope, ctx.autocast():
             if self.feature_perturbation:
                 preds, preds_fp = self.model.forward_fp(torch.cat((img_x, img_u_w)), cfg.fp_dropout)
                 pred_x, pred_u_w = preds.split([num_lb, num_ulb])
                 pred_u_w_fp = preds_fp[num_lb:]
                 pred_u_s = self.model(torch.cat(img_u_s)).chunk(n)
-            elif self.teacher is None:
+            elif not self.joint_strong_pass:
                 pred_x, pred_u_w = self.model(torch.cat((img_x, img_u_w))).split([num_lb, num_ulb])
                 pred_u_s = self.model(torch.cat(img_u_s)).chunk(n)
             else:
                 pred_x, *pred_u_s = self.model(torch.cat((img_x, *img_u_s))).split([num_lb] + [num_ulb] * n)
 
-        target_w, target_mix = self.weak_and_partner_targets(pred_u_w, u, target_mix, ctx)
+        weak_logits = plan.weak_logits if plan.weak_logits is not None else pred_u_w
+        target_w, target_mix = self.weak_and_partner_targets(weak_logits, u, target_mix, ctx)
 
         weight_x, weight_s, weight_fp = self.loss_weights()
         loss_x = self.criterion_l(pred_x.float(), mask_x)
@@ -119,4 +110,5 @@ class UniMatch(ConsistencyMethod):
         loss = loss / 2.0
 
         logs["mask_ratio"] = mask_ratio(target_w, cfg.conf_thresh)
+        logs.update(plan.logs)
         return StepResult(loss, logs)

@@ -71,16 +71,14 @@ batch into equal halves, labelled first: the official layout ``model(cat(img_x, 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator, Literal, NamedTuple, Optional, Sequence
+from typing import Iterator, NamedTuple, Optional, Sequence
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-CrossHeads = Literal["merged", "per_head"]
-KVScope = Literal["image", "batch"]
-
+from semiseg.config.methods import CrossHeads, KVScope
+from semiseg.models.common import eval_mode, gather_from_ranks
 
 # ---------------------------------------------------------------------------------------------
 # Helpers
@@ -91,15 +89,10 @@ def feature_grid(model: nn.Module, crop_size: int) -> tuple[int, int]:
     """``(h, w)`` of the deepest encoder feature for a ``crop_size`` x ``crop_size`` input, from a
     dummy forward pass of ``model.encode`` (encoder in eval mode, so BatchNorm statistics stay
     untouched). For timm's ResNets and PVTv2 this is ``ceil(crop_size / reduction)`` per side."""
-    encoder = getattr(model, "encoder", model)
-    was_training = encoder.training
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
-    encoder.eval()
-    try:
+    with eval_mode(getattr(model, "encoder", model)):
         deepest = model.encode(torch.zeros(1, 3, crop_size, crop_size, device=device))[-1]
-    finally:
-        encoder.train(was_training)
     return int(deepest.shape[-2]), int(deepest.shape[-1])
 
 
@@ -112,17 +105,6 @@ def psi_softmax(scores: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     ``sqrt(var + eps)``, over all its ``Cq*Ck`` entries.
     """
     return F.instance_norm(scores.float(), eps=eps).softmax(dim=-1)
-
-
-def gather_from_all_ranks(tensor: torch.Tensor) -> torch.Tensor:
-    """``tensor`` of every process, concatenated along dim 0 in rank order (``all_gather``); the
-    tensor itself when ``torch.distributed`` is not initialised. Every rank must pass the same
-    shape. No gradient flows through (used on detached features only)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return tensor
-    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, tensor.contiguous())
-    return torch.cat(parts)
 
 
 def _to_channels(tokens: torch.Tensor, groups: int) -> torch.Tensor:
@@ -214,7 +196,7 @@ class SemanticMemory(nn.Module):
         gathering from every process); returns this process's channel classes ``(B, E)``."""
         channel_class = self.group_channels(tokens, grouping_map, grid)
         channels = tokens.detach().transpose(1, 2)  # (B, E, N)
-        self.enqueue(gather_from_all_ranks(channels), gather_from_all_ranks(channel_class))
+        self.enqueue(gather_from_ranks(channels), gather_from_ranks(channel_class))
         return channel_class
 
     def as_tokens(self) -> torch.Tensor:

