@@ -10,6 +10,7 @@ from torch import nn
 from semiseg.config import ModelConfig
 from semiseg.errors import CheckpointError, ConfigError, SemisegError
 from semiseg.models import DeepLabV3PlusHead, SegFormerHead, SegModel, build_model
+from semiseg.methods.perturbations import feature_perturbation
 
 WIDTH = 32  # small head widths keep the tests fast
 
@@ -88,38 +89,38 @@ def test_heads_follow_official_layout():
 
 
 @pytest.mark.parametrize("head", ["deeplabv3plus", "segformer"])
-def test_forward_fp(head):
+def test_feature_perturbation(head):
     model = make("resnet18", head)
     x = torch.randn(2, 3, 50, 70)
 
     model.train()
     torch.manual_seed(1)
-    logits, logits_fp = model.forward_fp(x)
+    logits, logits_fp = feature_perturbation(model, x)
     assert logits.shape == logits_fp.shape == (2, 3, 50, 70)
     assert not torch.allclose(logits, logits_fp)
 
     # Without dropout the two halves are the clean decode: a batch of two identical copies
     # gives BatchNorm the same statistics as the clean batch alone.
     if head == "deeplabv3plus":  # the SegFormer head has its own classifier dropout
-        clean, same = model.forward_fp(x, p=0.0)
+        clean, same = feature_perturbation(model, x, p=0.0)
         reference = model.decode(model.encode(x), out_size=x.shape[-2:])
         assert torch.allclose(clean, reference, atol=1e-4) and torch.allclose(same, reference, atol=1e-4)
 
     # In eval mode the perturbation does not exist: both halves equal the plain forward.
     model.eval()
     with torch.no_grad():
-        logits, logits_fp = model.forward_fp(x)
+        logits, logits_fp = feature_perturbation(model, x)
         reference = model.decode(model.encode(x), out_size=x.shape[-2:])
     assert torch.allclose(logits, reference, atol=1e-5) and torch.allclose(logits_fp, reference, atol=1e-5)
 
 
-def test_forward_fp_drops_channels_of_the_features_the_head_reads():
+def test_feature_perturbation_drops_channels_of_the_features_the_head_reads():
     model = make("resnet18").train()
     seen = []
     model.decoder.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
     p = 0.3
     torch.manual_seed(2)
-    model.forward_fp(torch.randn(4, 3, 64, 64), p=p)
+    feature_perturbation(model, torch.randn(4, 3, 64, 64), p=p)
     feats = seen[0]
     assert [f.shape[0] for f in feats] == [8, 4, 4, 8]  # only the low-level and deepest are doubled
     dropped, total = 0, 0

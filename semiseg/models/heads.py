@@ -4,7 +4,7 @@ A head takes the encoder's feature list (shallow to deep) and returns ``(logits,
 the logits at the resolution of the shallowest feature (stride 4 for most encoders) and the
 feature map the classifier reads, for methods that need per-pixel embeddings. ``in_index``
 lists the features a head actually reads, so UniMatch's feature perturbation
-(:meth:`SegModel.forward_fp`) perturbs exactly those.
+(:func:`semiseg.methods.perturbations.feature_perturbation`) perturbs exactly those.
 
 Every width comes from the encoder's ``feature_info``; nothing assumes a ResNet.
 

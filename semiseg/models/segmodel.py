@@ -1,7 +1,8 @@
 """The segmentation network: a timm encoder, an optional neck and a head.
 
 :class:`SegModel` keeps encoding and decoding separate so that methods can work between them:
-UniMatch perturbs the features (:meth:`SegModel.forward_fp`), pixel-contrastive methods read
+UniMatch perturbs the features (:func:`semiseg.methods.perturbations.feature_perturbation`,
+a function of ``encode``/``decode`` on the method side), pixel-contrastive methods read
 the decoder features (``decode(..., return_features=True)``) and AllSpark-style methods set a
 ``neck`` on the deepest feature::
 
@@ -29,8 +30,9 @@ class SegModel(nn.Module):
 
     * ``encoder``: timm ``features_only`` model; ``encode`` returns its features shallow to deep;
     * ``decoder``: the head (:mod:`semiseg.models.heads`), returning ``(logits, feature)``;
-    * ``neck``: ``None``, or a module a method sets on the deepest feature; ``forward`` and
-      ``forward_fp`` apply it between encoder and head, ``decode`` does not;
+    * ``neck``: ``None``, or a module a method sets on the deepest feature; ``features`` and
+      ``forward`` (and the feature perturbations of :mod:`semiseg.methods.perturbations`)
+      apply it between encoder and head, ``encode`` and ``decode`` do not;
     * ``num_classes``, ``feature_channels``, ``feature_reductions`` (from ``feature_info``);
     * ``align_corners``: how ``decode`` resizes the logits to ``out_size`` (bilinear). True
       (default) as UniMatch's DeepLabV3+; the official AllSpark decoder (SegFormer head) resizes
@@ -74,24 +76,6 @@ class SegModel(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits at the input size."""
         return self.decode(self.features(x), out_size=x.shape[-2:])
-
-    def forward_fp(self, x: torch.Tensor, p: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
-        """UniMatch's feature perturbation (UniPerb): ``(logits, logits_fp)`` at the input size.
-
-        Encodes once, then decodes in one pass a batch of the clean features followed by a copy
-        of each feature the head reads passed through channel dropout (``Dropout2d(p)``); for
-        DeepLabV3+ that is the low-level and the deepest feature, as in UniMatch's
-        ``torch.cat((c1, nn.Dropout2d(0.5)(c1)))``. BatchNorm therefore sees both halves
-        together, as official. Deviation: the official code builds a fresh ``nn.Dropout2d``,
-        which is always in training mode; here the dropout follows ``self.training``, so in
-        eval mode the two outputs are equal.
-        """
-        feats = self.features(x)
-        read = set(self.decoder.in_index)
-        doubled = [torch.cat((f, F.dropout2d(f, p, training=self.training))) if i in read else f
-                   for i, f in enumerate(feats)]
-        logits, logits_fp = self.decode(doubled, out_size=x.shape[-2:]).chunk(2)
-        return logits, logits_fp
 
     def param_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
         """(encoder parameters, all others: head and neck), each parameter exactly once."""
