@@ -331,6 +331,7 @@ def test_vit_whole_image_of_any_size_is_padded_and_the_padding_cut_off(head):
 def test_vit_layers_and_kwargs_from_config():
     deep = make_vit(encoder_kwargs={"depth": 12})
     assert deep.encoder.feature_info.out_indices == (2, 5, 8, 11)  # four evenly spaced blocks
+    assert make_vit(encoder_kwargs={"depth": 2}).encoder.feature_info.out_indices == (0, 1)
     picked = make_vit(encoder_layers=[1, -1])
     assert picked.encoder.feature_info.out_indices == (1, 3) and len(picked.encoder.model.blocks) == 4
     with pytest.raises(ConfigError, match=r"key 'model.encoder_layers'.*4 features.*got 4"):

@@ -78,7 +78,12 @@ def create_encoder(name: str, output_stride: int = 16, pretrained: Union[bool, s
                               f"use {RESERVED_KWARGS[key]} instead")
 
     # Build once at random init to learn the stages' strides, then keep those at stride >= 4.
-    probe = _features_model(name, output_stride, **kwargs)
+    try:
+        probe = _features_model(name, output_stride, **kwargs)
+    except ConfigError:
+        probe = _shallow_vit_probe(name, output_stride, kwargs)
+        if probe is None:
+            raise
     info = probe.feature_info
     all_reductions = [d["reduction"] for d in info.info]
     patch_size = all_reductions[0] if len(set(all_reductions)) == 1 else None
@@ -123,6 +128,16 @@ def create_encoder(name: str, output_stride: int = 16, pretrained: Union[bool, s
     if isinstance(pretrained, str):
         load_encoder_weights(encoder, pretrained, name)
     return encoder
+
+
+def _shallow_vit_probe(name: str, output_stride: int, kwargs: dict[str, Any]) -> Optional[nn.Module]:
+    """A plain ViT of fewer than three blocks, built reading its first block (timm's default
+    reads the last three, which it lacks); None if ``name`` is no such model."""
+    try:
+        probe = _features_model(name, output_stride, out_indices=(0,), **kwargs)
+    except Exception:
+        return None
+    return probe if len({d["reduction"] for d in probe.feature_info.info}) == 1 else None
 
 
 def default_vit_layers(depth: int) -> tuple[int, ...]:
