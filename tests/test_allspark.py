@@ -485,7 +485,7 @@ def test_grouping_source_and_pseudo_label_scope():
 
 
 @pytest.mark.parametrize("keys,layout", [
-    ({}, [(True, 4, 2), (True, 4, 0)]),  # forward_fp(cat(x, u_w)); model(cat(u_s1, u_s2))
+    ({}, [(True, 4, 2), (True, 4, 0)]),  # feature_perturbation(model, cat(x, u_w)); model(cat(u_s1, u_s2))
     ({"feature_perturbation": False}, [(True, 4, 2), (True, 4, 0)]),
     ({"feature_perturbation": False, "teacher": "ema"}, [(True, 6, 2)]),  # model(cat(x, u_s1, u_s2))
 ])
@@ -552,7 +552,7 @@ def test_allspark_unimatch_weak_forward_takes_the_training_forward_prediction(mo
     m.train()
     m.train_step(make_batch(seed=5), ctx())
     assert evals == []  # no memory and labels from the training forward: no eval-mode pass at all
-    assert len(seen) == 1 and seen[0].requires_grad  # the clean weak logits of forward_fp
+    assert len(seen) == 1 and seen[0].requires_grad  # the clean weak logits of the fp pass
 
 
 def test_plan_must_match_the_forwards():

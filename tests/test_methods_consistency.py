@@ -18,6 +18,7 @@ from semiseg.errors import ConfigError
 from semiseg.methods.base import Batch, StepContext
 from semiseg.methods.consistency import PseudoTarget, apply_cutmix, mask_ratio, unsupervised_loss
 from semiseg.methods.fixmatch import FixMatch
+from semiseg.methods.perturbations import feature_perturbation
 from semiseg.methods.meanteacher import MeanTeacher, sigmoid_rampup
 from semiseg.methods.teacher import EMATeacher, ema_momentum
 from semiseg.methods.unimatch import UniMatch
@@ -34,8 +35,10 @@ class TinySeg(nn.Module):
     """The SegModel contract on a 3x3 conv + 1x1 classifier. Without BatchNorm its output for an
     image does not depend on the rest of the batch, so references may predict image by image.
 
-    ``fp_scale`` makes the feature perturbation deterministic (features times a fixed channel
-    mask); None uses real ``dropout2d``. Every call is recorded as (kind, training, input).
+    ``fp_scale`` makes the feature perturbation deterministic (:func:`build` gives UniMatch
+    :meth:`fp_drop` as its ``perturb_feature``: features times a fixed channel mask); None keeps
+    real ``dropout2d``. Every ``forward`` and every ``encode`` (the feature perturbation's one
+    encoding) is recorded as (kind, training, input).
     """
 
     def __init__(self, seed: int = 0, bn: bool = False):
@@ -46,6 +49,7 @@ class TinySeg(nn.Module):
         self.head = nn.Conv2d(4, K, 1)
         with torch.no_grad():
             self.head.weight.mul_(4.0)  # spread the confidences around the thresholds used below
+        self.head.in_index = (0,)  # the feature the head reads
         self.fp_scale = torch.tensor([2.0, 0.0, 2.0, 0.0]).view(1, 4, 1, 1)
         self.calls: list[tuple[str, bool, torch.Tensor]] = []
 
@@ -56,11 +60,21 @@ class TinySeg(nn.Module):
         self.calls.append(("forward", self.training, x.detach().clone()))
         return self.head(self.features(x))
 
-    def forward_fp(self, x, p=0.5):
-        self.calls.append(("forward_fp", self.training, x.detach().clone()))
-        f = self.features(x)
-        f_fp = f * self.fp_scale if self.fp_scale is not None else F.dropout2d(f, p, self.training)
-        return self.head(torch.cat((f, f_fp))).chunk(2)
+    neck = None
+
+    @property
+    def decoder(self):
+        return self.head
+
+    def encode(self, x):
+        self.calls.append(("encode", self.training, x.detach().clone()))
+        return [self.features(x)]
+
+    def decode(self, feats, out_size=None):
+        return self.head(feats[0])
+
+    def fp_drop(self, f):
+        return f * self.fp_scale
 
     def perturbed(self, x):
         """Reference for the fp stream (not recorded)."""
@@ -104,7 +118,11 @@ def ctx(iteration=0):
 
 def build(method_cls, name, model=None, **keys):
     cfg = load_config({"method": {"name": name, **keys}})
-    return method_cls(cfg, model if model is not None else TinySeg(), K)
+    model = model if model is not None else TinySeg()
+    method = method_cls(cfg, model, K)
+    if isinstance(method, UniMatch) and getattr(model, "fp_scale", None) is not None:
+        method.perturb_feature = model.fp_drop  # the deterministic feature perturbation
+    return method
 
 
 # ---------------------------------------------------------------------------------------------
@@ -293,7 +311,7 @@ def test_forward_passes_separate_batch_vs_in_batch():
             assert torch.equal(method.model.calls[0][2], batch.unlabeled_mix["weak"])
         assert method.model.training  # back in training mode after the eval pass
 
-    expected_training = [("forward_fp", True, B_L + B_U), ("forward", True, 2 * B_U)]
+    expected_training = [("encode", True, B_L + B_U), ("forward", True, 2 * B_U)]
     for mix_source, extra in (("separate_batch", [("forward", False, B_U)]), ("in_batch", [])):
         method = build(UniMatch, "unimatch", mix_source=mix_source)
         method.train()
@@ -398,7 +416,7 @@ def test_unimatch_weights_are_configurable_and_redistributed():
     method.train()
     result = method.train_step(batch, ctx())
     assert "loss_fp" not in result.logs
-    assert [kind for kind, _, _ in method.model.calls if kind == "forward_fp"] == []
+    assert [kind for kind, _, _ in method.model.calls if kind == "encode"] == []
     total, *_ = reference_unimatch(method.model, batch, thresh, "separate_batch", weights=(1.0, 0.5, 0.5, 0.0))
     assert close(result.loss, total)
 
@@ -439,11 +457,11 @@ def test_unimatch_without_both_perturbations_is_fixmatch(mix_source, teacher):
 
 def test_feature_perturbation_stream_differs_in_training():
     model = TinySeg()
-    model.fp_scale = None  # real dropout2d, as in the SegModel contract
+    model.fp_scale = None  # real dropout2d, UniMatch's own perturb_feature
     x = torch.randn(4, 3, H, W)
     torch.manual_seed(0)
     model.train()
-    clean, perturbed = model.forward_fp(x, 0.5)
+    clean, perturbed = feature_perturbation(model, x, 0.5)
     assert not torch.allclose(clean, perturbed)
     method = build(UniMatch, "unimatch", model=model, conf_thresh=0.0)
     method.train()
@@ -452,7 +470,7 @@ def test_feature_perturbation_stream_differs_in_training():
 
 
 def test_unimatch_step_with_real_segmodel():
-    """The real model contract: forward_fp differs from the clean stream in training only, and a
+    """The real model contract: the feature perturbation differs from the clean stream in training only, and a
     whole step back-propagates into encoder and head."""
     models = pytest.importorskip("semiseg.models")
     from semiseg.config import ModelConfig
@@ -460,10 +478,10 @@ def test_unimatch_step_with_real_segmodel():
     model = models.build_model(ModelConfig(encoder="resnet18", decoder_channels=16), K)
     x = torch.randn(2, 3, 32, 32)
     model.train()
-    clean, perturbed = model.forward_fp(x)
+    clean, perturbed = feature_perturbation(model, x)
     assert not torch.allclose(clean, perturbed)
     model.eval()
-    clean, perturbed = model.forward_fp(x)
+    clean, perturbed = feature_perturbation(model, x)
     assert torch.allclose(clean, perturbed)
 
     g = torch.Generator().manual_seed(0)
@@ -588,8 +606,8 @@ def test_unimatch_with_teacher_supervises_fp_stream_with_teacher_labels():
     assert close(result.logs["loss_fp"], loss_fp)
     assert close(result.logs["loss_s1"], losses_s[0]) and close(result.logs["loss_s2"], losses_s[1])
     assert close(result.loss, total)
-    # the student still runs forward_fp on labelled + weak images for the fp stream
-    assert [(k, t, x.shape[0]) for k, t, x in method.model.calls] == [("forward_fp", True, B_L + B_U),
+    # the student still runs the fp pass on labelled + weak images for the fp stream
+    assert [(k, t, x.shape[0]) for k, t, x in method.model.calls] == [("encode", True, B_L + B_U),
                                                                        ("forward", True, 2 * B_U)]
 
 

@@ -10,6 +10,7 @@ from torch import nn
 from semiseg.config import ModelConfig
 from semiseg.errors import CheckpointError, ConfigError, SemisegError
 from semiseg.models import DeepLabV3PlusHead, SegFormerHead, SegModel, build_model
+from semiseg.methods.perturbations import feature_perturbation
 
 WIDTH = 32  # small head widths keep the tests fast
 
@@ -88,38 +89,38 @@ def test_heads_follow_official_layout():
 
 
 @pytest.mark.parametrize("head", ["deeplabv3plus", "segformer"])
-def test_forward_fp(head):
+def test_feature_perturbation(head):
     model = make("resnet18", head)
     x = torch.randn(2, 3, 50, 70)
 
     model.train()
     torch.manual_seed(1)
-    logits, logits_fp = model.forward_fp(x)
+    logits, logits_fp = feature_perturbation(model, x)
     assert logits.shape == logits_fp.shape == (2, 3, 50, 70)
     assert not torch.allclose(logits, logits_fp)
 
     # Without dropout the two halves are the clean decode: a batch of two identical copies
     # gives BatchNorm the same statistics as the clean batch alone.
     if head == "deeplabv3plus":  # the SegFormer head has its own classifier dropout
-        clean, same = model.forward_fp(x, p=0.0)
+        clean, same = feature_perturbation(model, x, p=0.0)
         reference = model.decode(model.encode(x), out_size=x.shape[-2:])
         assert torch.allclose(clean, reference, atol=1e-4) and torch.allclose(same, reference, atol=1e-4)
 
     # In eval mode the perturbation does not exist: both halves equal the plain forward.
     model.eval()
     with torch.no_grad():
-        logits, logits_fp = model.forward_fp(x)
+        logits, logits_fp = feature_perturbation(model, x)
         reference = model.decode(model.encode(x), out_size=x.shape[-2:])
     assert torch.allclose(logits, reference, atol=1e-5) and torch.allclose(logits_fp, reference, atol=1e-5)
 
 
-def test_forward_fp_drops_channels_of_the_features_the_head_reads():
+def test_feature_perturbation_drops_channels_of_the_features_the_head_reads():
     model = make("resnet18").train()
     seen = []
     model.decoder.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
     p = 0.3
     torch.manual_seed(2)
-    model.forward_fp(torch.randn(4, 3, 64, 64), p=p)
+    feature_perturbation(model, torch.randn(4, 3, 64, 64), p=p)
     feats = seen[0]
     assert [f.shape[0] for f in feats] == [8, 4, 4, 8]  # only the low-level and deepest are doubled
     dropped, total = 0, 0
@@ -259,3 +260,111 @@ def test_every_config_head_name_has_a_registered_builder():
         assert HEAD_BUILDERS["probe"] is build_probe
     finally:
         del HEAD_BUILDERS["probe"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Plain ViT encoders (random init only: pretrained true would need the hub)
+
+TINY_VIT = {"img_size": 28, "embed_dim": 32, "depth": 4, "num_heads": 2}
+
+
+def make_vit(encoder="vit_small_patch14_dinov2", head="deeplabv3plus", **kw) -> SegModel:
+    return make(encoder, head, encoder_kwargs={**TINY_VIT, **kw.pop("encoder_kwargs", {})}, **kw)
+
+
+@pytest.mark.parametrize("encoder,patch,prefix", [
+    ("vit_small_patch14_dinov2", 14, 1),  # class token
+    ("vit_small_patch14_reg4_dinov2", 14, 5),  # class token + 4 registers
+    ("vit_small_patch16_224", 16, 1),
+])
+def test_vit_encoder_reads_blocks_as_maps_at_the_patch_stride(encoder, patch, prefix):
+    model = make_vit(encoder).eval()
+    assert model.patch_size == patch and model.feature_reductions == [patch] * 4
+    assert model.feature_channels == [32] * 4
+    vit = model.encoder.model
+    assert vit.num_prefix_tokens == prefix
+    blocks = []
+    for block in vit.blocks:
+        block.register_forward_hook(lambda mod, inp, out: blocks.append(out))
+    for h, w in [(2 * patch, 2 * patch), (4 * patch, 3 * patch)]:  # not only the img_size it was built for
+        blocks.clear()
+        x = torch.randn(2, 3, h, w)
+        with torch.no_grad():
+            feats = model.encode(x)
+        assert [tuple(f.shape) for f in feats] == [(2, 32, h // patch, w // patch)] * 4
+        # each map is its block's output without the prefix tokens, patch tokens row by row
+        for f, tokens in zip(feats, blocks):
+            expected = tokens[:, prefix:].reshape(2, h // patch, w // patch, 32).permute(0, 3, 1, 2)
+            assert torch.equal(f, expected)
+
+
+@pytest.mark.parametrize("head", ["deeplabv3plus", "segformer"])
+@pytest.mark.parametrize("encoder,patch", [("vit_small_patch14_dinov2", 14), ("vit_small_patch16_224", 16)])
+def test_vit_segmodel_logits_at_input_size(encoder, patch, head):
+    model = make_vit(encoder, head)
+    x = torch.randn(2, 3, 3 * patch, 2 * patch)
+    model.train()
+    logits = model(x)
+    assert logits.shape == (2, 3, 3 * patch, 2 * patch)
+    logits.mean().backward()
+    assert all(p.grad is not None for p in model.encoder.parameters() if p.requires_grad)
+    model.eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 4 * patch, 5 * patch)).shape == (1, 3, 4 * patch, 5 * patch)
+    clean, perturbed = feature_perturbation(model.train(), x)
+    assert clean.shape == perturbed.shape == logits.shape
+
+
+@pytest.mark.parametrize("head", ["deeplabv3plus", "segformer"])
+def test_vit_whole_image_of_any_size_is_padded_and_the_padding_cut_off(head):
+    """Evaluation on whole images: sides that are no multiple of the patch size are padded at the
+    bottom and right, and the logits are those of the padded image without the padding."""
+    model = make_vit(head=head).eval()
+    x = torch.randn(1, 3, 48, 61)
+    with torch.no_grad():
+        logits = model(x)
+        padded = model(torch.nn.functional.pad(x, (0, 9, 0, 8)))  # 56 x 70: multiples of 14
+    assert logits.shape == (1, 3, 48, 61)
+    assert torch.allclose(logits, padded[..., :48, :61], atol=1e-5)
+
+
+def test_vit_layers_and_kwargs_from_config():
+    deep = make_vit(encoder_kwargs={"depth": 12})
+    assert deep.encoder.feature_info.out_indices == (2, 5, 8, 11)  # four evenly spaced blocks
+    assert make_vit(encoder_kwargs={"depth": 2}).encoder.feature_info.out_indices == (0, 1)
+    picked = make_vit(encoder_layers=[1, -1])
+    assert picked.encoder.feature_info.out_indices == (1, 3) and len(picked.encoder.model.blocks) == 4
+    with pytest.raises(ConfigError, match=r"key 'model.encoder_layers'.*4 features.*got 4"):
+        make_vit(encoder_layers=[0, 4])
+    with pytest.raises(ConfigError, match=r"key 'model.encoder_layers'.*shallow to deep"):
+        make_vit(encoder_layers=[3, 1])
+    with pytest.raises(ConfigError, match=r"key 'model.encoder_kwargs'.*'output_stride'.*model.output_stride"):
+        make_vit(encoder_kwargs={"output_stride": 8})
+    with pytest.raises(ConfigError, match=r"key 'model.encoder'.*cannot be built"):
+        make_vit(encoder_kwargs={"no_such_argument": 1})
+    # hierarchical encoders: the layers pick stages, the deepest must still be at output_stride
+    resnet = make("resnet18", head="segformer", encoder_layers=[2, 3, 4])
+    assert resnet.feature_reductions == [8, 16, 16] and resnet.patch_size is None
+    with pytest.raises(ConfigError, match=r"key 'model.output_stride'.*stride 8"):
+        make("resnet18", encoder_layers=[1, 2])
+
+
+def test_crop_not_a_multiple_of_the_patch_size_is_a_config_error(tmp_path):
+    from semiseg.config import load_config
+    from semiseg.engine.trainer import Trainer
+    from semiseg.models import check_input_size
+
+    model = make_vit()
+    check_input_size(model, 42, "data.crop_size")
+    check_input_size(make("resnet18"), 30, "data.crop_size")  # only patch encoders care
+    with pytest.raises(ConfigError, match=r"^config error: key 'data.crop_size': 30 is not a multiple of the "
+                                          r"encoder's patch size 14; use e.g. 28 or 42$"):
+        check_input_size(model, 30, "data.crop_size")
+    vit = ["model.encoder=vit_small_patch14_dinov2", "model.encoder_kwargs.img_size=28",
+           "model.encoder_kwargs.embed_dim=32", "model.encoder_kwargs.depth=4", "model.encoder_kwargs.num_heads=2",
+           "model.decoder_channels=16", "data.workers=0"]
+    with pytest.raises(ConfigError, match=r"key 'data.crop_size': 30 is not a multiple"):
+        Trainer(load_config(None, vit + ["data.crop_size=30"]), tmp_path / "run", progress=False).build()
+    with pytest.raises(ConfigError, match=r"key 'eval.crop_size': 50 is not a multiple"):
+        Trainer(load_config(None, vit + ["data.crop_size=28", "eval.mode=sliding_window", "eval.crop_size=50"]),
+                tmp_path / "run", progress=False).build()

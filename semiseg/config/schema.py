@@ -9,7 +9,7 @@ value is an error at load time (:mod:`semiseg.config.load` turns it into one lin
 from __future__ import annotations
 
 from fractions import Fraction
-from typing import Literal, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -111,7 +111,16 @@ class ModelConfig(Section):
     head: Literal[HEADS] = "deeplabv3plus"  # type: ignore[valid-type]
     # true: timm's weights (needs the hub); a path: a local weights file; false: from scratch.
     pretrained: Union[bool, str] = False
+    # Deepest stride of a hierarchical encoder (dilated where it can be). A plain ViT runs at its
+    # patch size (14, 16, ...) whatever this says.
     output_stride: Literal[8, 16, 32] = 16
+    # Extra keyword arguments for timm.create_model, passed as they are (e.g. {img_size: 518},
+    # {drop_path_rate: 0.1}; a small random ViT: {embed_dim: 64, depth: 4, num_heads: 2}).
+    encoder_kwargs: dict[str, Any] = {}
+    # Which encoder features to read: indices into its feature_info (a ViT: its blocks; negative
+    # counts from the end), shallow to deep. None: every stage at stride >= 4; for a ViT four
+    # evenly spaced blocks ending with the last (2, 5, 8, 11 of 12).
+    encoder_layers: Optional[list[int]] = Field(None, min_length=1)
     decoder_channels: int = Field(256, ge=8)  # DeepLabV3+ ASPP/decoder width
     embed_dim: int = Field(256, ge=8)  # SegFormer head embedding width
     # Channel dropout before the classifier; None = the head's official default

@@ -2,8 +2,9 @@
 
 Gradients are averaged explicitly after ``backward`` (:func:`average_gradients`) instead of
 wrapping the network in DistributedDataParallel: methods call the network several times per
-step (eval-mode passes for pseudo labels, the UniPerb ``forward_fp``, strong views), which DDP's
-forward hooks do not model, and an explicit all-reduce keeps every method correct unchanged.
+step (eval-mode passes for pseudo labels, UniPerb's feature-perturbation pass, strong views),
+which DDP's forward hooks do not model, and an explicit all-reduce keeps every method correct
+unchanged.
 """
 
 from __future__ import annotations

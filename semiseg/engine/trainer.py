@@ -200,7 +200,7 @@ class Trainer:
         from semiseg.data.datasets import dataset_info
         from semiseg.engine.checkpoint import CheckpointManager, load_init_weights
         from semiseg.methods import build_method
-        from semiseg.models import build_model
+        from semiseg.models import build_model, check_input_size
 
         cfg, tc = self.cfg, self.cfg.train
         if tc.deterministic:
@@ -209,6 +209,9 @@ class Trainer:
 
         self.info = dataset_info(cfg.data)
         model = build_model(cfg.model, self.info.num_classes)
+        check_input_size(model, cfg.data.crop_size, "data.crop_size")
+        if cfg.eval.mode != "original" and cfg.eval.crop_size is not None:
+            check_input_size(model, cfg.eval.crop_size, "eval.crop_size")
         later_weights = load_init_weights(model, tc.init_from) if tc.init_from else {}
         if self.dist.enabled and self.device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)

@@ -4,9 +4,10 @@ Semi-Supervised Semantic Segmentation", CVPR 2024), after the official ``train_a
 
 The network is the segmentation model with an :class:`~semiseg.models.allspark_neck.AllSparkNeck`
 on its deepest feature (set as ``model.neck`` at construction, so :class:`SegModel` applies it in
-``forward`` and ``forward_fp``): in every training forward the labelled features are rebuilt by
-channel-wise cross-attention from the unlabelled channels of the batch, or, after a warm-up, from
-the class-wise semantic memory filled with them. See that module for the block itself.
+``forward``, and UniMatch's feature perturbation between ``encode`` and ``decode``): in every
+training forward the labelled features are rebuilt by channel-wise cross-attention from the
+unlabelled channels of the batch, or, after a warm-up, from the class-wise semantic memory filled
+with them. See that module for the block itself.
 
 ``method.name: allspark`` -- one step of the official script::
 
@@ -224,8 +225,8 @@ class AllSparkUniMatch(AllSparkMixin, UniMatch):
     neck, through :meth:`AllSparkNeck.plan`, which images of each of UniMatch's training
     forwards (laid out as its ``joint_strong_pass`` says) are labelled:
 
-    * ``forward_fp(cat(img_x, img_u_w))`` (or ``model(cat(img_x, img_u_w))`` without the fp
-      stream): ``img_x`` labelled, the weak views unlabelled -- the official AllSpark layout. The
+    * ``feature_perturbation(model, cat(img_x, img_u_w))`` (or ``model(cat(img_x, img_u_w))``
+      without the fp stream): ``img_x`` labelled, the weak views unlabelled -- the official AllSpark layout. The
       labelled features are rebuilt from the weak views' channels (or the memory), whose
       channels fill the memory;
     * ``model(cat(img_u_s1, img_u_s2))``: every image unlabelled. The unlabelled branch is

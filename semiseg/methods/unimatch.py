@@ -5,7 +5,9 @@ FixMatch (see :mod:`semiseg.methods.fixmatch`) plus two perturbation streams:
 
 * UniPerb, feature perturbation: the labelled and weak images are encoded once and decoded twice,
   from clean features and from a ``Dropout2d(fp_dropout)`` copy of them
-  (``preds, preds_fp = model.forward_fp(cat(img_x, img_u_w))``). The perturbed weak prediction
+  (``preds, preds_fp = feature_perturbation(model, cat(img_x, img_u_w))``, a function of the
+  network's ``encode``/``decode`` in :mod:`semiseg.methods.perturbations`; the dropout of one
+  feature is the hook :meth:`UniMatch.perturb_feature`). The perturbed weak prediction
   ``pred_u_w_fp`` learns the weak view's own (un-mixed) pseudo labels with the weak ignore mask.
 * DusPerb, dual strong views: two strong views, each CutMix-ed with the partner's corresponding
   strong view through its own box, predicted together (``model(cat(img_u_s1, img_u_s2))``); each
@@ -29,18 +31,20 @@ Ablation switches (the paper's Table 5 rows as configs):
 pseudo labels of the weak view and of the CutMix partner come from the EMA teacher (eval mode,
 no grad) and supervise the strong views *and* the fp stream. The fp stream still needs the
 student's encoder features of the weak image, so the student keeps its
-``forward_fp(cat(img_x, img_u_w))`` pass (its clean weak logits are then unused). Without the fp
-stream the student skips the weak view: ``model(cat(img_x, img_u_s1, img_u_s2))``, as in
+``feature_perturbation(model, cat(img_x, img_u_w))`` pass (its clean weak logits are then
+unused). Without the fp stream the student skips the weak view: ``model(cat(img_x, img_u_s1, img_u_s2))``, as in
 UniMatch V2's FixMatch.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from semiseg.config.methods import UniMatchConfig
 from semiseg.methods.base import Batch, StepContext, StepResult, register_method
 from semiseg.methods.consistency import ConsistencyMethod, mask_ratio, unsupervised_loss
+from semiseg.methods.perturbations import feature_perturbation
 
 
 @register_method("unimatch", UniMatchConfig)
@@ -57,6 +61,11 @@ class UniMatch(ConsistencyMethod):
         """One student pass ``model(cat(img_x, img_u_s1, img_u_s2))`` only with an EMA teacher and
         no fp stream (the fp stream needs the student's features of the weak view)."""
         return self.teacher is not None and not self.feature_perturbation
+
+    def perturb_feature(self, feature: torch.Tensor) -> torch.Tensor:
+        """UniPerb's perturbation of one feature the head reads: ``Dropout2d(fp_dropout)``, active
+        while the network is in training mode."""
+        return F.dropout2d(feature, self.mcfg.fp_dropout, training=self.model.training)
 
     def loss_weights(self) -> tuple[float, float, float]:
         """(weight of L_x, of each strong view's L_s, of L_fp) inside ``(...) / 2``."""
@@ -82,7 +91,8 @@ class UniMatch(ConsistencyMethod):
         pred_u_w = pred_u_w_fp = None
         with plan.scope, ctx.autocast():
             if self.feature_perturbation:
-                preds, preds_fp = self.model.forward_fp(torch.cat((img_x, img_u_w)), cfg.fp_dropout)
+                preds, preds_fp = feature_perturbation(self.model, torch.cat((img_x, img_u_w)),
+                                                       drop=self.perturb_feature)
                 pred_x, pred_u_w = preds.split([num_lb, num_ulb])
                 pred_u_w_fp = preds_fp[num_lb:]
                 pred_u_s = self.model(torch.cat(img_u_s)).chunk(n)

@@ -2,7 +2,7 @@
 
 from semiseg.models.encoder import create_encoder, load_encoder_weights
 from semiseg.models.heads import DeepLabV3PlusHead, SegFormerHead
-from semiseg.models.segmodel import SegModel, build_model
+from semiseg.models.segmodel import SegModel, build_model, check_input_size
 
-__all__ = ["SegModel", "build_model", "create_encoder", "load_encoder_weights",
+__all__ = ["SegModel", "build_model", "check_input_size", "create_encoder", "load_encoder_weights",
            "DeepLabV3PlusHead", "SegFormerHead"]

@@ -6,6 +6,23 @@ strides 4, 8, 16, 16, the last two dilated as in UniMatch's ``replace_stride_wit
 Encoders that cannot dilate (PVTv2, Swin, ...) are built at their natural stride, which
 ``model.output_stride`` must then equal; anything else is a :class:`ConfigError`.
 
+Plain (isotropic) vision transformers -- ViT, DeiT, DINOv2, EVA, every feature at one stride,
+the patch size -- are read through timm's ``forward_intermediates``, which ``features_only``
+wraps for them: the outputs of the blocks named by ``model.encoder_layers`` (default: four
+evenly spaced blocks ending with the last, e.g. 2, 5, 8, 11 of twelve), their prefix tokens
+(class, register, distillation) dropped and the patch tokens reshaped to ``(B, C, H/p, W/p)``
+maps. They run at their patch size (14 or 16, say) whatever ``model.output_stride`` says, with
+``dynamic_img_size=True`` and ``dynamic_img_pad=True`` (unless ``model.encoder_kwargs`` sets
+them), so that any input size works: evaluation on whole images pads them at the bottom and
+right to the next multiple of the patch size (:meth:`SegModel.decode
+<semiseg.models.SegModel.decode>` cuts the padding off the logits). The training crop must be
+a multiple (:func:`semiseg.models.segmodel.check_input_size`). The encoder's ``patch_size``
+attribute holds that stride (None for other encoders).
+
+``model.encoder_kwargs`` are passed to ``timm.create_model`` as they are (e.g. ``img_size``,
+``drop_path_rate``, or ``embed_dim``/``depth``/``num_heads`` for a small random ViT); the
+arguments semiseg sets itself (:data:`RESERVED_KWARGS`) are config errors there.
+
 ``model.pretrained``: ``false`` random init; ``true`` the encoder's ImageNet weights, from the
 installed package for the encoders in :data:`semiseg.models.pretrained.PACKAGED` (no network),
 else from timm's hub; or a path to a local weights file (:func:`load_encoder_weights`).
@@ -18,9 +35,10 @@ by name; nothing here is ResNet-specific.
 from __future__ import annotations
 
 import difflib
+import inspect
 import logging
 from pathlib import Path
-from typing import Union
+from typing import Any, Optional, Sequence, Union
 
 import timm
 import torch
@@ -37,24 +55,61 @@ MIN_REDUCTION = 4  # stages shallower than stride 4 (a ResNet's stem) are not us
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 # Wrappers that training code and timm's feature extractors put in front of the keys.
 KEY_PREFIXES = ("module.", "model.", "encoder.", "backbone.")
+# timm.create_model arguments semiseg sets itself, with the config key that says them instead.
+RESERVED_KWARGS = {"features_only": "model.encoder", "out_indices": "model.encoder_layers",
+                   "output_stride": "model.output_stride", "pretrained": "model.pretrained"}
 
 
-def create_encoder(name: str, output_stride: int = 16, pretrained: Union[bool, str] = False) -> nn.Module:
-    """The timm features_only model ``name`` with its stride >= 4 stages, at ``output_stride``."""
+def create_encoder(name: str, output_stride: int = 16, pretrained: Union[bool, str] = False,
+                   layers: Optional[Sequence[int]] = None,
+                   encoder_kwargs: Optional[dict[str, Any]] = None) -> nn.Module:
+    """The timm features_only model ``name`` with its stride >= 4 stages, at ``output_stride``
+    (a plain ViT: the blocks :func:`default_vit_layers` picks, at its patch size). ``layers``
+    (``model.encoder_layers``) picks the features by index instead; ``encoder_kwargs``
+    (``model.encoder_kwargs``) go to ``timm.create_model``."""
     if not timm.is_model(name):
         close = difflib.get_close_matches(name, timm.list_models(), n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models()"
         raise ConfigError(f"config error: key 'model.encoder': unknown timm model {name!r}{hint}")
+    kwargs = dict(encoder_kwargs or {})
+    for key in kwargs:
+        if key in RESERVED_KWARGS:
+            raise ConfigError(f"config error: key 'model.encoder_kwargs': {key!r} is set by semiseg; "
+                              f"use {RESERVED_KWARGS[key]} instead")
 
     # Build once at random init to learn the stages' strides, then keep those at stride >= 4.
-    probe = _features_model(name, output_stride)
+    try:
+        probe = _features_model(name, output_stride, **kwargs)
+    except ConfigError:
+        probe = _shallow_vit_probe(name, output_stride, kwargs)
+        if probe is None:
+            raise
     info = probe.feature_info
-    out_indices = tuple(i for i, r in zip(info.out_indices, info.reduction()) if r >= MIN_REDUCTION)
+    all_reductions = [d["reduction"] for d in info.info]
+    patch_size = all_reductions[0] if len(set(all_reductions)) == 1 else None
+    if layers is not None:
+        out_indices = _pick_layers(layers, len(all_reductions), name)
+    elif patch_size is not None:
+        out_indices = default_vit_layers(len(all_reductions))
+    else:
+        out_indices = tuple(i for i, r in zip(info.out_indices, info.reduction()) if r >= MIN_REDUCTION)
+    if patch_size is None:
+        _check_stride(name, all_reductions[out_indices[-1]], output_stride)
+    elif patch_size != output_stride:
+        log.info("encoder %r is a plain transformer at its patch size %d; model.output_stride %d does not "
+                 "apply to it", name, patch_size, output_stride)
+    if patch_size is not None:  # any input size: position embeddings interpolated, sides padded to the patch
+        for key in ("dynamic_img_size", "dynamic_img_pad"):
+            if key not in kwargs and _accepts(probe, key):
+                kwargs[key] = True
+    same = out_indices == tuple(info.out_indices) and kwargs == dict(encoder_kwargs or {})
+
+    def build(**extra) -> nn.Module:
+        return _mark(_features_model(name, output_stride, out_indices=out_indices, **kwargs, **extra), patch_size)
 
     if pretrained is True and name in PACKAGED:
         path = packaged_weights_file(name)
-        encoder = probe if out_indices == tuple(info.out_indices) else _features_model(
-            name, output_stride, out_indices=out_indices)
+        encoder = _mark(probe, patch_size) if same else build()
         load_state_into_encoder(encoder, packaged_state_dict(name, path), f"model.pretrained {path}", name)
         return encoder
     if pretrained is True:
@@ -62,25 +117,78 @@ def create_encoder(name: str, output_stride: int = 16, pretrained: Union[bool, s
             raise ConfigError(f"config error: key 'model.pretrained': timm has no pretrained weights for "
                               f"encoder {name!r}; set model.pretrained to a local weights file or false")
         try:
-            return _features_model(name, output_stride, out_indices=out_indices, pretrained=True)
+            return build(pretrained=True)
         except SemisegError:
             raise
         except Exception as e:
             raise SemisegError(f"could not fetch pretrained weights for encoder {name!r} (no network?): "
                                "set model.pretrained to a local weights file or false") from e
 
-    encoder = probe if out_indices == tuple(info.out_indices) else _features_model(
-        name, output_stride, out_indices=out_indices)
+    encoder = _mark(probe, patch_size) if same else build()
     if isinstance(pretrained, str):
         load_encoder_weights(encoder, pretrained, name)
     return encoder
 
 
+def _shallow_vit_probe(name: str, output_stride: int, kwargs: dict[str, Any]) -> Optional[nn.Module]:
+    """A plain ViT of fewer than three blocks, built reading its first block (timm's default
+    reads the last three, which it lacks); None if ``name`` is no such model."""
+    try:
+        probe = _features_model(name, output_stride, out_indices=(0,), **kwargs)
+    except Exception:
+        return None
+    return probe if len({d["reduction"] for d in probe.feature_info.info}) == 1 else None
+
+
+def default_vit_layers(depth: int) -> tuple[int, ...]:
+    """Four evenly spaced blocks of a ``depth``-block transformer, ending with the last:
+    (2, 5, 8, 11) of 12 (UniMatch V2's ViT-S/B layers), (5, 11, 17, 23) of 24; fewer blocks,
+    fewer layers."""
+    return tuple(sorted({max(0, depth * k // 4 - 1) for k in (1, 2, 3, 4)}))
+
+
+def _pick_layers(layers: Sequence[int], count: int, name: str) -> tuple[int, ...]:
+    """``model.encoder_layers`` as non-negative indices into the encoder's ``count`` features."""
+    bad = [i for i in layers if not -count <= i < count]
+    if bad:
+        raise ConfigError(f"config error: key 'model.encoder_layers': encoder {name!r} has {count} features "
+                          f"(indices 0..{count - 1}, or negative from the end), got {bad[0]}")
+    picked = [i % count for i in layers]
+    if picked != sorted(set(picked)):
+        raise ConfigError(f"config error: key 'model.encoder_layers': expected distinct layers shallow to deep, "
+                          f"got {list(layers)}")
+    return tuple(picked)
+
+
+def _check_stride(name: str, stride: Optional[int], output_stride: int) -> None:
+    """A hierarchical encoder's deepest stride must be ``model.output_stride``."""
+    if stride is None or stride == output_stride:
+        return
+    fix = (f"set model.output_stride to {stride}" if stride in OUTPUT_STRIDES
+           else f"semiseg supports output strides {', '.join(map(str, OUTPUT_STRIDES))} only")
+    raise ConfigError(f"config error: key 'model.output_stride': encoder {name!r} cannot run at output "
+                      f"stride {output_stride} (its deepest feature is at stride {stride}); {fix}")
+
+
+def _mark(encoder: nn.Module, patch_size: Optional[int]) -> nn.Module:
+    encoder.patch_size = patch_size
+    return encoder
+
+
+def _accepts(features_model: nn.Module, argument: str) -> bool:
+    """Whether the timm model class inside ``features_model`` takes ``argument``."""
+    core = getattr(features_model, "model", features_model)
+    try:
+        return argument in inspect.signature(type(core).__init__).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def _features_model(name: str, output_stride: int, **kwargs) -> nn.Module:
     """``timm.create_model(name, features_only=True, output_stride=...)``.
 
-    A model whose constructor has no ``output_stride`` is built without it, which is fine only
-    if its natural deepest stride is the one asked for.
+    A model whose constructor has no ``output_stride`` is built without it; :func:`create_encoder`
+    then checks its natural deepest stride (a plain ViT has none to check: its patch size).
     """
     try:
         try:
@@ -95,12 +203,6 @@ def _features_model(name: str, output_stride: int, **kwargs) -> nn.Module:
         first_line = (str(e).splitlines() or [type(e).__name__])[0]
         raise ConfigError(f"config error: key 'model.encoder': timm model {name!r} cannot be built as a "
                           f"features_only encoder ({first_line})") from e
-    stride = model.feature_info.reduction()[-1]
-    if stride != output_stride:
-        fix = (f"set model.output_stride to {stride}" if stride in OUTPUT_STRIDES
-               else f"semiseg supports output strides {', '.join(map(str, OUTPUT_STRIDES))} only")
-        raise ConfigError(f"config error: key 'model.output_stride': encoder {name!r} cannot run at output "
-                          f"stride {output_stride} (its deepest feature is at stride {stride}); {fix}")
     return model
 
 

@@ -1,10 +1,11 @@
 """Segmentation heads: DeepLabV3+ (as in UniMatch) and SegFormer's all-MLP head.
 
 A head takes the encoder's feature list (shallow to deep) and returns ``(logits, feature)``:
-the logits at the resolution of the shallowest feature (stride 4 for most encoders) and the
+the logits at the resolution of the shallowest feature (stride 4 for most encoders, the patch
+size for a plain ViT, whose features all share it) and the
 feature map the classifier reads, for methods that need per-pixel embeddings. ``in_index``
 lists the features a head actually reads, so UniMatch's feature perturbation
-(:meth:`SegModel.forward_fp`) perturbs exactly those.
+(:func:`semiseg.methods.perturbations.feature_perturbation`) perturbs exactly those.
 
 Every width comes from the encoder's ``feature_info``; nothing assumes a ResNet.
 
@@ -42,6 +43,12 @@ def register_head(name: str) -> Callable[[HeadBuilder], HeadBuilder]:
 # DeepLabV3+ / UniMatch settings; (3, 6, 9) at 32 halves the OS16 rates in the same spirit
 # (not an official setting: UniMatch never runs an undilated encoder under DeepLabV3+).
 ASPP_RATES = {8: (12, 24, 36), 16: (6, 12, 18), 32: (3, 6, 9)}
+
+
+def aspp_rates(stride: int) -> tuple[int, ...]:
+    """The ASPP rates at ``stride``: :data:`ASPP_RATES`, and for a stride it lacks (a plain ViT's
+    patch size 14) those of the nearest stride in it (14: the OS16 rates)."""
+    return ASPP_RATES[min(ASPP_RATES, key=lambda s: (abs(s - stride), s))]
 
 
 def resize(x: torch.Tensor, size: Sequence[int], align_corners: bool) -> torch.Tensor:
@@ -104,7 +111,7 @@ class DeepLabV3PlusHead(nn.Module):
     """DeepLabV3+ decoder as in UniMatch (``model/semseg/deeplabv3plus.py``).
 
     * low level: the shallowest feature (stride 4) -> 1x1 conv-BN-ReLU to 48 channels;
-    * high level: ASPP on the deepest feature, rates from ``output_stride`` (:data:`ASPP_RATES`);
+    * high level: ASPP on the deepest feature, rates from ``output_stride`` (:func:`aspp_rates`);
     * the ASPP output is upsampled (bilinear, ``align_corners=True``) to the low-level size,
       concatenated after the low-level projection, fused by two 3x3 conv-BN-ReLU at
       ``channels``, and classified by a 1x1 conv with bias.
@@ -121,11 +128,9 @@ class DeepLabV3PlusHead(nn.Module):
                              f"{list(in_channels)} and reductions {list(reductions)}")
         if reductions[-1] != output_stride:
             raise ValueError(f"the deepest feature is at stride {reductions[-1]}, not output_stride {output_stride}")
-        if output_stride not in ASPP_RATES:
-            raise ValueError(f"no ASPP rates for output stride {output_stride}; expected one of {sorted(ASPP_RATES)}")
         self.in_index = (0, len(in_channels) - 1)
         self.reduce = conv_bn_relu(in_channels[0], 48, 1)
-        self.aspp = ASPP(in_channels[-1], channels, ASPP_RATES[output_stride])
+        self.aspp = ASPP(in_channels[-1], channels, aspp_rates(output_stride))
         self.fuse = nn.Sequential(
             conv_bn_relu(channels + 48, channels, 3),
             conv_bn_relu(channels, channels, 3),
@@ -173,8 +178,9 @@ class SegFormerHead(nn.Module):
 @register_head("deeplabv3plus")
 def build_deeplabv3plus(model_cfg, channels: Sequence[int], reductions: Sequence[int],
                         num_classes: int) -> DeepLabV3PlusHead:
-    """UniMatch's DeepLabV3+: ``model.decoder_channels`` wide, no dropout by default."""
-    return DeepLabV3PlusHead(channels, reductions, num_classes, output_stride=model_cfg.output_stride,
+    """UniMatch's DeepLabV3+: ``model.decoder_channels`` wide, no dropout by default. The ASPP
+    rates follow the encoder's deepest stride (``model.output_stride``; a plain ViT's patch size)."""
+    return DeepLabV3PlusHead(channels, reductions, num_classes, output_stride=reductions[-1],
                              channels=model_cfg.decoder_channels,
                              dropout=0.0 if model_cfg.dropout is None else model_cfg.dropout)
 

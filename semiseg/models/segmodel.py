@@ -1,7 +1,8 @@
 """The segmentation network: a timm encoder, an optional neck and a head.
 
 :class:`SegModel` keeps encoding and decoding separate so that methods can work between them:
-UniMatch perturbs the features (:meth:`SegModel.forward_fp`), pixel-contrastive methods read
+UniMatch perturbs the features (:func:`semiseg.methods.perturbations.feature_perturbation`,
+a function of ``encode``/``decode`` on the method side), pixel-contrastive methods read
 the decoder features (``decode(..., return_features=True)``) and AllSpark-style methods set a
 ``neck`` on the deepest feature::
 
@@ -29,9 +30,12 @@ class SegModel(nn.Module):
 
     * ``encoder``: timm ``features_only`` model; ``encode`` returns its features shallow to deep;
     * ``decoder``: the head (:mod:`semiseg.models.heads`), returning ``(logits, feature)``;
-    * ``neck``: ``None``, or a module a method sets on the deepest feature; ``forward`` and
-      ``forward_fp`` apply it between encoder and head, ``decode`` does not;
+    * ``neck``: ``None``, or a module a method sets on the deepest feature; ``features`` and
+      ``forward`` (and the feature perturbations of :mod:`semiseg.methods.perturbations`)
+      apply it between encoder and head, ``encode`` and ``decode`` do not;
     * ``num_classes``, ``feature_channels``, ``feature_reductions`` (from ``feature_info``);
+    * ``patch_size``: a plain ViT encoder's patch size, whose multiples its inputs must be
+      (:func:`check_input_size`); None for other encoders;
     * ``align_corners``: how ``decode`` resizes the logits to ``out_size`` (bilinear). True
       (default) as UniMatch's DeepLabV3+; the official AllSpark decoder (SegFormer head) resizes
       with False, and the ``allspark`` method sets that on a SegFormer head
@@ -49,6 +53,7 @@ class SegModel(nn.Module):
         self.num_classes = num_classes
         self.feature_channels: list[int] = list(encoder.feature_info.channels())
         self.feature_reductions: list[int] = list(encoder.feature_info.reduction())
+        self.patch_size: Optional[int] = getattr(encoder, "patch_size", None)
 
     def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Encoder features, shallow to deep (a new list: callers may replace entries)."""
@@ -58,9 +63,17 @@ class SegModel(nn.Module):
                return_features: bool = False):
         """Logits ``(B, K, h, w)`` at the shallowest feature's size, or at ``out_size``
         (bilinear, with :attr:`align_corners`). With ``return_features`` also the head's
-        feature map before the classifier, ``(B, C, h, w)``, never resized."""
+        feature map before the classifier, ``(B, C, h, w)``, never resized.
+
+        A plain-ViT encoder pads an input whose sides are not multiples of its patch size at the
+        bottom and right (timm's ``dynamic_img_pad``): its logits then cover the padded image,
+        so they are resized to that size and cut back to ``out_size``."""
         logits, feature = self.decoder(features)
-        if out_size is not None:
+        if out_size is not None and self.patch_size and any(int(v) % self.patch_size for v in out_size):
+            p = self.patch_size
+            h, w = (int(v) for v in out_size)
+            logits = resize(logits, (-(-h // p) * p, -(-w // p) * p), align_corners=self.align_corners)[..., :h, :w]
+        elif out_size is not None:
             logits = resize(logits, out_size, align_corners=self.align_corners)
         return (logits, feature) if return_features else logits
 
@@ -74,24 +87,6 @@ class SegModel(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits at the input size."""
         return self.decode(self.features(x), out_size=x.shape[-2:])
-
-    def forward_fp(self, x: torch.Tensor, p: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
-        """UniMatch's feature perturbation (UniPerb): ``(logits, logits_fp)`` at the input size.
-
-        Encodes once, then decodes in one pass a batch of the clean features followed by a copy
-        of each feature the head reads passed through channel dropout (``Dropout2d(p)``); for
-        DeepLabV3+ that is the low-level and the deepest feature, as in UniMatch's
-        ``torch.cat((c1, nn.Dropout2d(0.5)(c1)))``. BatchNorm therefore sees both halves
-        together, as official. Deviation: the official code builds a fresh ``nn.Dropout2d``,
-        which is always in training mode; here the dropout follows ``self.training``, so in
-        eval mode the two outputs are equal.
-        """
-        feats = self.features(x)
-        read = set(self.decoder.in_index)
-        doubled = [torch.cat((f, F.dropout2d(f, p, training=self.training))) if i in read else f
-                   for i, f in enumerate(feats)]
-        logits, logits_fp = self.decode(doubled, out_size=x.shape[-2:]).chunk(2)
-        return logits, logits_fp
 
     def param_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
         """(encoder parameters, all others: head and neck), each parameter exactly once."""
@@ -110,7 +105,8 @@ def build_model(model_cfg: ModelConfig, num_classes: int) -> SegModel:
     """
     if num_classes < 1:
         raise ValueError(f"num_classes must be positive, got {num_classes}")
-    encoder = create_encoder(model_cfg.encoder, model_cfg.output_stride, model_cfg.pretrained)
+    encoder = create_encoder(model_cfg.encoder, model_cfg.output_stride, model_cfg.pretrained,
+                             layers=model_cfg.encoder_layers, encoder_kwargs=model_cfg.encoder_kwargs)
     channels = list(encoder.feature_info.channels())
     reductions = list(encoder.feature_info.reduction())
     builder = HEAD_BUILDERS.get(model_cfg.head)
@@ -120,3 +116,14 @@ def build_model(model_cfg: ModelConfig, num_classes: int) -> SegModel:
     head = builder(model_cfg, channels, reductions, num_classes)
     align_corners = True if model_cfg.align_corners is None else model_cfg.align_corners
     return SegModel(encoder, head, num_classes, align_corners=align_corners)
+
+
+def check_input_size(model: nn.Module, size: int, key: str) -> None:
+    """A :class:`ConfigError` naming ``key`` when ``size`` (a crop side) is not a multiple of the
+    patch size of ``model``'s plain-ViT encoder; nothing for other encoders."""
+    patch = getattr(model, "patch_size", None)
+    if patch and size % patch:
+        below, above = size // patch * patch, (size // patch + 1) * patch
+        fits = f"{below} or {above}" if below else str(above)
+        raise ConfigError(f"config error: key '{key}': {size} is not a multiple of the encoder's patch size "
+                          f"{patch}; use e.g. {fits}")
