@@ -76,6 +76,18 @@ def split_overrides(split: str, root: Path) -> list[str]:
             f"data.unlabeled=splits/{split}/unlabeled.txt"]
 
 
+def as_recorded(path) -> str:
+    """``path`` as the results file records it: relative to the project when it lies beside it
+    (the project's own ``runs/``, ``../shared/data/camvid``), so a row names no machine's layout;
+    any other path as given."""
+    resolved = Path(path).resolve()
+    beside = resolved.is_relative_to(REPO) or resolved.is_relative_to(REPO.parent / "shared")
+    return os.path.relpath(resolved, REPO) if beside else str(path)
+
+
+PATH_KEYS = ("data.root=", "data.extra_labels=")  # overrides whose value is a path
+
+
 def read_metrics(run_dir: Path) -> tuple[list[float], dict[str, dict], float]:
     """(seconds per step of each logging window after the first, last eval per network, best mIoU
     of the first network)."""
@@ -107,7 +119,10 @@ def train_row(method: str, split: str, seed: int, config: str, overrides: list[s
         "networks": networks, "best_mIoU": round(best, 2),
         "per_class_iou": [round(x, 2) for x in last[reported]["per_class_iou"]],
         "sec_per_step": round(sum(steps) / max(1, len(steps)), 3), "wall_min": round(wall / 60, 1),
-        "iters": result.iteration, "config": config, "overrides": overrides, "run_dir": str(out),
+        "iters": result.iteration, "config": config,
+        "overrides": [o.split("=", 1)[0] + "=" + as_recorded(o.split("=", 1)[1]) if o.startswith(PATH_KEYS) else o
+                      for o in overrides],
+        "run_dir": as_recorded(out),
         "machine": machine(), "command": command,
     }
 

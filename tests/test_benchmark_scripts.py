@@ -252,3 +252,12 @@ def test_render_v2_replaces_only_between_its_markers():
     assert new.startswith("# B\n\nintro\n") and new.endswith(f"{render_v2.END}\n\nkept\n") and "old table" not in new
     with pytest.raises(SystemExit, match="markers"):
         render_v2.render("# no markers\n", [])
+
+
+def test_camvid_v2_records_paths_beside_the_project_relative_to_it(tmp_path):
+    import camvid_v2
+
+    repo = camvid_v2.REPO
+    assert camvid_v2.as_recorded(repo.parent / "shared" / "data" / "camvid") == "../shared/data/camvid"
+    assert camvid_v2.as_recorded(repo / "runs" / "bench-v2" / "supervised-1_8-s0") == "runs/bench-v2/supervised-1_8-s0"
+    assert camvid_v2.as_recorded(tmp_path / "camvid") == str(tmp_path / "camvid")  # elsewhere: as given
