@@ -41,6 +41,7 @@ METHODS: dict[str, tuple[str, list[str]]] = {
     "supervised": ("camvid", []),
     "fixmatch": ("camvid", ["method.name=fixmatch"]),
     "unimatch": ("camvid", ["method.name=unimatch"]),
+    "unimatch_v2": ("camvid", ["method.name=unimatch_v2"]),
     "meanteacher": ("camvid", ["method.name=meanteacher"]),
     "contrastive_memory": ("camvid", ["method.name=contrastive_memory", "method.rampup_iters=100",
                                       "method.memory_start_iter=50", "method.contrastive_start_iter=100"]),

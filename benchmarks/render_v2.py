@@ -29,6 +29,7 @@ ROWS = [  # (method key in the results, label)
     ("supervised", "Supervised (labelled images only)"),
     ("fixmatch", "FixMatch"),
     ("unimatch", "UniMatch"),
+    ("unimatch_v2", "UniMatch V2 (EMA teacher, complementary dropout)"),
     ("meanteacher", "Mean Teacher"),
     ("contrastive_memory", "Memory-bank contrastive (Alonso et al.)"),
     ("pct", "PCT stage one, tags on the unlabelled images"),

@@ -59,6 +59,15 @@ class UniMatchConfig(ConsistencyConfig):
     weight_fp: float = Field(0.5, ge=0.0)  # moved to the strong views when feature_perturbation is off
 
 
+class UniMatchV2Config(ConsistencyConfig):
+    name: str = "unimatch_v2"
+    teacher: Literal["ema"] = "ema"  # pseudo labels always come from the EMA teacher (official)
+    comp_drop: bool = True  # complementary channel dropout on the two strong views
+    comp_drop_kept: float = Field(0.5, ge=0.0, le=1.0)  # share of images keeping every channel (official 0.5)
+    weight_x: float = Field(1.0, ge=0.0)  # loss = (weight_x L_x + weight_s (L_s1 + L_s2) / 2) / 2
+    weight_s: float = Field(1.0, ge=0.0)
+
+
 class MeanTeacherConfig(MethodConfig):
     name: str = "meanteacher"
     consistency: Literal["ce", "mse"] = "ce"
@@ -159,6 +168,7 @@ METHOD_SCHEMAS: dict[str, type[MethodConfig]] = {
     "supervised": MethodConfig,
     "fixmatch": FixMatchConfig,
     "unimatch": UniMatchConfig,
+    "unimatch_v2": UniMatchV2Config,
     "meanteacher": MeanTeacherConfig,
     "allspark": AllSparkConfig,
     "allspark_unimatch": AllSparkUniMatchConfig,

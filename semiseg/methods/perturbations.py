@@ -8,10 +8,10 @@ it, not to the network. Each function here takes the network (anything with ``en
 * :func:`decode_perturbed`: encode (the ``neck``, if set, on the deepest feature), rewrite the
   feature list, decode at the input size; the building block;
 * :func:`feature_perturbation`: UniMatch's UniPerb, ``(logits, logits_fp)`` from the clean
-  features and a channel-dropout copy of them, decoded together in one batch.
-
-UniMatch V2's complementary dropout (two streams with complementary channel masks) is another
-feature-list rewrite for :func:`decode_perturbed` and goes here beside UniPerb.
+  features and a channel-dropout copy of them, decoded together in one batch;
+* :func:`complementary_dropout`: UniMatch V2's complementary channel dropout, two views of the
+  same images encoded together and decoded through complementary channel masks
+  (:func:`complementary_channel_masks`).
 """
 
 from __future__ import annotations
@@ -71,3 +71,53 @@ def feature_perturbation(model: nn.Module, x: torch.Tensor, p: float = 0.5,
 
     logits, logits_fp = decode_perturbed(model, x, doubled).chunk(2)
     return logits, logits_fp
+
+
+def complementary_channel_masks(num_pairs: int, widths: Sequence[int], kept_fraction: float = 0.5,
+                                device: Optional[torch.device] = None) -> dict[int, torch.Tensor]:
+    """UniMatch V2's complementary channel-dropout masks for ``num_pairs`` image pairs: for each
+    feature width ``C`` in ``widths`` a ``(2 * num_pairs, C)`` mask whose first half (the first
+    view of each pair) is ``2 * Bernoulli(0.5)`` and whose second half (the second view) is its
+    complement ``2 - mask``: every channel is kept, doubled, by exactly one view of a pair, so
+    each view's mask has expectation 1 and the two views' masks sum to 2.
+    ``int(num_pairs * kept_fraction)`` pairs, drawn at random once for all widths, keep every
+    channel in both views (mask 1), as official (``num_kept = int(bs // 2 * (1 - dropout_prob))``,
+    ``dropout_prob = 0.5``).
+
+    Official ``model/semseg/dpt.py`` draws one mask of the ViT's width and multiplies all four
+    intermediate features by it; here features of one width share one mask (so a ViT gets
+    exactly that), and features of another width (a DeepLabV3+'s low-level and deepest
+    features) get their own, with the same kept pairs.
+    """
+    num_kept = int(num_pairs * kept_fraction)
+    kept = torch.randperm(num_pairs)[:num_kept].to(device)
+    masks = {}
+    for width in dict.fromkeys(int(w) for w in widths):  # distinct widths, in order
+        first = torch.bernoulli(torch.full((num_pairs, width), 0.5, device=device)) * 2.0
+        second = 2.0 - first
+        first[kept] = 1.0
+        second[kept] = 1.0
+        masks[width] = torch.cat((first, second))
+    return masks
+
+
+def complementary_dropout(model: nn.Module, x: torch.Tensor, kept_fraction: float = 0.5) -> torch.Tensor:
+    """UniMatch V2's complementary dropout: logits at the input size of ``x = cat(view_1,
+    view_2)``, two views of the same ``B`` images (``2B`` rows), encoded together; each feature
+    the head reads is multiplied channel-wise by :func:`complementary_channel_masks` (row ``i``
+    of the first view and row ``B + i`` of the second get complementary masks), then decoded in
+    one pass, as official ``model(torch.cat((img_u_s1, img_u_s2)), comp_drop=True)``. Only in
+    training mode: in eval mode the features pass unchanged."""
+    if x.shape[0] % 2:
+        raise ValueError(f"complementary dropout needs the two views of each image stacked, got an odd batch of {x.shape[0]}")
+    if not model.training:
+        return model(x)
+    read = read_features(model)
+
+    def dropped(feats: list[torch.Tensor]) -> list[torch.Tensor]:
+        masks = complementary_channel_masks(x.shape[0] // 2, [feats[i].shape[1] for i in sorted(read)],
+                                            kept_fraction, device=feats[0].device)
+        return [f * masks[f.shape[1]].to(f.dtype)[:, :, None, None] if i in read else f
+                for i, f in enumerate(feats)]
+
+    return decode_perturbed(model, x, dropped)
