@@ -106,7 +106,8 @@ def build_model(model_cfg: ModelConfig, num_classes: int) -> SegModel:
     if num_classes < 1:
         raise ValueError(f"num_classes must be positive, got {num_classes}")
     encoder = create_encoder(model_cfg.encoder, model_cfg.output_stride, model_cfg.pretrained,
-                             layers=model_cfg.encoder_layers, encoder_kwargs=model_cfg.encoder_kwargs)
+                             layers=model_cfg.encoder_layers, encoder_kwargs=model_cfg.encoder_kwargs,
+                             norm=model_cfg.encoder_norm)
     channels = list(encoder.feature_info.channels())
     reductions = list(encoder.feature_info.reduction())
     builder = HEAD_BUILDERS.get(model_cfg.head)
