@@ -277,7 +277,8 @@ class DPTHead(nn.Module):
     classifier reads (``features`` channels). :class:`~semiseg.models.SegModel` resizes the
     logits to the input (bilinear, ``align_corners=True`` by default, as UniMatch V2's
     ``F.interpolate`` to ``(patch_h * 14, patch_w * 14)``). Parameter names follow the
-    official module's, so its weights would load by name.
+    official module's, so its weights would load by name; as there, ``refinenet4`` (no skip to
+    fuse) has a ``resConfUnit1`` that is never used and gets no gradient.
 
     Deviations: the official head takes token sequences and one encoder width; this one takes
     the maps the encoder already reshaped and a width per feature (the same on a ViT).
