@@ -39,7 +39,8 @@ def test_dpt_logits_at_the_input_size():
         logits.mean().backward()
         # refinenet4 fuses no skip: its resConfUnit1 exists (as official) but is never used
         unused = {n for n, p in model.named_parameters() if p.grad is None}
-        assert unused == {f"decoder.scratch.refinenet4.resConfUnit1.conv{i}.{k}" for i in (1, 2) for k in ("weight", "bias")}
+        assert unused == {f"decoder.scratch.refinenet4.resConfUnit1.conv{i}.{k}"
+                          for i in (1, 2) for k in ("weight", "bias")}
         model.zero_grad()
         with torch.no_grad():
             raw, path_1 = model.eval().decode(model.encode(x), return_features=True)
@@ -278,7 +279,8 @@ def test_official_dinov2_file_that_does_not_fit(tmp_path):
     state = official_state(source, "plain")
     del state["norm.weight"], state["norm.bias"]
     torch.save(state, path)
-    with pytest.raises(CheckpointError, match=r"dinov2_small\.pth.*model\.norm\.weight.*set model\.encoder_norm: false"):
+    with pytest.raises(CheckpointError,
+                       match=r"dinov2_small\.pth.*model\.norm\.weight.*set model\.encoder_norm: false"):
         make_dpt(pretrained=str(path))
     make_dpt(pretrained=str(path), encoder_norm=False)  # the raw block outputs need no final norm
 
@@ -307,4 +309,25 @@ def test_chunked_names_are_only_mapped_for_a_plain_vit(tmp_path):
     path = tmp_path / "mobilenet.safetensors"
     save_file(full.state_dict(), str(path))
     model = build_model(ModelConfig(encoder="mobilenetv3_small_050", pretrained=str(path), decoder_channels=16), 3)
-    assert torch.equal(model.encoder.state_dict()["blocks.1.0.conv_dw.weight"], full.state_dict()["blocks.1.0.conv_dw.weight"])
+    key = "blocks.1.0.conv_dw.weight"
+    assert torch.equal(model.encoder.state_dict()[key], full.state_dict()[key])
+
+
+def test_vit_hub_weights_without_network(monkeypatch):
+    """``model.pretrained: true`` on a ViT read through its norm goes to timm's hub like any
+    encoder, and a failed download is the one-line error."""
+    from semiseg.errors import SemisegError
+
+    real, asked = timm.create_model, []
+
+    def no_hub(name, pretrained=False, **kwargs):
+        asked.append((name, pretrained))
+        if pretrained:
+            raise OSError("We couldn't connect to 'https://huggingface.co' to load this file")
+        return real(name, pretrained=False, **kwargs)
+
+    monkeypatch.setattr(timm, "create_model", no_hub)
+    with pytest.raises(SemisegError, match=r"could not fetch pretrained weights for encoder "
+                                           r"'vit_small_patch14_dinov2' \(no network\?\)"):
+        make_dpt(pretrained=True)
+    assert asked[-1] == ("vit_small_patch14_dinov2", True)

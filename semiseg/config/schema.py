@@ -135,7 +135,7 @@ class ModelConfig(Section):
     dpt_features: Optional[int] = Field(None, ge=1)
     dpt_channels: Optional[list[int]] = Field(None, min_length=4, max_length=4)
     # Channel dropout before the classifier; None = the head's official default
-    # (DeepLabV3+: none, as UniMatch; SegFormer: 0.1).
+    # (DeepLabV3+: none, as UniMatch; SegFormer: 0.1; DPT: none, as UniMatch V2).
     dropout: Optional[float] = Field(None, ge=0.0, lt=1.0)
     # align_corners of the bilinear resize of the logits to the input size; None = the method's
     # choice (allspark on the SegFormer head: false, as the official AllSpark decoder; otherwise

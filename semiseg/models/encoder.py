@@ -14,11 +14,12 @@ blocks ending with the last, e.g. 2, 5, 8, 11 of twelve), each through the model
 reads; false: the raw block outputs, which timm's ``features_only`` gives, the final norm
 pruned), their prefix tokens (class, register, distillation) dropped and the patch tokens
 reshaped to ``(B, C, H/p, W/p)`` maps. (A ViT whose ``norm`` is an identity, with the norm
-after pooling instead, gives the raw outputs either way.) They run at their patch size (14 or 16, say) whatever ``model.output_stride`` says, with
-``dynamic_img_size=True`` and ``dynamic_img_pad=True`` (unless ``model.encoder_kwargs`` sets
-them), so that any input size works: evaluation on whole images pads them at the bottom and
-right to the next multiple of the patch size (:meth:`SegModel.decode
-<semiseg.models.SegModel.decode>` cuts the padding off the logits). The training crop must be
+after pooling instead, gives the raw outputs either way.) They run at their patch size (14 or
+16, say) whatever ``model.output_stride`` says, with ``dynamic_img_size=True`` and
+``dynamic_img_pad=True`` (unless ``model.encoder_kwargs`` sets them), so that any input size
+works: evaluation on whole images pads them at the bottom and right to the next multiple of
+the patch size (:meth:`SegModel.decode <semiseg.models.SegModel.decode>` cuts the padding off
+the logits). The training crop must be
 a multiple (:func:`semiseg.models.segmodel.check_input_size`). The encoder's ``patch_size``
 attribute holds that stride (None for other encoders).
 

@@ -99,9 +99,10 @@ def build_model(model_cfg: ModelConfig, num_classes: int) -> SegModel:
     """The network described by the ``model`` config section, for ``num_classes`` classes.
 
     ``model.dropout`` is the channel dropout before the classifier; unset, each head keeps its
-    official default (DeepLabV3+: none, as UniMatch; SegFormer: 0.1). ``model.align_corners``
-    is the final logit resize (:attr:`SegModel.align_corners`); unset, True here, and a method
-    may change it (``allspark`` sets False on a SegFormer head, as its official decoder).
+    official default (DeepLabV3+: none, as UniMatch; SegFormer: 0.1; DPT: none, as UniMatch
+    V2). ``model.encoder_norm`` reads a plain ViT's blocks through its final norm (unset: yes).
+    ``model.align_corners`` is the final logit resize (:attr:`SegModel.align_corners`); unset,
+    True here, and a method may change it (``allspark`` sets False on a SegFormer head, as its official decoder).
     """
     if num_classes < 1:
         raise ValueError(f"num_classes must be positive, got {num_classes}")
