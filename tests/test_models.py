@@ -272,17 +272,20 @@ def make_vit(encoder="vit_small_patch14_dinov2", head="deeplabv3plus", **kw) -> 
     return make(encoder, head, encoder_kwargs={**TINY_VIT, **kw.pop("encoder_kwargs", {})}, **kw)
 
 
-@pytest.mark.parametrize("encoder,patch,prefix", [
-    ("vit_small_patch14_dinov2", 14, 1),  # class token
-    ("vit_small_patch14_reg4_dinov2", 14, 5),  # class token + 4 registers
-    ("vit_small_patch16_224", 16, 1),
+@pytest.mark.parametrize("encoder,patch,prefix,norm", [
+    ("vit_small_patch14_dinov2", 14, 1, None),  # class token; default: through the final norm
+    ("vit_small_patch14_dinov2", 14, 1, False),  # the raw block outputs
+    ("vit_small_patch14_reg4_dinov2", 14, 5, None),  # class token + 4 registers
+    ("vit_small_patch16_224", 16, 1, None),
+    ("vit_small_patch16_224", 16, 1, False),
 ])
-def test_vit_encoder_reads_blocks_as_maps_at_the_patch_stride(encoder, patch, prefix):
-    model = make_vit(encoder).eval()
+def test_vit_encoder_reads_blocks_as_maps_at_the_patch_stride(encoder, patch, prefix, norm):
+    model = make_vit(encoder, encoder_norm=norm).eval()
     assert model.patch_size == patch and model.feature_reductions == [patch] * 4
     assert model.feature_channels == [32] * 4
     vit = model.encoder.model
     assert vit.num_prefix_tokens == prefix
+    assert isinstance(vit.norm, nn.LayerNorm) == (norm is None)  # features_only prunes the norm
     blocks = []
     for block in vit.blocks:
         block.register_forward_hook(lambda mod, inp, out: blocks.append(out))
@@ -292,8 +295,12 @@ def test_vit_encoder_reads_blocks_as_maps_at_the_patch_stride(encoder, patch, pr
         with torch.no_grad():
             feats = model.encode(x)
         assert [tuple(f.shape) for f in feats] == [(2, 32, h // patch, w // patch)] * 4
-        # each map is its block's output without the prefix tokens, patch tokens row by row
+        # each map is its block's output (through the final norm unless encoder_norm is false)
+        # without the prefix tokens, patch tokens row by row
         for f, tokens in zip(feats, blocks):
+            if norm is None:
+                with torch.no_grad():
+                    tokens = vit.norm(tokens)
             expected = tokens[:, prefix:].reshape(2, h // patch, w // patch, 32).permute(0, 3, 1, 2)
             assert torch.equal(f, expected)
 

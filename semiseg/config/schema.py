@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 DATASETS = ("synthetic", "folder", "camvid", "pascal", "cityscapes", "coco", "ade20k")
 # model.head values; each is built by the head registered under it (semiseg.models.heads.register_head)
-HEADS = ("deeplabv3plus", "segformer")
+HEADS = ("deeplabv3plus", "segformer", "dpt")
 
 
 class Section(BaseModel):
@@ -121,15 +121,33 @@ class ModelConfig(Section):
     # counts from the end), shallow to deep. None: every stage at stride >= 4; for a ViT four
     # evenly spaced blocks ending with the last (2, 5, 8, 11 of 12).
     encoder_layers: Optional[list[int]] = Field(None, min_length=1)
+    # A plain ViT's features: its block outputs through the model's final norm (true), as DINOv2's
+    # get_intermediate_layers and UniMatch V2, or the raw block outputs (false). None: true.
+    # Ignored for hierarchical encoders. With a weights file, true needs the file's norm.
+    encoder_norm: Optional[bool] = None
     decoder_channels: int = Field(256, ge=8)  # DeepLabV3+ ASPP/decoder width
     embed_dim: int = Field(256, ge=8)  # SegFormer head embedding width
+    # DPT head (plain ViT encoders, UniMatch V2): the fusion width and the four per-layer
+    # projection widths. None: UniMatch V2's table by the encoder's width (384 ViT-S: 64 and
+    # [48, 96, 192, 384]; 768 ViT-B: 128, [96, 192, 384, 768]; 1024 ViT-L: 256,
+    # [256, 512, 1024, 1024]; 1536 ViT-g: 384, [1536] * 4), for another width W the ViT-S/B
+    # rule: W // 6 and [W // 8, W // 4, W // 2, W] (each at least 8).
+    dpt_features: Optional[int] = Field(None, ge=1)
+    dpt_channels: Optional[list[int]] = Field(None, min_length=4, max_length=4)
     # Channel dropout before the classifier; None = the head's official default
-    # (DeepLabV3+: none, as UniMatch; SegFormer: 0.1).
+    # (DeepLabV3+: none, as UniMatch; SegFormer: 0.1; DPT: none, as UniMatch V2).
     dropout: Optional[float] = Field(None, ge=0.0, lt=1.0)
     # align_corners of the bilinear resize of the logits to the input size; None = the method's
     # choice (allspark on the SegFormer head: false, as the official AllSpark decoder; otherwise
     # true, as UniMatch's DeepLabV3+).
     align_corners: Optional[bool] = None
+
+    @field_validator("dpt_channels")
+    @classmethod
+    def _check_dpt_channels(cls, v):
+        if v is not None and any(c < 1 for c in v):
+            raise ValueError(f"expected four positive widths, got {v}")
+        return v
 
 
 class MethodConfig(Section):

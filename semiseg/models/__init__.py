@@ -1,8 +1,8 @@
-"""Segmentation networks: timm encoders with DeepLabV3+ or SegFormer heads."""
+"""Segmentation networks: timm encoders with DeepLabV3+, SegFormer or DPT (plain ViT) heads."""
 
 from semiseg.models.encoder import create_encoder, load_encoder_weights
-from semiseg.models.heads import DeepLabV3PlusHead, SegFormerHead
+from semiseg.models.heads import DeepLabV3PlusHead, DPTHead, SegFormerHead
 from semiseg.models.segmodel import SegModel, build_model, check_input_size
 
 __all__ = ["SegModel", "build_model", "check_input_size", "create_encoder", "load_encoder_weights",
-           "DeepLabV3PlusHead", "SegFormerHead"]
+           "DeepLabV3PlusHead", "DPTHead", "SegFormerHead"]

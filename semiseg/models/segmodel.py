@@ -99,14 +99,16 @@ def build_model(model_cfg: ModelConfig, num_classes: int) -> SegModel:
     """The network described by the ``model`` config section, for ``num_classes`` classes.
 
     ``model.dropout`` is the channel dropout before the classifier; unset, each head keeps its
-    official default (DeepLabV3+: none, as UniMatch; SegFormer: 0.1). ``model.align_corners``
-    is the final logit resize (:attr:`SegModel.align_corners`); unset, True here, and a method
-    may change it (``allspark`` sets False on a SegFormer head, as its official decoder).
+    official default (DeepLabV3+: none, as UniMatch; SegFormer: 0.1; DPT: none, as UniMatch
+    V2). ``model.encoder_norm`` reads a plain ViT's blocks through its final norm (unset: yes).
+    ``model.align_corners`` is the final logit resize (:attr:`SegModel.align_corners`); unset,
+    True here, and a method may change it (``allspark`` sets False on a SegFormer head, as its official decoder).
     """
     if num_classes < 1:
         raise ValueError(f"num_classes must be positive, got {num_classes}")
     encoder = create_encoder(model_cfg.encoder, model_cfg.output_stride, model_cfg.pretrained,
-                             layers=model_cfg.encoder_layers, encoder_kwargs=model_cfg.encoder_kwargs)
+                             layers=model_cfg.encoder_layers, encoder_kwargs=model_cfg.encoder_kwargs,
+                             norm=model_cfg.encoder_norm)
     channels = list(encoder.feature_info.channels())
     reductions = list(encoder.feature_info.reduction())
     builder = HEAD_BUILDERS.get(model_cfg.head)
