@@ -59,6 +59,19 @@ def unimatch_recipe(*, crop, epochs, unlabeled, lr, lr_multi, conf_thresh, loss=
             "train.poly_power": 0.9, "train.loss": loss, "eval.mode": eval_mode, **extra}
 
 
+def unimatch_v2_recipe(*, crop, epochs, unlabeled, lr, lr_multi, conf_thresh, backbone, per_gpu, gpus=4,
+                       loss="ce", eval_mode="original") -> dict:
+    """An official UniMatch V2 config (LiheYoung/UniMatch-V2 ``configs/*.yaml`` and
+    ``unimatch_v2.py``: AdamW with weight decay 0.01, EMA momentum 0.996, DPT on DINOv2) in
+    semiseg's keys, for one process holding every GPU's images."""
+    steps = math.ceil(unlabeled / gpus) // per_gpu
+    return {"data.crop_size": crop, "model.encoder": backbone, "model.head": "dpt",
+            "method.name": "unimatch_v2", "method.conf_thresh": conf_thresh, "method.ema_momentum": 0.996,
+            "train.batch_size": per_gpu * gpus, "train.iters": epochs * steps, "train.optimizer": "adamw",
+            "train.lr": lr, "train.head_lr_mult": lr_multi, "train.weight_decay": 0.01, "train.poly_power": 0.9,
+            "train.loss": loss, "eval.mode": eval_mode}
+
+
 CAMVID_PROTOCOL = {"data.dataset": "camvid", "data.labeled": "splits/1_8/labeled.txt", "data.resize": [240, 180],
                    "data.crop_size": 128, "data.scale_range": [0.5, 2.0], "model.pretrained": False,
                    "train.iters": 1200, "train.batch_size": 8, "train.unlabeled_batch_size": None,
@@ -79,6 +92,9 @@ OFFICIAL = {
     # 232 labelled of COCO's 118287 training images (splits/coco/1_512)
     "coco": unimatch_recipe(crop=513, epochs=30, unlabeled=118287 - 232, lr=0.004, lr_multi=10.0, conf_thresh=0.95,
                             **{"model.pretrained": True, "model.output_stride": 16}),
+    # UniMatch V2 on the same split: 4 images per GPU x 4 GPUs, 60 epochs, DINOv2-S
+    "pascal_unimatch_v2": unimatch_v2_recipe(crop=518, epochs=60, unlabeled=9118, lr=5e-6, lr_multi=40.0,
+                                             conf_thresh=0.95, backbone="vit_small_patch14_dinov2", per_gpu=4),
     "camvid_v1": {**CAMVID_PROTOCOL, "model.encoder": "resnet18", "model.head": "deeplabv3plus",
                   "model.output_stride": 16},
     # the protocol's data and optimiser, AllSpark's model and official method keys
@@ -119,3 +135,4 @@ def test_official_iteration_counts():
     # steps: 142, 40 and 1844)
     assert (OFFICIAL["pascal"]["train.iters"], OFFICIAL["cityscapes"]["train.iters"],
             OFFICIAL["coco"]["train.iters"]) == (91200, 78000, 442710)
+    assert OFFICIAL["pascal_unimatch_v2"]["train.iters"] == 60 * 570  # ceil(9118 / 4) // 4 steps an epoch

@@ -404,3 +404,29 @@ def test_unimatch_v2_training_resumes_exactly(tmp_path):
     rows = [json.loads(line) for line in (full.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [(r["iter"], r["model"]) for r in rows if r["type"] == "eval"] == \
         [(2, "student"), (2, "teacher"), (4, "student"), (4, "teacher")]
+
+
+VIT = ["model.encoder=vit_small_patch14_dinov2", "model.head=dpt", "model.encoder_kwargs.img_size=28",
+       "model.encoder_kwargs.embed_dim=32", "model.encoder_kwargs.depth=4", "model.encoder_kwargs.num_heads=2",
+       "data.crop_size=28", "train.optimizer=adamw", "train.lr=0.0001", "train.head_lr_mult=40.0"]
+
+
+def test_unimatch_v2_trains_a_vit_with_the_dpt_head(tmp_path):
+    from semiseg.engine.trainer import Trainer
+
+    result = Trainer(load_config(None, TINY + VIT + ["train.iters=2", "train.eval_every=2"]), tmp_path / "vit",
+                     progress=False).fit()
+    rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r["type"] == "train"]
+    assert [r["iter"] for r in train] == [1, 2] and all(math.isfinite(r["loss_s"]) for r in train)
+    assert {r["model"] for r in rows if r["type"] == "eval"} == {"student", "teacher"}
+
+
+def test_a_crop_that_is_not_a_multiple_of_the_patch_is_refused_in_one_line(tmp_path, capsys):
+    from semiseg.cli import main
+
+    overrides = [a for o in TINY + VIT + ["data.crop_size=30"] for a in ("--set", o)]
+    assert main(["train", "synthetic", *overrides, "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "data.crop_size" in err[0] and "30 is not a multiple of the encoder's patch size 14" in err[0]
+    assert "use e.g. 28 or 42" in err[0] and not (tmp_path / "r").exists()
