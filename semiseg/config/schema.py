@@ -13,7 +13,7 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-DATASETS = ("synthetic", "folder", "camvid", "pascal", "cityscapes", "coco", "ade20k")
+DATASETS = ("synthetic", "folder", "camvid", "pascal", "cityscapes", "coco", "ade20k", "acdc")
 # model.head values; each is built by the head registered under it (semiseg.models.heads.register_head)
 HEADS = ("deeplabv3plus", "segformer", "dpt")
 

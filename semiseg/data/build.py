@@ -39,7 +39,8 @@ from semiseg.config import Config, DataConfig
 from semiseg.data import IGNORE_INDEX
 from semiseg.data.datasets import (DatasetInfo, Sample, dataset_info, list_samples, read_split_file,
                                    resolve_root)
-from semiseg.data.io import check_same_size, decode_mask, load_pair, read_image, read_mask
+from semiseg.data.io import (check_same_size, decode_mask, load_or_substitute, load_pair, read_image,  # noqa: F401
+                             read_mask)
 from semiseg.data.splits import is_count_or_fraction, resolve_labeled
 from semiseg.data.transforms import (base_resize, crop, cutmix_box, hflip, normalize, resize_scale,
                                      strong_photometric)
@@ -54,22 +55,6 @@ def _data_cfg(cfg: Union[Config, DataConfig]) -> DataConfig:
 
         return resolve_normalization(cfg).data
     return cfg
-
-
-def load_or_substitute(samples: list[Sample], index: int, load) -> dict:
-    """``load(samples[index])``; if that sample's files cannot be used (DataError), the next
-    usable sample of the list takes its place (same augmentation seed, so runs stay reproducible).
-    The result's ``"skipped"`` holds the messages of the unusable files, one per line ("" if none)."""
-    problems: list[str] = []
-    for offset in range(len(samples)):
-        try:
-            out = load(samples[(index + offset) % len(samples)])
-        except DataError as e:
-            problems.append(str(e))
-            continue
-        out["skipped"] = "\n".join(problems)
-        return out
-    raise DataError(f"none of the {len(samples)} images of this set can be used; the first: {problems[0]}")
 
 
 class LabeledSet(Dataset):
@@ -192,6 +177,14 @@ def build_train_sets(cfg: Union[Config, DataConfig], num_strong: int, with_unlab
     data = _data_cfg(cfg)
     info = dataset_info(data)
     labeled, unlabeled = resolve_labeled(data, list_samples(data, data.train_split))
+    if data.dataset == "acdc":  # HDF5 slices, one channel, the medical pipeline (semiseg.data.acdc)
+        from semiseg.data.acdc import ACDCLabeledSet, ACDCUnlabeledSet
+
+        acdc_unlabeled = (ACDCUnlabeledSet(unlabeled, data.crop_size, num_strong)
+                          if with_unlabeled and unlabeled else None)
+        if acdc_unlabeled is not None and len(unlabeled) > len(labeled):
+            labeled = repeat_to_length(labeled, len(unlabeled), data.split_seed)
+        return TrainSets(ACDCLabeledSet(labeled, data.crop_size), acdc_unlabeled, info)
     if data.extra_labels:
         labeled, unlabeled = add_extra_labels(labeled, unlabeled, data.extra_labels, info.num_classes)
     tags = build_tag_source(data, info)
@@ -228,9 +221,14 @@ def add_extra_labels(labeled: list[Sample], unlabeled: list[Sample], folder: str
 
 
 def build_eval_set(cfg: Union[Config, DataConfig], split: str = "val") -> EvalSet:
-    """Every image of ``split`` with its mask, for scoring."""
+    """Every image of ``split`` with its mask, for scoring (ACDC: every volume of ``split``,
+    an :class:`~semiseg.data.acdc.ACDCVolumeSet`)."""
     data = _data_cfg(cfg)
     samples = list_samples(data, split)
+    if data.dataset == "acdc":  # whole volumes, scored in 3D (semiseg.engine.evaluator)
+        from semiseg.data.acdc import ACDCVolumeSet
+
+        return ACDCVolumeSet(samples)
     unmasked = next((s for s in samples if s.mask is None), None)
     if unmasked is not None:
         raise DataError(f"image {unmasked.image} of split '{split}' has no mask: every evaluation image needs one")

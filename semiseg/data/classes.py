@@ -70,3 +70,8 @@ def voc_palette(num_classes: int) -> list[tuple[int, int, int]]:
             c >>= 3
         colours.append((r, g, b))
     return colours
+
+
+# ACDC (UniMatch's medical scenario): background and the three cardiac structures
+ACDC_CLASSES = ("background", "RV", "Myo", "LV")
+ACDC_PALETTE = [(0, 0, 0), (230, 25, 75), (60, 180, 75), (0, 130, 200)]

@@ -29,6 +29,9 @@ coco          UniMatch's 81-class layout: ``train2017/ val2017/`` images, ``mask
 ade20k        ``ADEChallengeData2016``: ``images/{training,validation}/`` and
               ``annotations/{training,validation}/``; stored 0 is void, 1..150 become 0..149.
 synthetic     generated on first use (:mod:`semiseg.data.synthetic`) in the folder layout.
+acdc          UniMatch's medical layout: ``data/slices/*.h5`` training slices and ``data/*.h5``
+              volumes (``image``, ``label``), splits ``splits/acdc/...`` under the root or
+              the official ones bundled with semiseg (:mod:`semiseg.data.acdc`).
 ============  ==============================================================================
 
 For every dataset a ``<split>.txt`` at the root takes precedence over the layout walk.
@@ -413,9 +416,42 @@ class ADE20KReader(DatasetReader):
         return _first_file(root / "annotations" / image.parent.name / f"{image.stem}.png")
 
 
+class ACDCReader(DatasetReader):
+    """UniMatch's ACDC layout (:mod:`semiseg.data.acdc`): every sample is one HDF5 file holding
+    both ``image`` and ``label`` (its ``mask`` is the file itself). Split lists are
+    ``splits/acdc/<name>.txt`` under the root, else the official ones bundled with semiseg."""
+
+    name = "acdc"
+    class_names = C.ACDC_CLASSES
+    palette = C.ACDC_PALETTE
+    bundled = Path(__file__).parent / "acdc_splits"  # holds acdc/1/labeled.txt, acdc/val.txt, ...
+    split_files = {"train": "train_slices.txt", "val": "val.txt", "test": "test.txt", "valtest": "valtest.txt"}
+
+    def split_file(self, root: Path, relative: str) -> Optional[Path]:
+        """``splits/acdc/<relative>`` under the root, else the bundled official file."""
+        return _first_file(root / "splits" / "acdc" / relative, self.bundled / "acdc" / relative)
+
+    def list_split(self, root: Path, split: str) -> list[Pair]:
+        listed = self.split_file(root, self.split_files.get(split, f"{split}.txt"))
+        if listed is None:
+            raise DataError(f"acdc dataset {root}: no list for split '{split}' (expected splits/acdc/"
+                            f"{self.split_files.get(split, split + '.txt')}; splits: {', '.join(self.split_files)})")
+        return [(s.image, s.mask) for s in _read_split(listed, root, self)]
+
+    def mask_for_image(self, root: Path, image: Path) -> Optional[Path]:
+        return image if image.suffix == ".h5" else None
+
+    def describe_split(self, root: Path, split: str) -> str:
+        listed = self.split_file(root, self.split_files.get(split, f"{split}.txt"))
+        return f"listed in {listed}" if listed else f"no list for '{split}'"
+
+    def sample(self, image: Path, mask: Optional[Path]) -> Sample:
+        return Sample(image.stem, image, mask, None)
+
+
 READERS: dict[str, type[DatasetReader]] = {
     r.name: r for r in (FolderReader, SyntheticReader, CamVidReader, PascalReader, CityscapesReader, CocoReader,
-                        ADE20KReader)
+                        ADE20KReader, ACDCReader)
 }
 
 
@@ -467,12 +503,15 @@ def describe_split(data_cfg: DataConfig, split: str) -> str:
     return f"listed in {listed}" if listed.is_file() else reader.describe_split(root, split)
 
 
-def find_split_file(path: str | Path, root: Path) -> Path:
+def find_split_file(path: str | Path, root: Path, bundled: Optional[Path] = None) -> Path:
     """A split file named in a config or on the command line: an absolute path as is; a relative
     one under the dataset root first (``splits/1_8/labeled.txt`` of CamVid), else from the
-    working directory (a copy of UniMatch's ``splits/``)."""
+    working directory (a copy of UniMatch's ``splits/``), else (``bundled``, ACDC) from the
+    official split files shipped with semiseg: ``splits/X`` as ``bundled/X``."""
     p = Path(path).expanduser()
     candidates = [p] if p.is_absolute() else [Path(root) / p, p]
+    if bundled is not None and not p.is_absolute() and p.parts[:1] == ("splits",):
+        candidates.append(bundled.joinpath(*p.parts[1:]))
     found = _first_file(*candidates)
     if found is None:
         raise DataError(f"split file {path} not found (looked for {' and '.join(str(c) for c in candidates)})")
@@ -491,7 +530,7 @@ def read_split_file(path: str | Path, root: Union[str, Path, DataConfig]) -> lis
     else:
         reader = FolderReader(None)
         root = Path(root).expanduser().absolute()
-    return _read_split(find_split_file(path, root), root, reader)
+    return _read_split(find_split_file(path, root, getattr(reader, "bundled", None)), root, reader)
 
 
 def _looks_like_path(field_: str) -> bool:

@@ -171,3 +171,19 @@ def load_pair(image_path: Path, mask_path: Optional[Path], label_map: Optional[L
     raw = read_mask(mask_path)
     check_same_size(image, raw, image_path, mask_path)
     return image, Image.fromarray(decode_mask(raw, label_map, mask_path))
+
+
+def load_or_substitute(samples: list, index: int, load) -> dict:
+    """``load(samples[index])``; if that sample's files cannot be used (DataError), the next
+    usable sample of the list takes its place (same augmentation seed, so runs stay reproducible).
+    The result's ``"skipped"`` holds the messages of the unusable files, one per line ("" if none)."""
+    problems: list[str] = []
+    for offset in range(len(samples)):
+        try:
+            out = load(samples[(index + offset) % len(samples)])
+        except DataError as e:
+            problems.append(str(e))
+            continue
+        out["skipped"] = "\n".join(problems)
+        return out
+    raise DataError(f"none of the {len(samples)} images of this set can be used; the first: {problems[0]}")
