@@ -166,3 +166,224 @@ def test_rot90_flip_matches_numpy():
     k, axis = r.randrange(4), r.randrange(2)
     img, lab = A.random_rot_flip(a.astype(np.float32), a, rng)
     np.testing.assert_array_equal(lab, np.flip(np.rot90(a, k), axis=axis))
+
+
+# ---------------------------------------------------------------------------------------------
+# The medical UNet
+
+
+def unet_cfg(**kw):
+    from semiseg.config.schema import ModelConfig
+
+    return ModelConfig(encoder="unet", head="unet", in_channels=1, **kw)
+
+
+def test_unet_is_the_official_network_and_feeds_feature_perturbation():
+    from semiseg.methods.perturbations import feature_perturbation
+    from semiseg.models import build_model
+
+    model = build_model(unet_cfg(), 4)
+    assert sum(p.numel() for p in model.parameters()) == 1_813_764  # official UNet(in_chns=1, class_num=4)
+    small = build_model(unet_cfg(unet_channels=[4, 4, 8, 8, 8]), 4)
+    assert small.decoder.in_index == (0, 1, 2, 3, 4) and small.feature_reductions == [1, 2, 4, 8, 16]
+    x = torch.randn(2, 1, 32, 32)
+    assert small(x).shape == (2, 4, 32, 32)
+    feats = small.encode(x)
+    assert [f.shape[1:] for f in feats] == [(4, 32, 32), (4, 16, 16), (8, 8, 8), (8, 4, 4), (8, 2, 2)]
+    small.eval()
+    dropped = []
+
+    def drop(f):  # every feature the decoder reads is perturbed, each through the drop
+        dropped.append(f.shape[1:])
+        return torch.zeros_like(f)
+
+    clean, fp = feature_perturbation(small, x, drop=drop)
+    assert len(dropped) == 5
+    assert torch.allclose(clean, small(x), atol=1e-5) and not torch.allclose(fp, clean)
+
+
+def test_unet_config_errors():
+    from semiseg.config import load_config
+    from semiseg.errors import ConfigError
+    from semiseg.models import build_model, check_input_size
+
+    with pytest.raises(ConfigError, match="model.head"):
+        build_model(unet_cfg().model_copy(update={"head": "deeplabv3plus"}), 4)
+    with pytest.raises(ConfigError, match="model.pretrained"):
+        build_model(unet_cfg(pretrained=True), 4)
+    with pytest.raises(ConfigError, match="not a multiple of 16"):
+        check_input_size(build_model(unet_cfg(unet_channels=[4, 4, 4, 4, 4]), 4), 40, "data.crop_size")
+    with pytest.raises(ConfigError, match="model.in_channels"):
+        load_config({"data": {"dataset": "acdc"}})
+
+
+# ---------------------------------------------------------------------------------------------
+# Dice losses: hand-computed values and a loop reference
+
+
+def test_dice_loss_equals_hand_computed_value():
+    from semiseg.methods.losses import dice_loss
+
+    # two pixels, two classes: p = (0.8, 0.2) and (0.4, 0.6), targets 0 and 1
+    probs = torch.tensor([[0.8, 0.4], [0.2, 0.6]]).view(1, 2, 1, 2)
+    target = torch.tensor([[[0, 1]]])
+    s = 1e-5
+    # class 0: I = 0.8, Z = 0.64 + 0.16, Y = 1; class 1: I = 0.6, Z = 0.04 + 0.36, Y = 1
+    expected = ((1 - (1.6 + s) / (1.8 + s)) + (1 - (1.2 + s) / (1.4 + s))) / 2
+    assert float(dice_loss(probs, target)) == pytest.approx(expected, abs=1e-6)
+    # only the first pixel kept: class 0 has I = 0.8, Z = 0.64, Y = 1; class 1 I = 0, Z = 0.04, Y = 0
+    keep = torch.tensor([[[True, False]]])
+    expected = ((1 - (1.6 + s) / (0.64 + 1 + s)) + (1 - s / (0.04 + s))) / 2
+    assert float(dice_loss(probs, target, keep)) == pytest.approx(expected, abs=1e-6)
+    # nothing kept: zero, not NaN
+    assert float(dice_loss(probs, target, torch.zeros_like(keep))) == 0.0
+
+
+def ref_dice(probs, target, keep):
+    """Official DiceLoss by explicit loops (classes, then pixels)."""
+    b, k, h, w = probs.shape
+    total = 0.0
+    for c in range(k):
+        inter = z = y = 0.0
+        for n in range(b):
+            for i in range(h):
+                for j in range(w):
+                    if not keep[n, i, j]:
+                        continue
+                    p, t = float(probs[n, c, i, j]), float(target[n, i, j] == c)
+                    inter, z, y = inter + p * t, z + p * p, y + t * t
+        total += 1 - (2 * inter + 1e-5) / (z + y + 1e-5)
+    return total / k
+
+
+def test_ce_dice_and_unsupervised_dice_match_loop_references():
+    from semiseg.methods.consistency import PseudoTarget, unsupervised_dice_loss
+    from semiseg.methods.losses import CEDiceLoss
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 4, 3, 5, generator=g) * 3
+    target = torch.randint(0, 4, (2, 3, 5), generator=g)
+    target[0, 0, :2] = 255  # ignored: left out of CE and Dice
+    keep = target != 255
+    ce = sum(float(-logits[n, :, i, j].log_softmax(0)[target[n, i, j]])
+             for n in range(2) for i in range(3) for j in range(5) if keep[n, i, j]) / int(keep.sum())
+    probs = logits.softmax(1)
+    expected = (ce + ref_dice(probs, target, keep)) / 2
+    assert float(CEDiceLoss()(logits, target)) == pytest.approx(expected, rel=1e-5)
+
+    conf, label = probs.max(1)
+    ignore = torch.zeros_like(label)
+    ignore[1, -1] = 255  # padding never teaches
+    thresh = float(conf.median())
+    target_u = PseudoTarget(label, conf, ignore)
+    logits_s = torch.randn(2, 4, 3, 5, generator=g)
+    kept = (conf >= thresh) & (ignore != 255)
+    assert 0 < int(kept.sum()) < kept.numel()
+    expected = ref_dice(logits_s.softmax(1), label, kept)
+    assert float(unsupervised_dice_loss(logits_s, target_u, thresh)) == pytest.approx(expected, rel=1e-5)
+
+
+class TinyMedSeg(torch.nn.Module):
+    """The SegModel contract on one 3x3 conv + classifier, one input channel, no BatchNorm."""
+
+    neck = None
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.enc = torch.nn.Conv2d(1, 4, 3, padding=1)
+        self.head = torch.nn.Conv2d(4, 4, 1)
+        with torch.no_grad():
+            self.head.weight.mul_(4.0)
+        self.head.in_index = (0,)
+        self.mask = torch.tensor([2.0, 0.0, 2.0, 0.0]).view(1, 4, 1, 1)
+
+    @property
+    def decoder(self):
+        return self.head
+
+    def encode(self, x):
+        return [torch.relu(self.enc(x))]
+
+    def decode(self, feats, out_size=None):
+        return self.head(feats[0])
+
+    def forward(self, x):
+        return self.decode(self.encode(x))
+
+    def param_groups(self):
+        return list(self.enc.parameters()), list(self.head.parameters())
+
+
+def medical_batch(seed=0, b=3, h=6, w=7):
+    from semiseg.methods.base import Batch
+
+    g = torch.Generator().manual_seed(seed)
+
+    def box():
+        out = torch.zeros(b, h, w, dtype=torch.long)
+        out[:, 1:4, 2:5] = 1
+        out[0] = 0
+        return out
+
+    u = {"weak": torch.rand(b, 1, h, w, generator=g), "strong_1": torch.rand(b, 1, h, w, generator=g),
+         "strong_2": torch.rand(b, 1, h, w, generator=g), "box_1": box(), "box_2": box().flip(2),
+         "ignore_mask": torch.zeros(b, h, w, dtype=torch.long)}
+    x = {"image": torch.rand(2, 1, h, w, generator=g), "mask": torch.randint(0, 4, (2, h, w), generator=g)}
+    return Batch(x, u, None)
+
+
+def test_unimatch_medical_step_equals_hand_computed_loss():
+    """(L_x + 0.25 L_s1 + 0.25 L_s2 + 0.5 L_fp) / 2 with L_x = (CE + Dice) / 2 and the unlabelled
+    terms Dice over the confident pixels (official more-scenarios/medical/unimatch.py)."""
+    from semiseg.config import load_config
+    from semiseg.methods.base import StepContext
+    from semiseg.methods.unimatch import UniMatch
+
+    thresh = 0.3
+    cfg = load_config({"train": {"loss": "ce_dice"},
+                       "method": {"name": "unimatch", "loss_u": "dice", "conf_thresh": thresh,
+                                  "mix_source": "in_batch"}})
+    model = TinyMedSeg()
+    method = UniMatch(cfg, model, 4)
+    method.perturb_feature = lambda f: f * model.mask
+    method.train()
+    batch = medical_batch()
+    result = method.train_step(batch, StepContext(iteration=0, total_iters=10, lr=0.01))
+
+    u, x = batch.unlabeled, batch.labeled
+    with torch.no_grad():
+        logits_x = model(x["image"])
+        ce = float(torch.nn.functional.cross_entropy(logits_x, x["mask"]))
+        loss_x = (ce + ref_dice(logits_x.softmax(1), x["mask"], torch.ones_like(x["mask"], dtype=torch.bool))) / 2
+        conf_w, label_w = model(u["weak"]).softmax(1).max(1)
+        losses_s = []
+        for k in (1, 2):
+            bx = u[f"box_{k}"]
+            img = torch.where(bx.unsqueeze(1) == 1, u[f"strong_{k}"].flip(0), u[f"strong_{k}"])
+            label = torch.where(bx == 1, label_w.flip(0), label_w)
+            conf = torch.where(bx == 1, conf_w.flip(0), conf_w)
+            losses_s.append(ref_dice(model(img).softmax(1), label, conf >= thresh))
+        fp = model.head(model.encode(u["weak"])[0] * model.mask)
+        loss_fp = ref_dice(fp.softmax(1), label_w, conf_w >= thresh)
+    expected = (loss_x + 0.25 * losses_s[0] + 0.25 * losses_s[1] + 0.5 * loss_fp) / 2
+    assert 0 < float((conf_w >= thresh).float().mean()) < 1
+    assert float(result.loss.detach()) == pytest.approx(expected, rel=1e-5)
+    assert float(result.logs["loss_fp"]) == pytest.approx(loss_fp, rel=1e-5)
+    assert float(result.logs["loss_x"]) == pytest.approx(loss_x, rel=1e-5)
+
+
+def test_fixmatch_takes_the_dice_loss_too():
+    from semiseg.config import load_config
+    from semiseg.methods.base import StepContext
+    from semiseg.methods.fixmatch import FixMatch
+
+    batch = medical_batch(1)
+    losses = {}
+    for loss_u in ("ce", "dice"):
+        cfg = load_config({"method": {"name": "fixmatch", "loss_u": loss_u, "conf_thresh": 0.0,
+                                      "mix_source": "in_batch"}})
+        method = FixMatch(cfg, TinyMedSeg(), 4)
+        method.train()
+        losses[loss_u] = float(method.train_step(batch, StepContext(0, 10, 0.01)).logs["loss_s"])
+    assert 0 < losses["dice"] < 1 and losses["dice"] != pytest.approx(losses["ce"])

@@ -41,6 +41,10 @@ class ConsistencyConfig(MethodConfig):
     teacher: Literal["none", "ema"] = "none"  # "ema": pseudo labels from an EMA teacher
     ema_momentum: float = Field(0.996, ge=0.0, le=1.0)  # with teacher=ema; UniMatch V2's value
     use_tags: bool = False  # restrict pseudo labels to the unlabelled images' tags (needs data.tags)
+    # Loss of the strong views and the fp stream against the pseudo labels: "ce", the confidence-
+    # masked cross-entropy (natural images); "dice", the official medical scenario's Dice loss over
+    # the confident pixels (semiseg.methods.consistency.unsupervised_dice_loss)
+    loss_u: Literal["ce", "dice"] = "ce"
 
 
 class FixMatchConfig(ConsistencyConfig):

@@ -11,11 +11,11 @@ from __future__ import annotations
 from fractions import Fraction
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 DATASETS = ("synthetic", "folder", "camvid", "pascal", "cityscapes", "coco", "ade20k", "acdc")
 # model.head values; each is built by the head registered under it (semiseg.models.heads.register_head)
-HEADS = ("deeplabv3plus", "segformer", "dpt")
+HEADS = ("deeplabv3plus", "segformer", "dpt", "unet")
 
 
 class Section(BaseModel):
@@ -107,7 +107,16 @@ class DataConfig(Section):
 
 
 class ModelConfig(Section):
-    encoder: str = "resnet18"  # any timm model name that supports features_only
+    # any timm model name that supports features_only; "unet": the medical UNet of UniMatch's ACDC
+    # scenario (semiseg.models.unet), with model.head: unet
+    encoder: str = "resnet18"
+    # Input channels: 3 (RGB) for the natural-image datasets; 1 for acdc (grayscale MRI). A timm
+    # encoder gets it as in_chans.
+    in_channels: int = Field(3, ge=1)
+    # The medical UNet (encoder and head "unet"): five stage widths and the encoder's per-stage
+    # dropout; defaults: the official network (16..256; 0.05, 0.1, 0.2, 0.3, 0.5).
+    unet_channels: list[int] = Field([16, 32, 64, 128, 256], min_length=5, max_length=5)
+    unet_dropout: list[float] = Field([0.05, 0.1, 0.2, 0.3, 0.5], min_length=5, max_length=5)
     head: Literal[HEADS] = "deeplabv3plus"  # type: ignore[valid-type]
     # true: timm's weights (needs the hub); a path: a local weights file; false: from scratch.
     pretrained: Union[bool, str] = False
@@ -167,7 +176,9 @@ class TrainConfig(Section):
     weight_decay: float = Field(1e-4, ge=0)
     poly_power: float = Field(0.9, ge=0)
     warmup_iters: int = Field(0, ge=0)
-    loss: Literal["ce", "ohem"] = "ce"
+    # Supervised loss: cross-entropy, OHEM, or "ce_dice": (CE + Dice) / 2, UniMatch's medical
+    # labelled loss (semiseg.methods.losses.CEDiceLoss)
+    loss: Literal["ce", "ohem", "ce_dice"] = "ce"
     ohem_thresh: float = Field(0.7, gt=0, le=1)
     ohem_min_kept: int = Field(100000, ge=0)
     seed: int = 0
@@ -224,6 +235,12 @@ class Config(Section):
     method: MethodConfig = MethodConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
+
+    @model_validator(mode="after")
+    def _check_channels(self):
+        if self.data.dataset == "acdc" and self.model.in_channels != 1:
+            raise ValueError("key 'model.in_channels': the acdc images have one channel; set model.in_channels: 1")
+        return self
 
     def to_dict(self) -> dict:
         # serialize_as_any: method sections are MethodConfig subclasses; without it pydantic dumps

@@ -14,6 +14,8 @@ The recipe, in the notation of the official UniMatch code (LiheYoung/UniMatch):
 
    i.e. normalised by the number of non-padding pixels, not by the number of confident ones
    (official code; the UniMatch paper writes the same average over all pixels of the batch).
+   ``method.loss_u: dice`` replaces it by the Dice loss over the confident pixels
+   (:func:`unsupervised_dice_loss`, the official medical scenario).
 
 :class:`ConsistencyMethod` is their common base: the optional EMA teacher, where the CutMix
 partner comes from (``mix_source``) and what is scored at evaluation.
@@ -43,6 +45,7 @@ from semiseg.data.mixing import cutmix as apply_cutmix
 from semiseg.errors import ConfigError
 from semiseg.methods.base import Batch, Method, StepContext
 from semiseg.methods.cce import restrict_logits
+from semiseg.methods.losses import dice_loss
 from semiseg.methods.teacher import EMATeacher
 from semiseg.models.common import eval_mode
 
@@ -118,6 +121,17 @@ def unsupervised_loss(logits: torch.Tensor, target: PseudoTarget, conf_thresh: f
     return masked_mean(per_pixel, target, conf_thresh)
 
 
+def unsupervised_dice_loss(logits: torch.Tensor, target: PseudoTarget, conf_thresh: float) -> torch.Tensor:
+    """``method.loss_u: dice``, the official medical scenario's unsupervised loss: the Dice loss
+    (:func:`semiseg.methods.losses.dice_loss`) of the softmax against the pseudo labels over the
+    confident non-padding pixels (official ``criterion_dice(pred.softmax(1), mask,
+    ignore=(conf < thresh))``; ACDC crops have no padding)."""
+    return dice_loss(logits.float().softmax(dim=1), target.pseudo_label, confident_pixels(target, conf_thresh))
+
+
+UNSUPERVISED_LOSSES = {"ce": unsupervised_loss, "dice": unsupervised_dice_loss}
+
+
 @torch.no_grad()
 def mask_ratio(target: PseudoTarget, conf_thresh: float) -> torch.Tensor:
     """Share of the non-padding pixels whose pseudo label is confident enough to teach."""
@@ -184,6 +198,11 @@ class ConsistencyMethod(Method):
     def pseudo_labeler(self) -> nn.Module:
         """The network whose predictions become pseudo labels: the teacher, else the student."""
         return self.teacher if self.teacher is not None else self.model
+
+    def loss_u(self, logits: torch.Tensor, target: PseudoTarget) -> torch.Tensor:
+        """The unsupervised loss of ``method.loss_u`` (``ce``: :func:`unsupervised_loss`;
+        ``dice``: :func:`unsupervised_dice_loss`) at ``method.conf_thresh``."""
+        return UNSUPERVISED_LOSSES[getattr(self.mcfg, "loss_u", "ce")](logits, target, self.mcfg.conf_thresh)
 
     def tags_of(self, unlabeled: dict) -> Optional[torch.Tensor]:
         """The batch's image tags when ``use_tags`` restricts pseudo labels to them."""

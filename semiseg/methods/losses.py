@@ -41,7 +41,44 @@ class OhemCrossEntropy(nn.Module):
         return F.cross_entropy(logits, hard_target, ignore_index=self.ignore_index)
 
 
+DICE_SMOOTH = 1e-5  # official DiceLoss's smooth
+
+
+def dice_loss(probs: torch.Tensor, target: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """Official ``DiceLoss`` of class probabilities ``probs`` ``(B, K, H, W)`` against class
+    indices ``target`` ``(B, H, W)``, over the pixels where ``keep`` ``(B, H, W)`` is true (all
+    when None): the mean over the ``K`` classes of ``1 - (2 I_c + s) / (Z_c + Y_c + s)``, with
+    ``I_c = sum p_c t_c``, ``Z_c = sum p_c^2``, ``Y_c = sum t_c^2`` over the kept pixels of the
+    whole batch and ``s = 1e-5``. No kept pixel: 0. A target outside ``0..K-1`` (the ignore
+    label) is one-hot zero."""
+    probs = probs.float()
+    k = probs.shape[1]
+    onehot = (target.unsqueeze(1) == torch.arange(k, device=target.device).view(1, k, 1, 1)).float()
+    if keep is not None:
+        w = keep.unsqueeze(1).float()
+        probs, onehot = probs * w, onehot * w
+    dims = (0, 2, 3)
+    intersect = (probs * onehot).sum(dims)
+    z, y = (probs * probs).sum(dims), (onehot * onehot).sum(dims)
+    return (1.0 - (2.0 * intersect + DICE_SMOOTH) / (z + y + DICE_SMOOTH)).mean()
+
+
+class CEDiceLoss(nn.Module):
+    """``(CE + Dice) / 2``, UniMatch's medical labelled loss (``train.loss: ce_dice``)."""
+
+    def __init__(self, ignore_index: int = 255):
+        super().__init__()
+        self.ignore_index = ignore_index
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        ce = F.cross_entropy(logits, target, ignore_index=self.ignore_index)
+        dice = dice_loss(logits.float().softmax(1), target, target != self.ignore_index)
+        return (ce + dice) / 2.0
+
+
 def build_supervised_loss(train_cfg, ignore_index: int = 255) -> nn.Module:
+    if train_cfg.loss == "ce_dice":
+        return CEDiceLoss(ignore_index)
     if train_cfg.loss == "ohem":
         return OhemCrossEntropy(ignore_index, train_cfg.ohem_thresh, train_cfg.ohem_min_kept)
     return nn.CrossEntropyLoss(ignore_index=ignore_index)

@@ -18,6 +18,14 @@ Loss (official and paper, lambda = mu = 0.5)::
     loss = (L_x + 0.25 L_s1 + 0.25 L_s2 + 0.5 L_fp) / 2
          = (weight_x L_x + weight_s * mean_k L_sk + weight_fp L_fp) / 2     weight_x=1, weight_s=weight_fp=0.5
 
+Medical scenario (official ``more-scenarios/medical/unimatch.py``, ``configs/acdc.yaml``): the
+same streams and weights with ``train.loss: ce_dice`` (``L_x = (CE + Dice) / 2``) and
+``method.loss_u: dice`` (every ``L_s``/``L_fp`` the Dice loss over the confident pixels,
+:func:`~semiseg.methods.consistency.unsupervised_dice_loss`), on the medical UNet, whose fp
+stream drops channels of all five encoder features the decoder reads. Official medical
+UniMatch uses a separate CutMix batch (``method.mix_source: separate_batch`` in
+``configs/acdc.yaml``).
+
 Ablation switches (the paper's Table 5 rows as configs):
 
 * ``feature_perturbation: false``: no fp stream; a plain ``model(cat(img_x, img_u_w))`` pass and
@@ -43,7 +51,7 @@ import torch.nn.functional as F
 
 from semiseg.config.methods import UniMatchConfig
 from semiseg.methods.base import Batch, StepContext, StepResult, register_method
-from semiseg.methods.consistency import ConsistencyMethod, mask_ratio, unsupervised_loss
+from semiseg.methods.consistency import ConsistencyMethod, mask_ratio
 from semiseg.methods.perturbations import feature_perturbation
 
 
@@ -110,11 +118,11 @@ class UniMatch(ConsistencyMethod):
         loss = weight_x * loss_x
         logs = {"loss_x": loss_x.detach()}
         for k, (pred, box) in enumerate(zip(pred_u_s, cutmix_boxes), start=1):
-            loss_s = unsupervised_loss(pred, target_w.cutmix(target_mix, box), cfg.conf_thresh)
+            loss_s = self.loss_u(pred, target_w.cutmix(target_mix, box))
             loss = loss + weight_s * loss_s
             logs[f"loss_s{k}"] = loss_s.detach()
         if self.feature_perturbation:
-            loss_fp = unsupervised_loss(pred_u_w_fp, target_w, cfg.conf_thresh)
+            loss_fp = self.loss_u(pred_u_w_fp, target_w)
             loss = loss + weight_fp * loss_fp
             logs["loss_fp"] = loss_fp.detach()
         loss = loss / 2.0

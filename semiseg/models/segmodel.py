@@ -106,9 +106,17 @@ def build_model(model_cfg: ModelConfig, num_classes: int) -> SegModel:
     """
     if num_classes < 1:
         raise ValueError(f"num_classes must be positive, got {num_classes}")
-    encoder = create_encoder(model_cfg.encoder, model_cfg.output_stride, model_cfg.pretrained,
-                             layers=model_cfg.encoder_layers, encoder_kwargs=model_cfg.encoder_kwargs,
-                             norm=model_cfg.encoder_norm)
+    if model_cfg.encoder == "unet":  # the medical UNet (semiseg.models.unet)
+        from semiseg.models.unet import build_unet_encoder
+
+        encoder = build_unet_encoder(model_cfg)
+    else:
+        kwargs = dict(model_cfg.encoder_kwargs)
+        if model_cfg.in_channels != 3:
+            kwargs.setdefault("in_chans", model_cfg.in_channels)
+        encoder = create_encoder(model_cfg.encoder, model_cfg.output_stride, model_cfg.pretrained,
+                                 layers=model_cfg.encoder_layers, encoder_kwargs=kwargs,
+                                 norm=model_cfg.encoder_norm)
     channels = list(encoder.feature_info.channels())
     reductions = list(encoder.feature_info.reduction())
     builder = HEAD_BUILDERS.get(model_cfg.head)
@@ -124,6 +132,10 @@ def check_input_size(model: nn.Module, size: int, key: str) -> None:
     """A :class:`ConfigError` naming ``key`` when ``size`` (a crop side) is not a multiple of the
     patch size of ``model``'s plain-ViT encoder; nothing for other encoders."""
     patch = getattr(model, "patch_size", None)
+    multiple = getattr(getattr(model, "encoder", None), "input_multiple", None)  # the UNet's 16
+    if multiple and size % multiple:
+        raise ConfigError(f"config error: key '{key}': {size} is not a multiple of {multiple} (the UNet pools "
+                          f"four times); use e.g. {max(multiple, size // multiple * multiple)}")
     if patch and size % patch:
         below, above = size // patch * patch, (size // patch + 1) * patch
         fits = f"{below} or {above}" if below else str(above)
