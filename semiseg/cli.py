@@ -57,7 +57,9 @@ def cmd_train(args) -> int:
                   "--resume")
         else:
             miou = result.metrics.get("mIoU")
-            print(f"run directory: {result.run_dir}" + (f"\nmIoU: {miou:.2f}" if miou is not None else ""))
+            mdice = result.metrics.get("mDice")
+            print(f"run directory: {result.run_dir}" + (f"\nmIoU: {miou:.2f}" if miou is not None else "")
+                  + (f"\nmDice: {mdice:.2f}" if mdice is not None else ""))
     return 0
 
 
@@ -118,11 +120,17 @@ def cmd_eval(args) -> int:
                "pixel_acc": res["pixel_acc"], "mean_acc": res.get("mean_acc"), "split": args.split,
                "images": scored, "skipped": skipped, "checkpoint": str(args.checkpoint), "model": which,
                "eval_mode": cfg.eval.mode}
+        if "mDice" in res:  # volumes (acdc), scored in 3D as the paper reports them
+            out.update(mDice=res["mDice"], per_class_dice=dict(zip(names[1:], res["per_class_dice"][1:])),
+                       volumes=res["volumes"], eval_mode="volumes")
         print(json.dumps(out))
     else:
         print(f"{args.checkpoint} ({which}) on split '{args.split}' ({scored} images"
               + (f", {len(skipped)} unreadable skipped" if skipped else "") + f", eval.mode={cfg.eval.mode})")
         print(format_table(res, names))
+        if "mDice" in res:
+            print("\n".join(f"Dice {n}: {d:.2f}" for n, d in zip(names[1:], res["per_class_dice"][1:]))
+                  + f"\nmDice: {res['mDice']:.2f} ({res['volumes']} volumes, 3D)")
     return 0
 
 

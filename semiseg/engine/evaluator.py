@@ -26,6 +26,13 @@ probability: its softmax is that average and its argmax the prediction. A single
 Scores come from one :class:`~semiseg.engine.metrics.ConfusionMatrix` accumulated over the split
 and, under ``torch.distributed``, all-reduced over ranks (UniMatch all-reduces intersection and
 union per batch; the sum is the same).
+
+Volumes (a dataset with ``volumetric = True``, :class:`~semiseg.data.acdc.ACDCVolumeSet`) are
+scored as UniMatch's medical ``unimatch.py`` does, by :func:`evaluate_volumes`: every slice of a
+volume is resized (bilinear) to the crop size, predicted (the whole stack in one batch), its
+logits resized back (bilinear) and arg-maxed; each foreground class gets its 3D Dice on each
+volume, and the split's Dice of a class is the mean over volumes (``mDice``: the mean over the
+foreground classes). ``eval.mode``, ``eval.flip`` and ``eval.scales`` do not apply.
 """
 
 from __future__ import annotations
@@ -248,6 +255,10 @@ def evaluate(model: nn.Module, dataset_or_loader: Dataset | Iterable, eval_cfg, 
     ``skipped``. ``should_stop`` is asked before every batch: when it returns true the evaluation
     ends with :class:`EvaluationInterrupted` (the trainer's Ctrl-C).
     """
+    if getattr(dataset_or_loader, "volumetric", False):
+        return evaluate_volumes(model, dataset_or_loader, num_classes, crop_size or getattr(eval_cfg, "crop_size", None),
+                                device=device, progress=progress, autocast=autocast, should_stop=should_stop,
+                                desc=desc)
     rank, world = _rank_world()
     device = torch.device(device) if device is not None else _default_device(model)
     total = None
@@ -309,6 +320,94 @@ def evaluate(model: nn.Module, dataset_or_loader: Dataset | Iterable, eval_cfg, 
             bar.close()
     cm.all_reduce()
     result = cm.compute()
+    result["confusion"] = cm.matrix.cpu().tolist()
+    result["skipped"] = skipped
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Volumes (UniMatch's medical scenario)
+
+
+def volume_dice(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> list[float]:
+    """3D Dice in percent of classes ``1..K-1`` between two label volumes:
+    ``200 |P_c & G_c| / (|P_c| + |G_c|)``. A class absent from both is 100 (perfect; the
+    official code would divide by zero)."""
+    out = []
+    for c in range(1, num_classes):
+        p, g = pred == c, target == c
+        denom = int(p.sum()) + int(g.sum())
+        out.append(100.0 if denom == 0 else 200.0 * int((p & g).sum()) / denom)
+    return out
+
+
+def predict_volume(model: nn.Module, image: torch.Tensor, num_classes: int, crop_size: int,
+                   autocast: AutocastFactory = None) -> torch.Tensor:
+    """Class map ``(D, H, W)`` of a volume ``(D, H, W)``: every slice resized (bilinear) to
+    ``crop_size`` squared, the stack predicted in one batch, the logits resized back and arg-maxed."""
+    d, h, w = image.shape
+    x = F.interpolate(image.float().unsqueeze(1), size=(crop_size, crop_size), mode="bilinear", align_corners=False)
+    logits = _forward(model, x, num_classes, autocast)
+    logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
+    return class_map(logits)
+
+
+def evaluate_volumes(model: nn.Module, dataset: Dataset, num_classes: int, crop_size: Optional[int],
+                     device: Optional[torch.device | str] = None,
+                     progress: bool | Callable[[int, Optional[int]], None] = True, autocast: AutocastFactory = None,
+                     should_stop: Optional[Callable[[], bool]] = None, desc: Optional[str] = None) -> dict:
+    """Score ``model`` on a dataset of volumes ``{"image": (D, H, W), "mask": (D, H, W)}`` (see the
+    module docstring). Returns ``mDice`` and ``per_class_dice`` (percent; index 0, the
+    background, None), ``volumes`` (how many were scored), and from the voxel confusion matrix of
+    all volumes the usual ``mIoU``, ``per_class_iou``, ``pixel_acc``, ``mean_acc``,
+    ``confusion``; ``skipped`` lists unreadable volumes. Sharded by index under
+    torch.distributed, the sums all-reduced."""
+    if not crop_size:
+        raise ValueError("volume evaluation needs the crop size (data.crop_size)")
+    rank, world = _rank_world()
+    device = torch.device(device) if device is not None else _default_device(model)
+    indices = range(rank, len(dataset), world)
+    bar, report = None, progress if callable(progress) else None
+    if progress is True and rank == 0:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(indices), desc=desc or "eval (volumes)", unit="volume", dynamic_ncols=True, leave=False,
+                   mininterval=1.0)
+    cm = ConfusionMatrix(num_classes, 255, device=device)
+    dice_sum = torch.zeros(num_classes - 1, dtype=torch.float64, device=device)
+    count = torch.zeros((), dtype=torch.float64, device=device)
+    skipped: list[str] = []
+    try:
+        with eval_mode(model), torch.inference_mode():
+            for done, i in enumerate(indices, 1):
+                if should_stop is not None and should_stop():
+                    raise EvaluationInterrupted()
+                sample = dataset[i]
+                if "image" not in sample:
+                    skipped.append(sample.get("skipped", f"volume {i}"))
+                else:
+                    image, mask = sample["image"].to(device), sample["mask"].to(device)
+                    pred = predict_volume(model, image, num_classes, crop_size, autocast)
+                    dice_sum += torch.tensor(volume_dice(pred, mask, num_classes), dtype=torch.float64,
+                                             device=device)
+                    count += 1
+                    cm.update(pred, mask)
+                if bar is not None:
+                    bar.update(1)
+                if report is not None and rank == 0:
+                    report(done, len(indices))
+    finally:
+        if bar is not None:
+            bar.close()
+    if world > 1:
+        for t in (dice_sum, count):
+            dist.all_reduce(t)
+    cm.all_reduce()
+    result = cm.compute()
+    per_class = (dice_sum / count.clamp_min(1)).tolist()
+    result["per_class_dice"] = [None] + per_class
+    result["mDice"] = sum(per_class) / len(per_class) if count > 0 and per_class else float("nan")
+    result["volumes"] = int(count)
     result["confusion"] = cm.matrix.cpu().tolist()
     result["skipped"] = skipped
     return result

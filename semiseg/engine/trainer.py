@@ -333,8 +333,11 @@ class Trainer:
             return None
         self._evaluating = False
         for name, res in results.items():  # logged together: an interrupted evaluation leaves no rows
-            self.logger.log({"iter": it, "type": "eval", "model": name, "mIoU": res["mIoU"],
-                             "pixel_acc": res["pixel_acc"], "per_class_iou": res["per_class_iou"]})
+            row = {"iter": it, "type": "eval", "model": name, "mIoU": res["mIoU"],
+                   "pixel_acc": res["pixel_acc"], "per_class_iou": res["per_class_iou"]}
+            if "mDice" in res:  # volumes (acdc): the paper's score
+                row.update(mDice=res["mDice"], per_class_dice=res["per_class_dice"])
+            self.logger.log(row)
         return results
 
     def _evaluate_and_save(self, it: int, best: float, skips: int) -> tuple[Optional[dict], float]:
@@ -346,11 +349,14 @@ class Trainer:
             self._save(it, best, skips, pending_eval=True)
             return None, best
         first = next(iter(results.values()))
-        score = results.get(self.cfg.eval.model, first)["mIoU"]  # "auto": the first network
+        chosen = results.get(self.cfg.eval.model, first)  # "auto": the first network
+        score = chosen.get("mDice", chosen["mIoU"])  # volumes (acdc): the best checkpoint by mean Dice
         improved = score > best
         best = max(best, score)
         if self._bar is not None:
-            self._bar.write(f"iter {it}: " + ", ".join(f"{n} mIoU {r['mIoU']:.2f}" for n, r in results.items()))
+            self._bar.write(f"iter {it}: " + ", ".join(
+                f"{n} mIoU {r['mIoU']:.2f}" + (f" mDice {r['mDice']:.2f}" if "mDice" in r else "")
+                for n, r in results.items()))
         self._save(it, best, skips, is_best=improved)
         return results, best
 
