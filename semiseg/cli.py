@@ -337,7 +337,7 @@ def cmd_bench(args) -> int:
 def cmd_demo(args) -> int:
     from semiseg.demo import run_demo
 
-    return run_demo(out=args.out, iters=args.iters, methods=args.methods.split(","))
+    return run_demo(out=args.out, iters=args.iters, methods=args.methods.split(","), scenario=args.scenario)
 
 
 def cmd_report(args) -> int:
@@ -430,6 +430,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--iters", type=int, default=None)
     p.add_argument("--methods", default="supervised,unimatch")
+    p.add_argument("--scenario", choices=("natural", "medical"), default="natural",
+                   help="medical: UniMatch's ACDC scenario (UNet, Dice losses, 3D Dice) on generated h5 volumes "
+                        "(default out: runs/demo-medical)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("pseudo-label", help="pct stage two: write tag-restricted pseudo-label PNGs")

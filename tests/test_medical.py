@@ -488,3 +488,46 @@ def test_train_and_eval_json_on_generated_acdc(acdc_root, tmp_path, capsys):
     assert set(out["per_class_dice"]) == {"RV", "Myo", "LV"} and out["volumes"] == 2
     assert out["mDice"] == pytest.approx(sum(out["per_class_dice"].values()) / 3)
     assert "mIoU" in out and out["split"] == "test"
+
+
+def test_check_data_names_a_bad_slice(tmp_path):
+    from semiseg.data.build import check_dataset
+
+    root = generate_acdc(tmp_path / "acdc", train_patients=7, val_patients=1, test_patients=1, slices=2,
+                         height=16, width=16)
+    assert check_dataset(data_cfg(root)) == []
+    bad = root / "data/slices/patient004_frame01_slice_1.h5"
+    with h5py.File(bad, "r+") as f:
+        label = f["label"][()]
+        label[0, 0] = 7
+        f["label"][...] = label
+    problems = check_dataset(data_cfg(root))
+    assert len(problems) == 1 and str(bad) in problems[0] and "label value 7" in problems[0]
+
+
+def test_medical_demo_trains_both_methods_and_prints_dice(acdc_root, tmp_path, monkeypatch, capsys):
+    import semiseg.data.acdc_synthetic as gen
+    from semiseg import demo
+
+    cfg = demo.medical_config("unimatch", acdc_root, 150)  # the demo's recipe: the official losses and threshold
+    assert (cfg.train.loss, cfg.method.loss_u, cfg.method.conf_thresh, cfg.model.encoder) == ("ce_dice", "dice", 0.95,
+                                                                                              "unet")
+    assert cfg.data.labeled == "splits/acdc/1/labeled.txt" and cfg.data.val_split == "valtest"
+    assert demo.medical_config("supervised", acdc_root, 150).method.name == "supervised"
+
+    def tiny(method, root, iters):  # the same path at test size
+        c = original(method, root, iters)
+        c.data.crop_size = 16
+        c.model.unet_channels = [4, 4, 4, 4, 4]
+        c.train.batch_size = 2
+        c.train.threads = 1
+        return c
+
+    original = demo.medical_config
+    monkeypatch.setattr(demo, "medical_config", tiny)
+    monkeypatch.setattr(gen, "ensure_acdc_synthetic", lambda root: acdc_root)
+    assert demo.run_demo(out=tmp_path, iters=1, scenario="medical") == 0
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines() if line.startswith(("supervised ", "unimatch "))]
+    assert [r[0] for r in rows] == ["supervised", "unimatch"] and all(len(r) >= 6 for r in rows)
+    assert "gain of unimatch over supervised" in out and "mDice" in out

@@ -251,6 +251,11 @@ def check_sample(sample: Sample, bad_values: Optional[Counter] = None) -> list[s
     """Every problem of one sample: unreadable image or mask, size mismatch, undefined mask values
     (each undefined value is also counted in ``bad_values``, once per mask)."""
     problems: list[str] = []
+    if sample.image.suffix == ".h5":  # acdc: one HDF5 file holds image and label
+        from semiseg.data.acdc import read_h5
+
+        _attempt(problems, read_h5, sample.image, 2 if sample.image.parent.name == "slices" else 3)
+        return problems
     image = _attempt(problems, read_image, sample.image)
     if sample.mask is None:
         return problems
