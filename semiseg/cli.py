@@ -123,6 +123,8 @@ def cmd_eval(args) -> int:
         if "mDice" in res:  # volumes (acdc), scored in 3D as the paper reports them
             out.update(mDice=res["mDice"], per_class_dice=dict(zip(names[1:], res["per_class_dice"][1:])),
                        volumes=res["volumes"], eval_mode="volumes")
+            if "mHD95" in res:
+                out.update(mHD95=res["mHD95"], per_class_hd95=dict(zip(names[1:], res["per_class_hd95"][1:])))
         print(json.dumps(out))
     else:
         print(f"{args.checkpoint} ({which}) on split '{args.split}' ({scored} images"
@@ -131,6 +133,8 @@ def cmd_eval(args) -> int:
         if "mDice" in res:
             print("\n".join(f"Dice {n}: {d:.2f}" for n, d in zip(names[1:], res["per_class_dice"][1:]))
                   + f"\nmDice: {res['mDice']:.2f} ({res['volumes']} volumes, 3D)")
+            if res.get("mHD95") is not None:
+                print(f"mHD95: {res['mHD95']:.2f} voxels")
     return 0
 
 

@@ -531,3 +531,26 @@ def test_medical_demo_trains_both_methods_and_prints_dice(acdc_root, tmp_path, m
     rows = [line.split() for line in out.splitlines() if line.startswith(("supervised ", "unimatch "))]
     assert [r[0] for r in rows] == ["supervised", "unimatch"] and all(len(r) >= 6 for r in rows)
     assert "gain of unimatch over supervised" in out and "mDice" in out
+
+
+def test_hd95_equals_hand_computed_values():
+    pytest.importorskip("scipy")
+    from semiseg.config.schema import EvalConfig
+    from semiseg.engine.evaluator import evaluate, hd95
+
+    a = torch.zeros(1, 1, 8, dtype=torch.bool)
+    b = torch.zeros_like(a)
+    a[0, 0, 0], b[0, 0, 3] = True, True
+    assert hd95(a, b) == pytest.approx(3.0)  # one voxel each, 3 apart
+    a[0, 0, 4] = True
+    b[:] = False
+    b[0, 0, 0] = True
+    # distances pooled from both sides: a->b [0, 4], b->a [0]; 95th percentile of [0, 0, 4] = 0.9 * 4
+    assert hd95(a, b) == pytest.approx(3.6)
+    assert hd95(a, torch.zeros_like(a)) is None
+
+    g = torch.Generator().manual_seed(0)
+    vol = torch.randint(0, 4, (2, 8, 8), generator=g)
+    res = evaluate(Oracle(), VolumeSet([vol]), EvalConfig(hd95=True), 4, crop_size=8, progress=False)
+    assert res["per_class_hd95"] == [None, 0.0, 0.0, 0.0] and res["mHD95"] == 0.0
+    assert "mHD95" not in evaluate(Oracle(), VolumeSet([vol]), EvalConfig(), 4, crop_size=8, progress=False)

@@ -220,6 +220,9 @@ class EvalConfig(Section):
     # (benchmarks/eval_speed.py); on a GPU, sliding-window memory grows with it.
     batch_size: int = Field(4, ge=1)
     model: Literal["student", "teacher", "hybrid", "pseudo", "auto"] = "auto"  # which weights to score
+    # Volumes (acdc): also the 95% Hausdorff distance per class, in voxels (needs scipy:
+    # pip install 'semiseg[medical]'); off by default, as official UniMatch reports Dice only
+    hd95: bool = False
 
     @field_validator("scales")
     @classmethod
