@@ -212,6 +212,10 @@ def cmd_predict(args) -> int:
     files = _walk_images(args.inputs, exclude=out)  # never read what an earlier run wrote there
     names = _output_names(files)
     model = load_model(args.checkpoint, which=args.model or "auto", overrides=args.overrides)
+    if model.cfg.model.in_channels != 3:
+        raise SemisegError(f"predict reads RGB image files, but {args.checkpoint} was trained on "
+                           f"{model.cfg.model.in_channels}-channel {model.cfg.data.dataset} data: score its volumes "
+                           f"with 'semiseg eval {args.checkpoint} --split test'")
     _threads(args, model.cfg)
     out.mkdir(parents=True, exist_ok=True)
     written, skipped = 0, []

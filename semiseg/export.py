@@ -66,7 +66,8 @@ def export_onnx(checkpoint: str | Path, out: str | Path, which: str = "auto", op
     which = method.model_name(which)  # "auto" -> the network it stands for, as recorded in the metadata
     net = _Logits(method.inference_model(which)).eval()
     side = int(size or cfg.eval.crop_size or cfg.data.crop_size)
-    example = torch.randn(1, 3, side, side)
+    channels = cfg.model.in_channels  # 1 for the medical UNet (acdc)
+    example = torch.randn(1, channels, side, side)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     axes = {"image": {0: "batch", 2: "height", 3: "width"}, "logits": {0: "batch", 2: "height", 3: "width"}}
@@ -84,7 +85,8 @@ def export_onnx(checkpoint: str | Path, out: str | Path, which: str = "auto", op
     _add_metadata(out, cfg, meta, method.num_classes, side, which)
     if verify:
         # dynamic: another batch size and a non-square size than the traced example
-        shape = (2, 3, side + 8, side + 24) if dynamic else (1, 3, side, side)
+        grow = (16, 32) if cfg.model.encoder == "unet" else (8, 24)  # the UNet takes multiples of 16
+        shape = (2, channels, side + grow[0], side + grow[1]) if dynamic else (1, channels, side, side)
         diff = verify_onnx(out, net, shape)
         if log is not None:
             log(f"verified: onnxruntime matches PyTorch on a {'x'.join(map(str, shape))} input "

@@ -464,14 +464,13 @@ def test_evaluate_scores_volumes_slice_by_slice_in_3d():
     assert resized.sizes == [(2, 1, 16, 16)]  # slices resized to the crop, predictions back to 6 x 10
 
 
-def test_train_and_eval_json_on_generated_acdc(acdc_root, tmp_path, capsys):
-    """supervised and UniMatch train on the generated files; eval --json reports mDice per class."""
-    import json
-
-    from semiseg.cli import main
+@pytest.fixture(scope="module")
+def trained_runs(acdc_root, tmp_path_factory):
+    """Two-iteration supervised and UniMatch runs on the generated files (UNet, Dice losses)."""
     from semiseg.config import load_config
     from semiseg.engine.trainer import Trainer
 
+    out, metrics = tmp_path_factory.mktemp("runs"), {}
     for method in ("supervised", "unimatch"):
         cfg = load_config({
             "data": {"dataset": "acdc", "root": str(acdc_root), "labeled": "splits/acdc/1/labeled.txt",
@@ -480,14 +479,42 @@ def test_train_and_eval_json_on_generated_acdc(acdc_root, tmp_path, capsys):
             "method": {"name": method, **({"loss_u": "dice", "conf_thresh": 0.0} if method == "unimatch" else {})},
             "train": {"iters": 2, "batch_size": 2, "loss": "ce_dice", "eval_every": 2, "threads": 1,
                       "channels_last": False}})
-        result = Trainer(cfg, tmp_path / method).fit()
-        assert 0.0 <= result.metrics["mDice"] <= 100.0 and len(result.metrics["per_class_dice"]) == 4
+        metrics[method] = Trainer(cfg, out / method).fit().metrics
+    return out, metrics
+
+
+def test_train_and_eval_json_on_generated_acdc(trained_runs, capsys):
+    """supervised and UniMatch train on the generated files; eval --json reports mDice per class."""
+    import json
+
+    from semiseg.cli import main
+
+    runs, metrics = trained_runs
+    for m in metrics.values():
+        assert 0.0 <= m["mDice"] <= 100.0 and len(m["per_class_dice"]) == 4
     capsys.readouterr()
-    assert main(["eval", str(tmp_path / "unimatch"), "--json", "--split", "test"]) == 0
+    assert main(["eval", str(runs / "unimatch"), "--json", "--split", "test"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(out["per_class_dice"]) == {"RV", "Myo", "LV"} and out["volumes"] == 2
     assert out["mDice"] == pytest.approx(sum(out["per_class_dice"].values()) / 3)
     assert "mIoU" in out and out["split"] == "test"
+
+
+def test_predict_refuses_and_export_traces_one_channel(trained_runs, tmp_path, capsys):
+    from PIL import Image
+
+    from semiseg.cli import main
+
+    runs, _ = trained_runs
+    Image.new("RGB", (16, 16)).save(tmp_path / "x.png")
+    assert main(["predict", str(runs / "unimatch"), str(tmp_path / "x.png"), "--out", str(tmp_path / "p")]) != 0
+    assert "1-channel acdc data" in capsys.readouterr().err
+    pytest.importorskip("onnxruntime")
+    from semiseg.export import export_onnx
+
+    logs = []
+    export_onnx(runs / "unimatch", tmp_path / "m.onnx", verify=True, log=logs.append)
+    assert "2x1x32x48" in logs[0]
 
 
 def test_check_data_names_a_bad_slice(tmp_path):
