@@ -159,6 +159,43 @@ def test_each_geometric_branch_keeps_alignment_and_moves_pixels():
     assert z.shape == (20, 20) and set(np.unique(z)) == {0, 3}
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_labelled_slices_get_geometry_only_and_strong_views_keep_the_weak_geometry(acdc_root, monkeypatch, seed):
+    """Labelled: no intensity change (every output value is an input value or the zero fill);
+    unlabelled: with the intensity draws switched off, each strong view equals the weak view."""
+    from semiseg.data.build import build_train_sets
+
+    random.seed(seed)
+    sets = build_train_sets(data_cfg(acdc_root), num_strong=2, with_unlabeled=True)
+    sample = sets.labeled.samples[seed]
+    image, _ = A.read_h5(sample.image, 2)
+    out = sets.labeled[seed]["image"].numpy()
+    allowed = set(np.round(image.ravel(), 6)) | {0.0}
+    assert set(np.round(out.ravel(), 6)) <= allowed
+
+    monkeypatch.setattr(A, "strong_intensity", lambda img: img)
+    u = sets.unlabeled[seed]
+    assert torch.equal(u["strong_1"], u["weak"]) and torch.equal(u["strong_2"], u["weak"])
+    assert u["box_1"].shape == (16, 16) and set(u["box_1"].unique().tolist()) <= {0, 1}
+
+
+def test_strong_intensity_changes_values_not_geometry():
+    from PIL import Image
+
+    img = np.zeros((16, 16), np.uint8)
+    img[4:12, 4:12] = 200
+    random.seed(0)
+    np.random.seed(0)
+    changed = 0
+    for _ in range(10):
+        out = np.asarray(A.strong_intensity(Image.fromarray(img)))
+        assert out.shape == img.shape
+        changed += not np.array_equal(out, img)
+        # jitter and blur keep the square where it was: its centre is never darker than the far corner
+        assert out[8, 8] >= out[0, 0]
+    assert changed >= 5
+
+
 def test_rot90_flip_matches_numpy():
     a = np.arange(12, dtype=np.int64).reshape(3, 4)
     rng = random.Random(3)
