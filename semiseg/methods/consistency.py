@@ -129,9 +129,6 @@ def unsupervised_dice_loss(logits: torch.Tensor, target: PseudoTarget, conf_thre
     return dice_loss(logits.float().softmax(dim=1), target.pseudo_label, confident_pixels(target, conf_thresh))
 
 
-UNSUPERVISED_LOSSES = {"ce": unsupervised_loss, "dice": unsupervised_dice_loss}
-
-
 @torch.no_grad()
 def mask_ratio(target: PseudoTarget, conf_thresh: float) -> torch.Tensor:
     """Share of the non-padding pixels whose pseudo label is confident enough to teach."""
@@ -198,11 +195,6 @@ class ConsistencyMethod(Method):
     def pseudo_labeler(self) -> nn.Module:
         """The network whose predictions become pseudo labels: the teacher, else the student."""
         return self.teacher if self.teacher is not None else self.model
-
-    def loss_u(self, logits: torch.Tensor, target: PseudoTarget) -> torch.Tensor:
-        """The unsupervised loss of ``method.loss_u`` (``ce``: :func:`unsupervised_loss`;
-        ``dice``: :func:`unsupervised_dice_loss`) at ``method.conf_thresh``."""
-        return UNSUPERVISED_LOSSES[getattr(self.mcfg, "loss_u", "ce")](logits, target, self.mcfg.conf_thresh)
 
     def tags_of(self, unlabeled: dict) -> Optional[torch.Tensor]:
         """The batch's image tags when ``use_tags`` restricts pseudo labels to them."""
