@@ -3,7 +3,7 @@
 The exported graph is the network alone (:meth:`Method.inference_model`): input ``image``, a
 normalised float32 batch ``N x 3 x H x W`` (``(x / 255 - data.mean) / data.std``, RGB); output
 ``logits``, ``N x K x H x W`` (the network upsamples to the input size). Batch, height and width
-are dynamic axes. Evaluation modes (sliding window, flips, scales) and the resize back to the
+are dynamic axes; for a plain-ViT encoder only the batch is (see below). Evaluation modes (sliding window, flips, scales) and the resize back to the
 original image size are pre/post-processing the caller does, as :class:`semiseg.api.Predictor`
 does in Python. Normalisation constants, class names and the input size the model was trained
 at are written into the ONNX ``metadata_props``.
@@ -12,6 +12,12 @@ The legacy TorchScript-based exporter is used (``torch.onnx.export(..., dynamo=F
 dynamo exporter needs ``onnxscript``, which is not a dependency. It needs the ``onnx`` package
 (``pip install 'semiseg[export]'``); ``onnxruntime`` is only needed to check the result
 (``verify=True``).
+
+A plain ViT (an encoder with a ``patch_size``) resamples its position embeddings to the input's
+patch grid with Python arithmetic, which the tracer records as constants: its graph would only
+run at the traced size. Such a network is exported for a fixed input of ``size`` x ``size``
+(default ``data.crop_size``) with a dynamic batch, and the metadata says so
+(``semiseg.fixed_size``); resize or tile to that size before calling it.
 """
 
 from __future__ import annotations
@@ -70,7 +76,11 @@ def export_onnx(checkpoint: str | Path, out: str | Path, which: str = "auto", op
     example = torch.randn(1, channels, side, side)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    axes = {"image": {0: "batch", 2: "height", 3: "width"}, "logits": {0: "batch", 2: "height", 3: "width"}}
+    fixed_size = getattr(net.net, "patch_size", None) is not None  # a plain ViT: see the module docstring
+    if fixed_size:
+        axes = {"image": {0: "batch"}, "logits": {0: "batch"}}
+    else:
+        axes = {"image": {0: "batch", 2: "height", 3: "width"}, "logits": {0: "batch", 2: "height", 3: "width"}}
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # tracer warnings about shape arithmetic (it stays dynamic)
@@ -82,11 +92,17 @@ def export_onnx(checkpoint: str | Path, out: str | Path, which: str = "auto", op
     except Exception as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ExportError(f"export of {checkpoint} to ONNX failed: {first}") from None
-    _add_metadata(out, cfg, meta, method.num_classes, side, which)
+    _add_metadata(out, cfg, meta, method.num_classes, side, which, fixed_size)
+    if fixed_size and log is not None:
+        log(f"note: a plain-ViT network runs at the traced input size only: the graph takes {side}x{side} "
+            "images (any batch size)")
     if verify:
         # dynamic: another batch size and a non-square size than the traced example
-        grow = (16, 32) if cfg.model.encoder == "unet" else (8, 24)  # the UNet takes multiples of 16
-        shape = (2, channels, side + grow[0], side + grow[1]) if dynamic else (1, channels, side, side)
+        if fixed_size:
+            shape = (2 if dynamic else 1, channels, side, side)
+        else:
+            grow = (16, 32) if cfg.model.encoder == "unet" else (8, 24)  # the UNet takes multiples of 16
+            shape = (2, channels, side + grow[0], side + grow[1]) if dynamic else (1, channels, side, side)
         diff = verify_onnx(out, net, shape)
         if log is not None:
             log(f"verified: onnxruntime matches PyTorch on a {'x'.join(map(str, shape))} input "
@@ -94,7 +110,8 @@ def export_onnx(checkpoint: str | Path, out: str | Path, which: str = "auto", op
     return out
 
 
-def _add_metadata(path: Path, cfg, meta: dict, num_classes: int, side: int, which: str) -> None:
+def _add_metadata(path: Path, cfg, meta: dict, num_classes: int, side: int, which: str,
+                  fixed_size: bool = False) -> None:
     import onnx
 
     model = onnx.load(str(path))
@@ -104,6 +121,7 @@ def _add_metadata(path: Path, cfg, meta: dict, num_classes: int, side: int, whic
         "semiseg.num_classes": str(num_classes), "semiseg.crop_size": str(side),
         "semiseg.method": str(meta.get("method", cfg.method.name)), "semiseg.model": which,
         "semiseg.encoder": cfg.model.encoder, "semiseg.iter": str(meta.get("iter", "")),
+        "semiseg.fixed_size": json.dumps([side, side] if fixed_size else None),
     }
     for k, v in props.items():
         entry = model.metadata_props.add()

@@ -79,3 +79,31 @@ def test_export_verify_prints_its_verdict_and_names_the_network(run, tmp_path):
     assert lines[1] == f"wrote {out}"
     props = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
     assert props["semiseg.model"] == "student"  # what "auto" stood for
+
+
+def test_a_vit_exports_at_a_fixed_size_and_matches_pytorch(train_run, tmp_path):
+    """A plain ViT's position embeddings are resampled with traced constants: its graph is fixed to
+    the traced size (batch still dynamic), says so in the metadata, and matches PyTorch there."""
+    import json
+
+    from semiseg.api import build_method_from_checkpoint
+    from semiseg.export import export_onnx
+
+    vit = [o for o in TINY if not o.startswith(("model.", "data.crop_size", "method."))] + [
+        "model.encoder=vit_small_patch14_dinov2", "model.head=dpt", "model.encoder_kwargs.img_size=28",
+        "model.encoder_kwargs.embed_dim=32", "model.encoder_kwargs.depth=4", "model.encoder_kwargs.num_heads=2",
+        "data.crop_size=28", "train.iters=1", "train.eval_every=1"]
+    run_dir = train_run(vit, "export-vit")
+    out, said = tmp_path / "vit.onnx", []
+    export_onnx(run_dir, out, verify=True, log=said.append)
+    assert said[0] == "note: a plain-ViT network runs at the traced input size only: the graph takes 28x28 images " \
+                      "(any batch size)"
+    assert said[1].startswith("verified: onnxruntime matches PyTorch on a 2x3x28x28 input")
+    props = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert json.loads(props["semiseg.fixed_size"]) == [28, 28]
+    _, method, _ = build_method_from_checkpoint(run_dir)
+    x = torch.randn(3, 3, 28, 28, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = method.inference_model().eval()(x).float().numpy()
+    got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(["logits"], {"image": x.numpy()})[0]
+    np.testing.assert_allclose(got, ref, rtol=1e-3, atol=1e-4)
