@@ -516,7 +516,6 @@ def test_allspark_unimatch_pseudo_labels_come_from_the_labelled_branch_by_defaul
     memory; every unsupervised term (strong views, fp stream) learns that target."""
     import copy
 
-    from semiseg.methods import unimatch as unimatch_module
     from semiseg.methods.consistency import pseudo_target
 
     m = build("allspark_unimatch", conf_thresh=0.0, mix_source="in_batch", memory=memory)
@@ -528,8 +527,10 @@ def test_allspark_unimatch_pseudo_labels_come_from_the_labelled_branch_by_defaul
     seen, targets = [], []
     weak_target = m.weak_target
     monkeypatch.setattr(m, "weak_target", lambda logits, u: seen.append(logits) or weak_target(logits, u))
-    loss = unimatch_module.unsupervised_loss
-    monkeypatch.setattr(unimatch_module, "unsupervised_loss", lambda p, t, c: targets.append(t) or loss(p, t, c))
+    import semiseg.methods.consistency as consistency_module
+
+    loss = consistency_module.unsupervised_loss
+    monkeypatch.setattr(consistency_module, "unsupervised_loss", lambda p, t, c: targets.append(t) or loss(p, t, c))
     m.train()
     m.train_step(batch, ctx())
     assert len(seen) == 1 and not seen[0].requires_grad  # no-grad eval pass, not the training forward

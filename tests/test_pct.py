@@ -205,14 +205,16 @@ class Biased(nn.Module):
 def test_use_tags_restricts_fixmatch_pseudo_labels(monkeypatch, use_tags):
     import semiseg.methods.fixmatch as fm
 
+    import semiseg.methods.consistency as consistency_module
+
     captured = []
-    real = fm.unsupervised_loss
+    real = consistency_module.unsupervised_loss
 
     def spy(logits, target, conf_thresh):
         captured.append(target)
         return real(logits, target, conf_thresh)
 
-    monkeypatch.setattr(fm, "unsupervised_loss", spy)
+    monkeypatch.setattr(consistency_module, "unsupervised_loss", spy)
     cfg = load_config(None, ["method.name=fixmatch", "method.mix_source=in_batch", "method.conf_thresh=0",
                              "data.tags=masks", f"method.use_tags={str(use_tags).lower()}"])
     method = fm.FixMatch(cfg, Biased(), 3)

@@ -266,6 +266,13 @@ class ConsistencyMethod(Method):
         mix = batch.unlabeled_mix
         return predict_eval(self.pseudo_labeler, mix["weak"], mix["ignore_mask"], ctx.autocast, self.tags_of(mix))
 
+    def loss_u(self, logits: torch.Tensor, target: PseudoTarget) -> torch.Tensor:
+        """The unsupervised loss of a strong (or perturbed) prediction against its pseudo target at
+        ``method.conf_thresh``: :func:`unsupervised_loss` (cross-entropy), or with ``method.loss_u:
+        dice`` (the official medical scenario) :func:`unsupervised_dice_loss`."""
+        dice = getattr(self.mcfg, "loss_u", "ce") == "dice"
+        return (unsupervised_dice_loss if dice else unsupervised_loss)(logits, target, self.mcfg.conf_thresh)
+
     @torch.no_grad()
     def after_step(self, ctx: StepContext) -> None:
         if self.teacher is not None:

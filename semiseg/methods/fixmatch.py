@@ -32,13 +32,8 @@ import torch
 
 from semiseg.config.methods import FixMatchConfig
 from semiseg.methods.base import Batch, StepContext, StepResult, register_method
-from semiseg.methods.consistency import ConsistencyMethod, mask_ratio, unsupervised_dice_loss, unsupervised_loss
+from semiseg.methods.consistency import ConsistencyMethod, mask_ratio
 
-
-def loss_u(cfg):
-    """``method.loss_u``: the confidence-masked cross-entropy or (medical) the Dice loss over the
-    confident pixels, called as ``loss_u(cfg)(logits, target, cfg.conf_thresh)``."""
-    return unsupervised_dice_loss if cfg.loss_u == "dice" else unsupervised_loss
 
 
 @register_method("fixmatch", FixMatchConfig)
@@ -70,7 +65,7 @@ class FixMatch(ConsistencyMethod):
         target_s = target_w.cutmix(target_mix, cutmix_box)
 
         loss_x = self.criterion_l(pred_x.float(), mask_x)
-        loss_s = loss_u(cfg)(pred_u_s, target_s, cfg.conf_thresh)
+        loss_s = self.loss_u(pred_u_s, target_s)
         loss = (cfg.weight_x * loss_x + cfg.weight_s * loss_s) / 2.0
 
         logs = {"loss_x": loss_x.detach(), "loss_s": loss_s.detach(),

@@ -51,14 +51,9 @@ import torch.nn.functional as F
 
 from semiseg.config.methods import UniMatchConfig
 from semiseg.methods.base import Batch, StepContext, StepResult, register_method
-from semiseg.methods.consistency import ConsistencyMethod, mask_ratio, unsupervised_dice_loss, unsupervised_loss
+from semiseg.methods.consistency import ConsistencyMethod, mask_ratio
 from semiseg.methods.perturbations import feature_perturbation
 
-
-def loss_u(cfg):
-    """``method.loss_u``: the confidence-masked cross-entropy or (medical) the Dice loss over the
-    confident pixels, called as ``loss_u(cfg)(logits, target, cfg.conf_thresh)``."""
-    return unsupervised_dice_loss if cfg.loss_u == "dice" else unsupervised_loss
 
 
 @register_method("unimatch", UniMatchConfig)
@@ -124,11 +119,11 @@ class UniMatch(ConsistencyMethod):
         loss = weight_x * loss_x
         logs = {"loss_x": loss_x.detach()}
         for k, (pred, box) in enumerate(zip(pred_u_s, cutmix_boxes), start=1):
-            loss_s = loss_u(cfg)(pred, target_w.cutmix(target_mix, box), cfg.conf_thresh)
+            loss_s = self.loss_u(pred, target_w.cutmix(target_mix, box))
             loss = loss + weight_s * loss_s
             logs[f"loss_s{k}"] = loss_s.detach()
         if self.feature_perturbation:
-            loss_fp = loss_u(cfg)(pred_u_w_fp, target_w, cfg.conf_thresh)
+            loss_fp = self.loss_u(pred_u_w_fp, target_w)
             loss = loss + weight_fp * loss_fp
             logs["loss_fp"] = loss_fp.detach()
         loss = loss / 2.0

@@ -45,14 +45,9 @@ import torch
 
 from semiseg.config.methods import UniMatchV2Config
 from semiseg.methods.base import Batch, StepContext, StepResult, register_method
-from semiseg.methods.consistency import ConsistencyMethod, mask_ratio, unsupervised_dice_loss, unsupervised_loss
+from semiseg.methods.consistency import ConsistencyMethod, mask_ratio
 from semiseg.methods.perturbations import complementary_dropout
 
-
-def loss_u(cfg):
-    """``method.loss_u``: the confidence-masked cross-entropy or (medical) the Dice loss over the
-    confident pixels, called as ``loss_u(cfg)(logits, target, cfg.conf_thresh)``."""
-    return unsupervised_dice_loss if cfg.loss_u == "dice" else unsupervised_loss
 
 
 @register_method("unimatch_v2", UniMatchV2Config)
@@ -84,7 +79,7 @@ class UniMatchV2(ConsistencyMethod):
             pred_u_s = self.strong_logits(torch.cat(img_u_s)).chunk(2)
 
         loss_x = self.criterion_l(pred_x.float(), mask_x)
-        losses_s = [loss_u(cfg)(pred, target_w.cutmix(target_mix, u[f"box_{k}"]), cfg.conf_thresh)
+        losses_s = [self.loss_u(pred, target_w.cutmix(target_mix, u[f"box_{k}"]))
                     for k, pred in enumerate(pred_u_s, start=1)]
         loss_s = (losses_s[0] + losses_s[1]) / 2.0
         loss = (cfg.weight_x * loss_x + cfg.weight_s * loss_s) / 2.0
