@@ -28,8 +28,9 @@ def packaged_config(name: str) -> Path:
 MEDICAL_ITERS = 150  # iterations of --scenario medical (each method)
 
 
-def medical_config(method: str, root: Path, iters: int):
-    """``configs/acdc.yaml`` scaled down for the medical demo (see the module docstring)."""
+def medical_config(method: str, root: Path, iters: int, seed: int = 0):
+    """``configs/acdc.yaml`` scaled down for the medical demo (see the module docstring), with
+    ``train.seed`` ``seed``."""
     import yaml
 
     from semiseg.config import load_config
@@ -40,7 +41,7 @@ def medical_config(method: str, root: Path, iters: int):
     raw["model"]["unet_channels"] = [8, 16, 32, 64, 128]
     raw["method"] = ({"name": method} if method == "supervised"
                      else {**raw["method"], "name": method, "mix_source": "in_batch"})
-    raw["train"].update(iters=iters, eval_every=iters, batch_size=8, log_every=10)
+    raw["train"].update(iters=iters, eval_every=iters, batch_size=8, log_every=10, seed=seed)
     return load_config(raw)
 
 
