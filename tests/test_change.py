@@ -1,0 +1,239 @@
+"""UniMatch's remote-sensing change-detection scenario (LEVIR-CD / WHU-CD): the A/B/label layout
+and its loaders, the joint transforms, the siamese network, the change metrics, training,
+``predict`` on a pair. Everything runs on tiny generated pairs."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from semiseg.config import load_config
+from semiseg.config.schema import DataConfig
+from semiseg.data import change as C
+from semiseg.data.cd_synthetic import generate_change
+from semiseg.errors import DataError
+
+
+@pytest.fixture(scope="module")
+def cd_root(tmp_path_factory):
+    return generate_change(tmp_path_factory.mktemp("levir"), num_train=20, num_val=4, num_test=4, size=40, seed=3)
+
+
+def data_cfg(root, percent=20, **kw):
+    kw.setdefault("crop_size", 32)
+    kw.setdefault("scale_range", (0.8, 1.2))
+    return DataConfig(dataset="levir_cd", root=str(root), labeled=f"splits/levir/{percent}%/labeled.txt",
+                      unlabeled=f"splits/levir/{percent}%/unlabeled.txt", **kw)
+
+
+def write_pair(root, name, a, b, label):
+    for d, arr in (("A", a), ("B", b), ("label", label)):
+        (root / d).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(arr).save(root / d / name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: generator, layout, loaders, errors
+
+
+def test_generator_writes_the_levir_layout(cd_root):
+    names = (cd_root / "splits/levir/train.txt").read_text().split()
+    assert len(names) == 20 and names[0] == "train_0.png"
+    a = np.array(Image.open(cd_root / "A" / names[0]))
+    b = np.array(Image.open(cd_root / "B" / names[0]))
+    label = np.array(Image.open(cd_root / "label" / names[0]))
+    assert a.shape == b.shape == (40, 40, 3) and label.shape == (40, 40)
+    labels = np.concatenate([np.array(Image.open(cd_root / "label" / n)).ravel() for n in names])
+    assert set(np.unique(labels)) == {0, 255}
+    # a changed region is where a building appears or vanishes: A and B differ much more there
+    diffs_in, diffs_out = [], []
+    for n in names:
+        a = np.array(Image.open(cd_root / "A" / n), np.float32)
+        b = np.array(Image.open(cd_root / "B" / n), np.float32)
+        lab = np.array(Image.open(cd_root / "label" / n)) == 255
+        d = np.abs(a - b).mean(-1)
+        diffs_in += d[lab].tolist()
+        diffs_out += d[~lab].tolist()
+    assert np.mean(diffs_in) > 2 * np.mean(diffs_out)
+    for p in (5, 10, 20, 40):  # labelled and unlabelled split train exactly
+        lab = (cd_root / f"splits/levir/{p}%/labeled.txt").read_text().split()
+        unl = (cd_root / f"splits/levir/{p}%/unlabeled.txt").read_text().split()
+        assert sorted(lab + unl) == sorted(names) and not set(lab) & set(unl)
+    assert len((cd_root / "splits/levir/20%/labeled.txt").read_text().split()) == 4
+
+
+def test_loaders_read_the_generated_files(cd_root):
+    from semiseg.data.build import build_eval_set, build_train_sets
+    from semiseg.models.pretrained import IMAGENET_MEAN, IMAGENET_STD
+
+    sets = build_train_sets(data_cfg(cd_root), num_strong=2, with_unlabeled=True)
+    assert sets.info.class_names == ["unchanged", "changed"] and sets.info.num_classes == 2
+    assert len(sets.unlabeled) == 16 and len(sets.labeled) == 16  # 4 labelled pairs repeated to 16
+    x = sets.labeled[0]
+    assert x["image"].shape == (6, 32, 32) and x["mask"].shape == (32, 32)
+    assert set(x["mask"].unique().tolist()) <= {0, 1, 255}
+    u = sets.unlabeled[0]
+    assert u["weak"].shape == u["strong_1"].shape == u["strong_2"].shape == (6, 32, 32)
+    assert u["box_1"].shape == u["ignore_mask"].shape == (32, 32)
+    ev = build_eval_set(data_cfg(cd_root), "test")
+    assert ev.change_detection and len(ev) == 4
+    s = ev[1]  # the whole pair: A's normalised pixels, then B's; the label 0/255 -> 0/1
+    a = np.array(Image.open(cd_root / "A/test_1.png"), np.float32) / 255
+    b = np.array(Image.open(cd_root / "B/test_1.png"), np.float32) / 255
+    mean, std = np.array(IMAGENET_MEAN), np.array(IMAGENET_STD)
+    np.testing.assert_allclose(s["image"][:3].permute(1, 2, 0).numpy(), (a - mean) / std, atol=1e-5)
+    np.testing.assert_allclose(s["image"][3:].permute(1, 2, 0).numpy(), (b - mean) / std, atol=1e-5)
+    label = np.array(Image.open(cd_root / "label/test_1.png"))
+    np.testing.assert_array_equal(s["mask"].numpy(), label // 255)
+
+
+def test_bundled_official_splits():
+    """The official LEVIR-CD / WHU-CD lists ship with semiseg; a root without splits/ uses them."""
+    from semiseg.data.datasets import ChangeReader, find_split_file
+
+    for name, n_train in (("levir", 7120), ("whu", 5947)):
+        bundled = ChangeReader.bundled
+        train = (bundled / name / "train.txt").read_text().split()
+        assert len(train) == n_train
+        for p in (5, 10, 20, 40):
+            lab = (bundled / name / f"{p}%/labeled.txt").read_text().split()
+            unl = (bundled / name / f"{p}%/unlabeled.txt").read_text().split()
+            assert sorted(lab + unl) == sorted(train) and not set(lab) & set(unl)
+            assert abs(len(lab) / len(train) - p / 100) < 0.01
+    found = find_split_file("splits/levir/5%/labeled.txt", __import__("pathlib").Path("/nonexistent"),
+                            ChangeReader.bundled)
+    assert found == ChangeReader.bundled / "levir/5%/labeled.txt"
+
+
+def test_pairs_of_different_size_and_non_binary_labels_are_one_line_errors(tmp_path):
+    from semiseg.data.build import check_dataset
+    from semiseg.config import load_config
+
+    z = np.zeros((16, 16, 3), np.uint8)
+    write_pair(tmp_path, "ok.png", z, z, np.zeros((16, 16), np.uint8))
+    write_pair(tmp_path, "sizes.png", z, np.zeros((16, 20, 3), np.uint8), np.zeros((16, 16), np.uint8))
+    bad = np.zeros((16, 16), np.uint8)
+    bad[3, 3] = 1
+    write_pair(tmp_path, "nonbinary.png", z, z, bad)
+    cfg = load_config({"data": {"dataset": "folder_cd", "root": str(tmp_path)}})
+    with pytest.raises(DataError) as e:
+        C.load_images(tmp_path / "A/sizes.png")
+    msg = str(e.value)
+    assert "\n" not in msg and "A/sizes.png" in msg and "B/sizes.png" in msg and "16x16" in msg and "20x16" in msg
+    with pytest.raises(DataError) as e:
+        C.load_triplet(tmp_path / "A/nonbinary.png", None, tmp_path / "label/nonbinary.png")
+    msg = str(e.value)
+    assert "\n" not in msg and "label/nonbinary.png" in msg and "[1]" in msg and "255" in msg
+    problems = check_dataset(cfg, splits=("train",))
+    assert len(problems) == 2
+    assert any("sizes.png" in p for p in problems) and any("nonbinary.png" in p for p in problems)
+
+
+def test_folder_cd_layout_and_unlabelled_pairs(tmp_path):
+    from semiseg.data.build import build_eval_set, build_train_sets
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 4), ("val", 2)):
+        for i in range(n):
+            img = rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)
+            write_pair(tmp_path / split, f"p{i}.png", img, img, np.zeros((20, 20), np.uint8))
+    (tmp_path / "train/label/p3.png").unlink()  # unlabelled
+    cfg = DataConfig(dataset="folder_cd", root=str(tmp_path), crop_size=16)
+    sets = build_train_sets(cfg, num_strong=1, with_unlabeled=True)
+    assert [s.id for s in sets.labeled.samples[:3]] and len(sets.unlabeled) == 1
+    assert sets.unlabeled.samples[0].image_b == tmp_path / "train/B/p3.png"
+    assert len(build_eval_set(cfg, "val")) == 2
+
+
+def test_siamese_key_follows_the_dataset():
+    from semiseg.errors import ConfigError
+
+    assert load_config({"data": {"dataset": "whu_cd", "root": "x"}}).model.siamese is True
+    assert load_config({}).model.siamese is None
+    with pytest.raises(ConfigError, match="model.siamese"):
+        load_config({"data": {"dataset": "levir_cd", "root": "x"}, "model": {"siamese": False}})
+    with pytest.raises(ConfigError, match="model.siamese"):
+        load_config({"model": {"siamese": True}})
+
+
+# ---------------------------------------------------------------------------------------------
+# Joint transforms: A, B and the label stay aligned
+
+
+def _pattern(seed, size=(37, 29)):
+    """An image whose red channel encodes the label (blocks), and the label (0/1)."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    blocks = rng.integers(0, 2, (h // 4 + 1, w // 4 + 1)).repeat(4, 0).repeat(4, 1)[:h, :w].astype(np.uint8)
+    img = rng.integers(0, 100, (h, w, 3)).astype(np.uint8)
+    img[..., 0] = blocks * 200 + 30
+    return img, blocks
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_joint_geometry_keeps_a_b_and_label_aligned(seed):
+    """No rescale: crop (with padding) and flip move A, B = 255 - A and the label identically."""
+    img, blocks = _pattern(seed)
+    a, b, mask = Image.fromarray(img), Image.fromarray(255 - img), Image.fromarray(blocks)
+    cfg = DataConfig(crop_size=33, scale_range=(1.0, 1.0))
+    random.seed(seed)
+    (a2, b2), m2 = C.joint_geometry((a, b), mask, cfg)
+    a2, b2, m2 = np.array(a2), np.array(b2), np.array(m2)
+    pad = m2 == 255
+    assert pad.any()  # 29 rows padded to 33
+    assert (a2[pad] == 0).all() and (b2[pad] == 0).all()
+    np.testing.assert_array_equal(a2[~pad], 255 - b2[~pad])
+    np.testing.assert_array_equal(m2[~pad], (a2[..., 0][~pad] > 128).astype(np.uint8))
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_joint_rescale_keeps_the_pair_identical(seed):
+    """With a random rescale, two equal dates stay equal and the label follows the image."""
+    img, blocks = _pattern(seed, (64, 48))
+    cfg = DataConfig(crop_size=40, scale_range=(0.5, 2.0))
+    random.seed(seed)
+    (a2, b2), m2 = C.joint_geometry((Image.fromarray(img), Image.fromarray(img.copy())), Image.fromarray(blocks), cfg)
+    a2, b2, m2 = np.array(a2), np.array(b2), np.array(m2)
+    np.testing.assert_array_equal(a2, b2)
+    valid = m2 != 255
+    agree = (m2[valid] == (a2[..., 0][valid] > 128)).mean()
+    assert agree > 0.9  # bilinear image vs nearest label: only block edges may disagree
+
+
+def test_strong_views_share_geometry_but_draw_photometry_per_date(cd_root, tmp_path):
+    """The unlabelled set: both dates of a pair get the same crop and flip (the weak view of a
+    pair whose dates are equal has equal halves), but each date gets its own colour draws."""
+    from semiseg.data.datasets import list_samples
+
+    img = np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8)
+    write_pair(tmp_path, "same.png", img, img, np.zeros((40, 40), np.uint8))
+    cfg = DataConfig(dataset="folder_cd", root=str(tmp_path), crop_size=32, scale_range=(0.8, 1.2))
+    ds = C.ChangeUnlabeledSet(list_samples(cfg, "train"), cfg, num_strong=2)
+    differs = 0
+    for seed in range(10):
+        random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
+        u = ds[0]
+        wa, wb = C.split_pair(u["weak"])
+        torch.testing.assert_close(wa, wb)
+        for k in (1, 2):
+            sa, sb = C.split_pair(u[f"strong_{k}"])
+            differs += int(not torch.allclose(sa, sb))
+    assert differs >= 10  # with p 0.8 jitter per date, most strong views have unequal halves
+
+
+def test_cutmix_moves_both_dates_and_the_label_together():
+    from semiseg.data.mixing import cutmix
+
+    x = torch.arange(2 * 6 * 4 * 4, dtype=torch.float32).view(2, 6, 4, 4)
+    y = -x
+    box = torch.zeros(2, 4, 4, dtype=torch.long)
+    box[:, 1:3, 2:4] = 1
+    mixed = cutmix(x, y, box)
+    for i in range(2):
+        for c in range(6):  # every channel of A (0..2) and B (3..5) mixed by the same box
+            for r in range(4):
+                for col in range(4):
+                    want = y[i, c, r, col] if box[i, r, col] else x[i, c, r, col]
+                    assert mixed[i, c, r, col] == want
