@@ -120,6 +120,9 @@ def cmd_eval(args) -> int:
                "pixel_acc": res["pixel_acc"], "mean_acc": res.get("mean_acc"), "split": args.split,
                "images": scored, "skipped": skipped, "checkpoint": str(args.checkpoint), "model": which,
                "eval_mode": cfg.eval.mode}
+        if "changed_iou" in res:  # image pairs (change detection)
+            out.update({k: res[k] for k in ("changed_iou", "unchanged_iou", "f1", "precision", "recall",
+                                            "overall_acc")})
         if "mDice" in res:  # volumes (acdc), scored in 3D as the paper reports them
             out.update(mDice=res["mDice"], per_class_dice=dict(zip(names[1:], res["per_class_dice"][1:])),
                        volumes=res["volumes"], eval_mode="volumes")
@@ -130,6 +133,10 @@ def cmd_eval(args) -> int:
         print(f"{args.checkpoint} ({which}) on split '{args.split}' ({scored} images"
               + (f", {len(skipped)} unreadable skipped" if skipped else "") + f", eval.mode={cfg.eval.mode})")
         print(format_table(res, names))
+        if "changed_iou" in res:
+            from semiseg.engine.metrics import format_change
+
+            print(format_change(res))
         if "mDice" in res:
             print("\n".join(f"Dice {n}: {d:.2f}" for n, d in zip(names[1:], res["per_class_dice"][1:]))
                   + f"\nmDice: {res['mDice']:.2f} ({res['volumes']} volumes, 3D)")

@@ -237,3 +237,141 @@ def test_cutmix_moves_both_dates_and_the_label_together():
                 for col in range(4):
                     want = y[i, c, r, col] if box[i, r, col] else x[i, c, r, col]
                     assert mixed[i, c, r, col] == want
+
+
+# ---------------------------------------------------------------------------------------------
+# The siamese network
+
+
+def tiny_model(head="deeplabv3plus", **kw):
+    from semiseg.models.segmodel import build_model
+
+    cfg = load_config({"data": {"dataset": "levir_cd", "root": "x"},
+                       "model": {"encoder": "test_resnet", "decoder_channels": 8, "head": head, **kw}})
+    torch.manual_seed(0)
+    return build_model(cfg.model, 2).eval()
+
+
+def test_siamese_encoder_differences_the_features_of_one_shared_encoder():
+    model = tiny_model()
+    inner = model.encoder.encoder
+    assert sum(1 for n, _ in model.named_parameters() if n.startswith("encoder.")) == \
+        sum(1 for _ in inner.parameters())  # one set of weights for both dates
+    torch.manual_seed(1)
+    a, b = torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        feats = model.encode(torch.cat((a, b), 1))
+        fa, fb = inner(a), inner(b)
+        assert len(feats) == len(fa)
+        for f, p, q in zip(feats, fa, fb):
+            torch.testing.assert_close(f, (p - q).abs())
+        want = model.decode([(p - q).abs() for p, q in zip(fa, fb)], out_size=(32, 32))
+        torch.testing.assert_close(model(torch.cat((a, b), 1)), want)
+        # |f_A - f_B| is symmetric: swapping the dates changes nothing
+        torch.testing.assert_close(model(torch.cat((b, a), 1)), want)
+    with pytest.raises(ValueError, match="pair stacked on the channel axis"):
+        model(a)
+
+
+def test_feature_perturbation_drops_channels_of_the_differenced_features():
+    """UniMatch's FP stream on the siamese network: the dropout acts on |f_A - f_B| of the
+    features the head reads (low level and deepest for DeepLabV3+), as official."""
+    from semiseg.methods.perturbations import feature_perturbation
+
+    model = tiny_model()
+    assert model.decoder.in_index == (0, len(model.feature_channels) - 1)
+    torch.manual_seed(2)
+    a, b = torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32)
+    calls = []
+
+    def drop(f):  # a fixed channel mask: the first half of the channels zeroed
+        calls.append(f.clone())
+        g = f.clone()
+        g[:, : f.shape[1] // 2] = 0
+        return g
+
+    with torch.no_grad():
+        logits, logits_fp = feature_perturbation(model, torch.cat((a, b), 1), drop=drop)
+        diffs = [(p - q).abs() for p, q in zip(model.encoder.encoder(a), model.encoder.encoder(b))]
+        assert len(calls) == 2
+        torch.testing.assert_close(calls[0], diffs[0])
+        torch.testing.assert_close(calls[1], diffs[-1])
+        # the two streams are decoded in one batch (eval mode: BN statistics do not mix)
+        want_fp = model.decode([drop(f) if i in (0, len(diffs) - 1) else f for i, f in enumerate(diffs)],
+                               out_size=(32, 32))
+        torch.testing.assert_close(logits_fp, want_fp)
+        torch.testing.assert_close(logits, model.decode(diffs, out_size=(32, 32)))
+
+
+def test_pspnet_head_reads_the_deepest_differenced_feature():
+    from semiseg.methods.perturbations import feature_perturbation
+
+    model = tiny_model("pspnet", output_stride=8)
+    deepest = len(model.feature_channels) - 1
+    assert model.decoder.in_index == (deepest,)
+    torch.manual_seed(3)
+    x = torch.randn(2, 6, 32, 32)
+    with torch.no_grad():
+        assert model(x).shape == (2, 2, 32, 32)
+        seen = []
+        feature_perturbation(model, x, drop=lambda f: seen.append(f.shape) or f * 0)
+        assert seen == [model.encode(x)[deepest].shape]
+        # pyramid pooling by hand: the 1-bin branch of a constant map is that constant
+        head = model.decoder
+        f = torch.full((1, model.feature_channels[-1], 4, 4), 0.5)
+        pooled = head.pools[0](f)
+        torch.testing.assert_close(pooled, head.pools[0][1](torch.full((1, f.shape[1], 1, 1), 0.5)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Change metrics
+
+
+def test_change_scores_equal_hand_computed_values():
+    from semiseg.engine.metrics import ConfusionMatrix, change_scores
+
+    target = torch.tensor([[0, 0, 1, 1, 1], [0, 0, 0, 1, 255]])
+    pred = torch.tensor([[0, 1, 1, 1, 0], [0, 0, 0, 0, 1]])
+    cm = ConfusionMatrix(2)
+    cm.update(pred, target)
+    # counted pixels 9: TN 4 (gt 0 pred 0), FP 1, FN 2, TP 2
+    assert cm.matrix.tolist() == [[4, 1], [2, 2]]
+    s = change_scores(cm.matrix)
+    assert s["changed_iou"] == pytest.approx(100 * 2 / 5)
+    assert s["unchanged_iou"] == pytest.approx(100 * 4 / 7)
+    assert s["precision"] == pytest.approx(100 * 2 / 3)
+    assert s["recall"] == pytest.approx(100 * 2 / 4)
+    p, r = 2 / 3, 2 / 4
+    assert s["f1"] == pytest.approx(100 * 2 * p * r / (p + r))
+    assert s["overall_acc"] == pytest.approx(100 * 6 / 9)
+    assert np.isnan(change_scores([[5, 0], [0, 0]])["precision"])  # nothing predicted changed
+    with pytest.raises(ValueError, match="2 x 2"):
+        change_scores(torch.zeros(3, 3))
+
+
+def test_evaluate_adds_the_change_scores_for_pairs(cd_root):
+    """A network that predicts "changed" exactly where the label says so scores 100; one that
+    never predicts a change scores changed IoU 0 and the unchanged share as accuracy."""
+    from semiseg.config.schema import EvalConfig
+    from semiseg.data.build import build_eval_set
+    from semiseg.engine.evaluator import evaluate
+
+    ds = build_eval_set(data_cfg(cd_root), "test")
+    masks = {s["image"].sum().item(): s["mask"] for s in (ds[i] for i in range(len(ds)))}
+
+    class Oracle(torch.nn.Module):
+        def forward(self, x):
+            m = torch.stack([masks[img.sum().item()] for img in x])
+            return torch.stack((1 - m, m), 1).float()
+
+    class Never(torch.nn.Module):
+        def forward(self, x):
+            return torch.stack((torch.ones_like(x[:, 0]), torch.zeros_like(x[:, 0])), 1)
+
+    res = evaluate(Oracle(), ds, EvalConfig(), 2, progress=False)
+    assert res["changed_iou"] == res["f1"] == res["overall_acc"] == res["unchanged_iou"] == 100.0
+    res = evaluate(Never(), ds, EvalConfig(), 2, progress=False)
+    changed = sum(int(m.sum()) for m in masks.values())
+    total = sum(m.numel() for m in masks.values())
+    assert res["changed_iou"] == 0.0 and res["recall"] == 0.0
+    assert res["overall_acc"] == pytest.approx(100 * (total - changed) / total)

@@ -18,7 +18,7 @@ DATASETS = ("synthetic", "folder", "camvid", "pascal", "cityscapes", "coco", "ad
 # bi-temporal change detection (semiseg.data.change): image pairs, a siamese network
 CHANGE_DATASETS = ("levir_cd", "whu_cd", "folder_cd")
 # model.head values; each is built by the head registered under it (semiseg.models.heads.register_head)
-HEADS = ("deeplabv3plus", "segformer", "dpt", "unet")
+HEADS = ("deeplabv3plus", "segformer", "dpt", "unet", "pspnet")
 
 
 class Section(BaseModel):
