@@ -375,3 +375,110 @@ def test_evaluate_adds_the_change_scores_for_pairs(cd_root):
     total = sum(m.numel() for m in masks.values())
     assert res["changed_iou"] == 0.0 and res["recall"] == 0.0
     assert res["overall_acc"] == pytest.approx(100 * (total - changed) / total)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training, eval --json, predict on a pair, the demo
+
+
+@pytest.fixture(scope="module")
+def trained_runs(cd_root, tmp_path_factory):
+    """Two-iteration supervised, FixMatch and UniMatch runs on the generated pairs."""
+    from semiseg.engine.trainer import Trainer
+
+    out, metrics = tmp_path_factory.mktemp("runs"), {}
+    for method in ("supervised", "fixmatch", "unimatch"):
+        cfg = load_config({
+            "data": {"dataset": "levir_cd", "root": str(cd_root), "labeled": "splits/levir/20%/labeled.txt",
+                     "unlabeled": "splits/levir/20%/unlabeled.txt", "crop_size": 32, "scale_range": [0.8, 1.2],
+                     "val_split": "test", "workers": 0},
+            "model": {"encoder": "test_resnet", "decoder_channels": 8},
+            "method": {"name": method, **({"conf_thresh": 0.0} if method != "supervised" else {})},
+            "train": {"iters": 2, "batch_size": 2, "eval_every": 2, "threads": 1}})
+        metrics[method] = Trainer(cfg, out / method).fit().metrics
+    return out, metrics
+
+
+def test_train_and_eval_json_on_generated_pairs(trained_runs, capsys):
+    """supervised, FixMatch and UniMatch train on the generated pairs; the logged and the
+    eval --json scores hold the change scores, consistent with the confusion matrix."""
+    import json
+
+    from semiseg.cli import main
+    from semiseg.engine.logging import read_metrics
+
+    runs, metrics = trained_runs
+    for name, m in metrics.items():
+        for key in ("changed_iou", "unchanged_iou", "overall_acc"):
+            assert 0.0 <= m[key] <= 100.0, (name, key)
+        assert m["changed_iou"] == pytest.approx(m["per_class_iou"][1])
+        rows = [r for r in read_metrics(runs / name) if r.get("type") == "eval"]
+        assert rows and "changed_iou" in rows[-1] and "f1" in rows[-1]
+    # UniMatch ran its four streams (labelled, two strong views, the FP stream) on 6-channel pairs
+    rows = [r for r in read_metrics(runs / "unimatch") if r.get("type") == "train"]
+    assert rows and {"loss_s1", "loss_s2", "loss_fp"} <= set(rows[-1])
+    capsys.readouterr()
+    assert main(["eval", str(runs / "unimatch"), "--json", "--split", "test"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["images"] == 4 and out["split"] == "test"
+    assert set(out["per_class_iou"]) == {"unchanged", "changed"}
+    for key in ("changed_iou", "unchanged_iou", "f1", "precision", "recall", "overall_acc"):
+        assert key in out
+    assert out["changed_iou"] == pytest.approx(out["per_class_iou"]["changed"])
+    assert out["overall_acc"] == pytest.approx(out["pixel_acc"])
+    assert main(["eval", str(runs / "unimatch"), "--split", "test"]) == 0
+    table = capsys.readouterr().out
+    assert "changed IoU" in table and "F1" in table and "overall acc" in table
+
+
+def test_predict_on_a_pair_of_files_and_of_folders(trained_runs, cd_root, tmp_path, capsys):
+    from semiseg.api import load_model
+    from semiseg.cli import main
+
+    runs, _ = trained_runs
+    run = runs / "supervised"
+    a, b = cd_root / "A/test_2.png", cd_root / "B/test_2.png"
+    assert main(["predict", str(run), str(a), str(b), "--out", str(tmp_path / "one")]) == 0
+    mask = np.array(Image.open(tmp_path / "one/test_2.png"))
+    assert mask.shape == (40, 40) and set(np.unique(mask)) <= {0, 255}
+    want = load_model(run).predict_pair(Image.open(a).convert("RGB"), Image.open(b).convert("RGB"))
+    np.testing.assert_array_equal(mask, want * 255)
+    assert Image.open(tmp_path / "one/test_2_overlay.png").size == (40, 40)
+    assert main(["predict", str(run), str(cd_root / "A"), str(cd_root / "B"), "--out", str(tmp_path / "all")]) == 0
+    assert len(list((tmp_path / "all").glob("*_overlay.png"))) == 28
+    np.testing.assert_array_equal(np.array(Image.open(tmp_path / "all/test_2.png")), mask)
+    capsys.readouterr()
+    assert main(["predict", str(run), str(a), "--out", str(tmp_path / "bad")]) != 0
+    assert "takes a pair" in capsys.readouterr().err
+    folder = tmp_path / "Bmissing"
+    folder.mkdir()
+    assert main(["predict", str(run), str(cd_root / "A"), str(folder), "--out", str(tmp_path / "bad2")]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert any("has no namesake" in line for line in err)
+
+
+def test_change_demo_trains_both_methods_and_prints_change_iou(cd_root, tmp_path, monkeypatch, capsys):
+    import semiseg.data.cd_synthetic as gen
+    from semiseg import demo
+
+    cfg = demo.change_config("unimatch", cd_root, 200)  # the demo's recipe: official threshold and augmentation
+    assert (cfg.method.conf_thresh, cfg.model.siamese, cfg.data.scale_range, cfg.data.dataset) == \
+        (0.95, True, (0.8, 1.2), "levir_cd")
+    assert cfg.data.labeled == "splits/levir/10%/labeled.txt" and cfg.data.val_split == "test"
+
+    def tiny(method, root, iters):
+        c = original(method, root, iters)
+        c.data.crop_size = 32
+        c.model.decoder_channels = 8
+        c.train.batch_size = 2
+        c.train.threads = 1
+        return c
+
+    original = demo.change_config
+    monkeypatch.setattr(demo, "change_config", tiny)
+    monkeypatch.setattr(gen, "ensure_change_synthetic", lambda root: cd_root)
+    assert demo.run_demo(out=tmp_path, iters=1, scenario="change") == 0
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines() if line.startswith(("supervised ", "unimatch "))]
+    assert [r[0] for r in rows] == ["supervised", "unimatch"] and all(len(r) >= 8 for r in rows)
+    assert "gain of unimatch over supervised" in out and "changed IoU" in out
