@@ -482,3 +482,13 @@ def test_change_demo_trains_both_methods_and_prints_change_iou(cd_root, tmp_path
     rows = [line.split() for line in out.splitlines() if line.startswith(("supervised ", "unimatch "))]
     assert [r[0] for r in rows] == ["supervised", "unimatch"] and all(len(r) >= 8 for r in rows)
     assert "gain of unimatch over supervised" in out and "changed IoU" in out
+
+
+def test_export_traces_the_six_channel_pair(trained_runs, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from semiseg.export import export_onnx
+
+    runs, _ = trained_runs
+    logs = []
+    export_onnx(runs / "supervised", tmp_path / "m.onnx", verify=True, log=logs.append)
+    assert "x6x" in logs[0]
