@@ -492,3 +492,80 @@ def test_export_traces_the_six_channel_pair(trained_runs, tmp_path):
     logs = []
     export_onnx(runs / "supervised", tmp_path / "m.onnx", verify=True, log=logs.append)
     assert "x6x" in logs[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# UniMatch on pairs equals the loop reference of tests/test_methods_consistency.py
+
+
+def _consistency_module():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("_tmc", Path(__file__).parent / "test_methods_consistency.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class _TinyPairEncoder(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        from semiseg.models.unet import FeatureInfo
+
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.feature_info = FeatureInfo([4], [1])
+
+    def forward(self, x):
+        return [torch.relu(self.conv(x))]
+
+
+class _TinyHead(torch.nn.Module):
+    in_index = (0,)
+
+    def __init__(self, k):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(4, k, 1)
+        with torch.no_grad():
+            self.conv.weight.mul_(4.0)
+
+    def forward(self, feats):
+        return self.conv(feats[0]), feats[0]
+
+
+@pytest.mark.parametrize("mix_source", ["separate_batch", "in_batch"])
+def test_unimatch_step_on_pairs_equals_the_loop_reference(mix_source):
+    """A siamese SegModel (no BatchNorm, so images are independent) under UniMatch: the loss
+    equals the explicit-loop reference, whose CutMix moves all six channels of a pair with one
+    box and whose FP stream is the head on the perturbed |f_A - f_B|."""
+    from semiseg.methods.unimatch import UniMatch
+    from semiseg.models.segmodel import SegModel
+    from semiseg.models.siamese import SiameseEncoder
+
+    tmc = _consistency_module()
+    torch.manual_seed(0)
+    model = SegModel(SiameseEncoder(_TinyPairEncoder()), _TinyHead(tmc.K), tmc.K)
+    model.fp_scale = torch.tensor([2.0, 0.0, 2.0, 0.0]).view(1, 4, 1, 1)
+    model.fp_drop = lambda f: f * model.fp_scale
+    from types import SimpleNamespace
+
+    def diff(x):  # |f_A - f_B| by hand, from the shared encoder
+        inner = model.encoder.encoder
+        return (inner(x[:, :3])[0] - inner(x[:, 3:])[0]).abs()
+
+    ref = SimpleNamespace(features=diff, head=lambda f: model.decoder([f])[0],
+                          perturbed=lambda x: model.decoder([diff(x) * model.fp_scale])[0])
+
+    batch = tmc.make_batch(seed=5)
+    g = torch.Generator().manual_seed(9)
+    for part in (batch.labeled, batch.unlabeled, batch.unlabeled_mix):  # B: a second date per image
+        for key in ("image", "weak", "strong_1", "strong_2"):
+            if key in part:
+                part[key] = torch.cat((part[key], torch.randn(part[key].shape, generator=g)), 1)
+    method = tmc.build(UniMatch, "unimatch", model=model, conf_thresh=0.8, mix_source=mix_source)
+    method.train()
+    result = method.train_step(batch, tmc.ctx())
+    total, loss_x, losses_s, loss_fp, ratio = tmc.reference_unimatch(ref, batch, 0.8, mix_source)
+    assert 0 < ratio < 1
+    assert tmc.close(result.loss, total)
+    assert tmc.close(result.logs["loss_fp"], loss_fp) and tmc.close(result.logs["loss_s1"], losses_s[0])

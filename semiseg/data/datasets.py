@@ -486,7 +486,8 @@ class ChangeReader(DatasetReader):
         return [(s.image, s.mask) for s in _read_split(listed, root, self)]
 
     def resolve_id(self, root: Path, image_id: str) -> Optional[Pair]:
-        image = root / "A" / image_id
+        # a bare name (UniMatch's lists), or a path under the root ("A/NAME.png", as 'semiseg split' writes)
+        image = root / image_id if "/" in image_id and (root / image_id).is_file() else root / "A" / image_id
         if not image.is_file():
             image = _first_file(*(root / "A" / f"{image_id}{ext}" for ext in IMAGE_EXTS)) or image
             if not image.is_file():
