@@ -3,6 +3,7 @@ and its loaders, the joint transforms, the siamese network, the change metrics, 
 ``predict`` on a pair. Everything runs on tiny generated pairs."""
 
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -569,3 +570,22 @@ def test_unimatch_step_on_pairs_equals_the_loop_reference(mix_source):
     assert 0 < ratio < 1
     assert tmc.close(result.loss, total)
     assert tmc.close(result.logs["loss_fp"], loss_fp) and tmc.close(result.logs["loss_s1"], losses_s[0])
+
+
+def cd_root_of(runs):
+    from semiseg.config import load_config
+
+    return Path(load_config(runs / "supervised" / "config.yaml").data.root)
+
+
+def test_report_shows_the_change_scores_and_image_b(trained_runs):
+    from semiseg.report import evaluate_best
+
+    runs, _ = trained_runs
+    ev = evaluate_best(runs / "supervised", num_images=2, progress=False)
+    image, gt, pred = ev["triples"][0]
+    assert image.shape == (40, 40, 3)  # image B of the pair, de-normalised
+    assert ev["result"]["skipped"] == [] and "changed_iou" in ev["result"] and "f1" in ev["result"]
+    # the shown image is B: A's pixels differ from it somewhere in the generated test pairs
+    b = np.array(Image.open(cd_root_of(runs) / "B/test_0.png"))
+    assert np.abs(image.astype(int) - b.astype(int)).max() <= 2
