@@ -133,7 +133,8 @@ class Predictor:
     def predict_logits(self, image) -> torch.Tensor:
         size = image.size if isinstance(image, Image.Image) else (image.shape[1], image.shape[0])
         if self.cfg.model.siamese:
-            raise ValueError("this is a change-detection network: it takes an image pair, predict_pair(image_a, image_b)")
+            raise ValueError("this is a change-detection network: it takes an image pair, "
+                             "predict_pair(image_a, image_b)")
         return self._logits(self.preprocess(image), size)
 
     def _logits(self, x: torch.Tensor, size) -> torch.Tensor:

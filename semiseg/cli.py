@@ -267,7 +267,8 @@ def _pairs(inputs: list[str], out: Path) -> list[tuple[Path, Path, Path]]:
     for a, rel in _walk_images([str(first)], exclude=out):
         b = second / rel
         if not b.is_file():
-            raise DataError(f"predict: {a} has no namesake {b} in {second}: expected the same file names in both folders")
+            raise DataError(f"predict: {a} has no namesake {b} in {second}: expected the same file names in both "
+                            "folders")
         pairs.append((a, b, rel.with_suffix("")))
     if not pairs:
         raise DataError(f"predict: no images in {first}")

@@ -94,8 +94,8 @@ def change_config(method: str, root: Path, iters: int):
     from semiseg.config import load_config
 
     raw = yaml.safe_load(packaged_config("levir").read_text())
-    raw["data"].update(root=str(root), labeled="splits/levir/10%/labeled.txt", unlabeled="splits/levir/10%/unlabeled.txt",
-                       crop_size=64, workers=0, val_split="test")
+    raw["data"].update(root=str(root), labeled="splits/levir/10%/labeled.txt",
+                       unlabeled="splits/levir/10%/unlabeled.txt", crop_size=64, workers=0, val_split="test")
     raw["model"].update(encoder=CHANGE_ENCODER, pretrained=False, decoder_channels=32)
     raw["method"] = {"name": method} if method == "supervised" else {**raw["method"], "name": method}
     raw["train"].update(iters=iters, eval_every=iters, batch_size=8, log_every=10)
@@ -127,8 +127,8 @@ def run_change_demo(out: str | Path = "runs/demo-change", iters: int | None = No
     base = next((m.get("changed_iou") for method, m, _, _ in rows if method == "supervised"), None)
     for method, m, _, _ in rows:
         if base is not None and method != "supervised":
-            print(f"gain of {method} over supervised: {m.get('changed_iou', nan) - base:+.2f} changed IoU with the same "
-                  "labelled pairs (one seed, a short run)")
+            print(f"gain of {method} over supervised: {m.get('changed_iou', nan) - base:+.2f} changed IoU with the "
+                  "same labelled pairs (one seed, a short run)")
     first = rows[0][3]
     print("\nnext:\n"
           f"  semiseg eval {first} --split test --json\n"

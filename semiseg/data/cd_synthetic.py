@@ -68,7 +68,8 @@ def change_pair(rng: np.random.Generator, size: int = 64) -> tuple[np.ndarray, n
     ground = green * (1 - fields[..., None]) + brown * fields[..., None]
     ground += (_smooth(rng, size, 12)[..., None] - 0.5) * 30
     taken = np.zeros((size, size), bool)
-    kinds = ["same"] * int(rng.integers(1, 4)) + ["built"] * int(rng.integers(0, 3)) + ["gone"] * int(rng.integers(0, 2))
+    kinds = (["same"] * int(rng.integers(1, 4)) + ["built"] * int(rng.integers(0, 3))
+             + ["gone"] * int(rng.integers(0, 2)))
     dates = [ground.copy(), ground.copy()]
     label = np.zeros((size, size), np.uint8)
     for kind in kinds:

@@ -40,8 +40,8 @@ class SiameseEncoder(nn.Module):
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         c = self.in_channels
         if x.dim() != 4 or x.shape[1] != 2 * c:
-            raise ValueError(f"the siamese network takes an image pair stacked on the channel axis, (B, {2 * c}, H, W); "
-                             f"got shape {tuple(x.shape)}")
+            raise ValueError(f"the siamese network takes an image pair stacked on the channel axis, "
+                             f"(B, {2 * c}, H, W); got shape {tuple(x.shape)}")
         feats_a = self.encoder(x[:, :c])
         feats_b = self.encoder(x[:, c:])
         return [(fa - fb).abs() for fa, fb in zip(feats_a, feats_b)]
