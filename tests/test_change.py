@@ -148,6 +148,21 @@ def test_folder_cd_layout_and_unlabelled_pairs(tmp_path):
     assert len(build_eval_set(cfg, "val")) == 2
 
 
+def test_folder_cd_flat_layout_with_lists(tmp_path):
+    from semiseg.data.build import build_eval_set, build_train_sets
+
+    img = np.zeros((20, 20, 3), np.uint8)
+    for i in range(5):
+        write_pair(tmp_path, f"t{i}.png", img, img, np.zeros((20, 20), np.uint8))
+    (tmp_path / "val.txt").write_text("t3.png\nt4.png\n")
+    (tmp_path / "train.txt").write_text("t0.png\nt1.png\nt2.png\n")
+    cfg = DataConfig(dataset="folder_cd", root=str(tmp_path), crop_size=16)
+    sets = build_train_sets(cfg, num_strong=1, with_unlabeled=False)
+    assert sorted(s.id for s in sets.labeled.samples) == ["t0", "t1", "t2"]
+    ev = build_eval_set(cfg, "val")
+    assert [s.id for s in ev.samples] == ["t3", "t4"] and ev.samples[0].image_b == tmp_path / "B/t3.png"
+
+
 def test_siamese_key_follows_the_dataset():
     from semiseg.errors import ConfigError
 
@@ -384,11 +399,11 @@ def test_evaluate_adds_the_change_scores_for_pairs(cd_root):
 
 @pytest.fixture(scope="module")
 def trained_runs(cd_root, tmp_path_factory):
-    """Two-iteration supervised, FixMatch and UniMatch runs on the generated pairs."""
+    """Two-iteration supervised, FixMatch, UniMatch and UniMatch V2 runs on the generated pairs."""
     from semiseg.engine.trainer import Trainer
 
     out, metrics = tmp_path_factory.mktemp("runs"), {}
-    for method in ("supervised", "fixmatch", "unimatch"):
+    for method in ("supervised", "fixmatch", "unimatch", "unimatch_v2"):
         cfg = load_config({
             "data": {"dataset": "levir_cd", "root": str(cd_root), "labeled": "splits/levir/20%/labeled.txt",
                      "unlabeled": "splits/levir/20%/unlabeled.txt", "crop_size": 32, "scale_range": [0.8, 1.2],
@@ -401,7 +416,7 @@ def trained_runs(cd_root, tmp_path_factory):
 
 
 def test_train_and_eval_json_on_generated_pairs(trained_runs, capsys):
-    """supervised, FixMatch and UniMatch train on the generated pairs; the logged and the
+    """supervised, FixMatch, UniMatch and UniMatch V2 train on the generated pairs; the logged and the
     eval --json scores hold the change scores, consistent with the confusion matrix."""
     import json
 
