@@ -15,9 +15,9 @@ official recipe's.
 small generated LEVIR-CD-layout dataset (:mod:`semiseg.data.cd_synthetic`, written once into
 ``OUT/levir-data``: 80 training pairs of 64x64, buildings that appear or vanish): the 10% split
 (8 labelled pairs, 72 unlabelled), the 16 test pairs scored (changed-class IoU, F1, precision,
-recall, overall accuracy). Scaled down: a siamese ResNet-18 from scratch with a 64-wide
-DeepLabV3+ head, 64x64 crops, 8 + 8 pairs per step; threshold, optimiser and augmentations are
-the official recipe's.
+recall, overall accuracy). Scaled down: a siamese ``test_resnet`` (timm's tiny ResNet) from
+scratch with a 32-wide DeepLabV3+ head, 64x64 crops, 8 + 8 pairs per step, in-batch CutMix
+partners; threshold, optimiser and augmentations are the official recipe's.
 """
 
 from __future__ import annotations
@@ -97,7 +97,8 @@ def change_config(method: str, root: Path, iters: int):
     raw["data"].update(root=str(root), labeled="splits/levir/10%/labeled.txt",
                        unlabeled="splits/levir/10%/unlabeled.txt", crop_size=64, workers=0, val_split="test")
     raw["model"].update(encoder=CHANGE_ENCODER, pretrained=False, decoder_channels=32)
-    raw["method"] = {"name": method} if method == "supervised" else {**raw["method"], "name": method}
+    raw["method"] = ({"name": method} if method == "supervised"
+                     else {**raw["method"], "name": method, "mix_source": "in_batch"})
     raw["train"].update(iters=iters, eval_every=iters, batch_size=8, log_every=10)
     return load_config(raw)
 

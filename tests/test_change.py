@@ -481,6 +481,7 @@ def test_change_demo_trains_both_methods_and_prints_change_iou(cd_root, tmp_path
     assert (cfg.method.conf_thresh, cfg.model.siamese, cfg.data.scale_range, cfg.data.dataset) == \
         (0.95, True, (0.8, 1.2), "levir_cd")
     assert cfg.data.labeled == "splits/levir/10%/labeled.txt" and cfg.data.val_split == "test"
+    assert cfg.method.mix_source == "in_batch"  # scaled down (the shipped recipe: separate_batch, as official)
 
     def tiny(method, root, iters):
         c = original(method, root, iters)

@@ -101,7 +101,8 @@ OFFICIAL = {
                              per_gpu=8, gpus=1, **{"data.dataset": dataset, "data.scale_range": [0.8, 1.2],
                                                    "data.val_split": "test", "model.encoder": "resnet50",
                                                    "model.pretrained": True, "model.output_stride": 16,
-                                                   "model.head": "deeplabv3plus", "model.siamese": True})
+                                                   "model.head": "deeplabv3plus", "model.siamese": True,
+                                                   "method.mix_source": "separate_batch"})
        for name, dataset, unlabeled in (("levir", "levir_cd", 6764), ("whu", "whu_cd", 5650))},
     "camvid_v1": {**CAMVID_PROTOCOL, "model.encoder": "resnet18", "model.head": "deeplabv3plus",
                   "model.output_stride": 16},
