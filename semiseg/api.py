@@ -131,10 +131,16 @@ class Predictor:
 
     @torch.inference_mode()
     def predict_logits(self, image) -> torch.Tensor:
+        size = image.size if isinstance(image, Image.Image) else (image.shape[1], image.shape[0])
+        if self.cfg.model.siamese:
+            raise ValueError("this is a change-detection network: it takes an image pair, "
+                             "predict_pair(image_a, image_b)")
+        return self._logits(self.preprocess(image), size)
+
+    def _logits(self, x: torch.Tensor, size) -> torch.Tensor:
         from semiseg.engine.evaluator import predict_logits
 
-        size = image.size if isinstance(image, Image.Image) else (image.shape[1], image.shape[0])
-        x = self.preprocess(image).to(self.device)
+        x = x.to(self.device)
         crop = self.cfg.eval.crop_size or self.cfg.data.crop_size
         mode = self.cfg.eval.mode if self.cfg.eval.mode != "center_crop" else "original"
         eval_cfg = self.cfg.eval.model_copy(update={"mode": mode})
@@ -148,6 +154,25 @@ class Predictor:
 
         labels = class_map(self.predict_logits(image)[None])[0]
         return labels.numpy().astype(np.uint8 if self.num_classes <= 256 else np.int32)
+
+    @torch.inference_mode()
+    def predict_pair_logits(self, image_a, image_b) -> torch.Tensor:
+        """Change detection: ``(2, H, W)`` logits (unchanged, changed) of the pair (A before, B
+        after; PIL images or ``(H, W, 3)`` uint8 arrays of the same size), each image resized and
+        normalised as in training, stacked on the channel axis."""
+        images = [Image.fromarray(i) if isinstance(i, np.ndarray) else i for i in (image_a, image_b)]
+        if images[0].size != images[1].size:
+            from semiseg.errors import DataError
+
+            raise DataError(f"the two images of a pair differ in size ({images[0].size[0]}x{images[0].size[1]} and "
+                            f"{images[1].size[0]}x{images[1].size[1]}): expected two dates of one tile")
+        return self._logits(torch.cat([self.preprocess(i) for i in images], 1), images[0].size)
+
+    def predict_pair(self, image_a, image_b) -> np.ndarray:
+        """Change detection: the ``(H, W)`` change map of a pair, 0 unchanged, 1 changed."""
+        from semiseg.engine.evaluator import class_map
+
+        return class_map(self.predict_pair_logits(image_a, image_b)[None])[0].numpy().astype(np.uint8)
 
 
 def load_model(checkpoint: Union[str, Path], which: str = "auto", device: str = "cpu", overrides=None) -> Predictor:

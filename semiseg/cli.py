@@ -120,6 +120,9 @@ def cmd_eval(args) -> int:
                "pixel_acc": res["pixel_acc"], "mean_acc": res.get("mean_acc"), "split": args.split,
                "images": scored, "skipped": skipped, "checkpoint": str(args.checkpoint), "model": which,
                "eval_mode": cfg.eval.mode}
+        if "changed_iou" in res:  # image pairs (change detection)
+            out.update({k: res[k] for k in ("changed_iou", "unchanged_iou", "f1", "precision", "recall",
+                                            "overall_acc")})
         if "mDice" in res:  # volumes (acdc), scored in 3D as the paper reports them
             out.update(mDice=res["mDice"], per_class_dice=dict(zip(names[1:], res["per_class_dice"][1:])),
                        volumes=res["volumes"], eval_mode="volumes")
@@ -130,6 +133,10 @@ def cmd_eval(args) -> int:
         print(f"{args.checkpoint} ({which}) on split '{args.split}' ({scored} images"
               + (f", {len(skipped)} unreadable skipped" if skipped else "") + f", eval.mode={cfg.eval.mode})")
         print(format_table(res, names))
+        if "changed_iou" in res:
+            from semiseg.engine.metrics import format_change
+
+            print(format_change(res))
         if "mDice" in res:
             print("\n".join(f"Dice {n}: {d:.2f}" for n, d in zip(names[1:], res["per_class_dice"][1:]))
                   + f"\nmDice: {res['mDice']:.2f} ({res['volumes']} volumes, 3D)")
@@ -209,9 +216,11 @@ def cmd_predict(args) -> int:
     from semiseg.viz import colorize, overlay
 
     out = Path(args.out)
+    model = load_model(args.checkpoint, which=args.model or "auto", overrides=args.overrides)
+    if model.cfg.model.siamese:  # change detection: pairs of images, before and after
+        return _predict_pairs(model, args, out)
     files = _walk_images(args.inputs, exclude=out)  # never read what an earlier run wrote there
     names = _output_names(files)
-    model = load_model(args.checkpoint, which=args.model or "auto", overrides=args.overrides)
     if model.cfg.model.in_channels != 3:
         raise SemisegError(f"predict reads RGB image files, but {args.checkpoint} was trained on "
                            f"{model.cfg.model.in_channels}-channel {model.cfg.data.dataset} data: score its volumes "
@@ -236,6 +245,69 @@ def cmd_predict(args) -> int:
     print(f"wrote {written} masks and overlays to {out}")
     if skipped:
         raise DataError(f"{len(skipped)} of {len(files)} images could not be read and were skipped (named above)")
+    return 0
+
+
+def _pairs(inputs: list[str], out: Path) -> list[tuple[Path, Path, Path]]:
+    """``(A, B, output stem)`` of a change-detection ``predict``: two files (one pair), or two
+    folders whose images are matched by relative path (every image of the first needs its
+    namesake in the second)."""
+    if len(inputs) != 2:
+        raise DataError(f"predict: a change-detection network takes a pair: two image files (before, after) or two "
+                        f"folders of images matched by name (A/ and B/), got {len(inputs)} inputs")
+    first, second = (Path(i) for i in inputs)
+    for p in (first, second):
+        if not p.exists():
+            raise DataError(f"predict: input {p} does not exist")
+    if first.is_file() and second.is_file():
+        return [(first, second, Path(first.stem))]
+    if not (first.is_dir() and second.is_dir()):
+        raise DataError(f"predict: {first} and {second} must be two image files or two folders, not one of each")
+    pairs = []
+    for a, rel in _walk_images([str(first)], exclude=out):
+        b = second / rel
+        if not b.is_file():
+            raise DataError(f"predict: {a} has no namesake {b} in {second}: expected the same file names in both "
+                            "folders")
+        pairs.append((a, b, rel.with_suffix("")))
+    if not pairs:
+        raise DataError(f"predict: no images in {first}")
+    return pairs
+
+
+def _predict_pairs(model, args, out: Path) -> int:
+    """Change masks (``NAME.png``: 0 unchanged, 255 changed, as LEVIR-CD's labels) and overlays
+    (``NAME_overlay.png``: image B with the changed pixels tinted red) of image pairs."""
+    import numpy as np
+    from PIL import Image
+    from tqdm import tqdm
+
+    from semiseg.data.change import load_images
+    from semiseg.viz import overlay
+
+    pairs = _pairs(args.inputs, out)
+    _threads(args, model.cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    written, skipped = 0, []
+    for a_path, b_path, stem in tqdm(pairs, desc="predict", unit="pair", dynamic_ncols=True, leave=False,
+                                     mininterval=1.0):
+        try:
+            a, b = load_images(a_path, b_path)
+        except DataError as e:
+            skipped.append(a_path)
+            _warn(f"skipped: {e}")
+            continue
+        change = model.predict_pair(a, b)
+        target = out / stem
+        target.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((change * 255).astype("uint8"), mode="L").save(target.with_name(target.name + ".png"))
+        tint = np.asarray(b, dtype=np.uint8).copy()
+        tint[change == 1] = (255, 0, 0)
+        overlay(b, Image.fromarray(tint)).save(target.with_name(target.name + "_overlay.png"))
+        written += 1
+    print(f"wrote {written} change masks (0 unchanged, 255 changed) and overlays to {out}")
+    if skipped:
+        raise DataError(f"{len(skipped)} of {len(pairs)} pairs could not be read and were skipped (named above)")
     return 0
 
 
@@ -402,9 +474,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="write masks and overlays for images or folders")
     p.add_argument("checkpoint")
-    p.add_argument("inputs", nargs="+")
+    p.add_argument("inputs", nargs="+", help="images or folders; a change-detection run (levir_cd, whu_cd, "
+                                             "folder_cd) takes a pair: two files (before, after) or two folders "
+                                             "matched by name")
     p.add_argument("--out", required=True, help="output folder: NAME.png and NAME_overlay.png per image, under the "
-                                                "image's path relative to the inputs")
+                                                "image's path relative to the inputs (change detection: the change "
+                                                "mask, 0/255, and image B with the changes in red)")
     p.add_argument("--model", help="which network of the run (default: eval.model of its config)")
     _add_set(p)
     _add_threads(p)
@@ -438,9 +513,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--iters", type=int, default=None)
     p.add_argument("--methods", default="supervised,unimatch")
-    p.add_argument("--scenario", choices=("natural", "medical"), default="natural",
+    p.add_argument("--scenario", choices=("natural", "medical", "change"), default="natural",
                    help="medical: UniMatch's ACDC scenario (UNet, Dice losses, 3D Dice) on generated h5 volumes "
-                        "(default out: runs/demo-medical)")
+                        "(default out: runs/demo-medical); change: UniMatch's remote-sensing change detection "
+                        "(siamese DeepLabV3+, changed IoU) on generated LEVIR-CD-layout pairs (default out: "
+                        "runs/demo-change)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("pseudo-label", help="pct stage two: write tag-restricted pseudo-label PNGs")

@@ -73,6 +73,8 @@ def export_onnx(checkpoint: str | Path, out: str | Path, which: str = "auto", op
     net = _Logits(method.inference_model(which)).eval()
     side = int(size or cfg.eval.crop_size or cfg.data.crop_size)
     channels = cfg.model.in_channels  # 1 for the medical UNet (acdc)
+    if cfg.model.siamese:  # change detection: the pair stacked on the channel axis
+        channels *= 2
     example = torch.randn(1, channels, side, side)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -199,7 +199,10 @@ def evaluate_best(run_dir: Path, num_images: int = 4, device: Optional[str] = No
                 top, left, h, w = center_crop_box(x.shape[-2], x.shape[-1], crop)
                 x, mask = x[..., top:top + h, left:left + w], mask[top:top + h, left:left + w]
             pred = class_map(logits)[0].cpu().numpy()
-            image = ((x[0].cpu() * std + mean).clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()
+            shown = x[0].cpu()
+            if cfg.model.siamese:  # a change-detection pair (A, B stacked): show B, the image after
+                shown = shown[shown.shape[0] // 2:]
+            image = ((shown * std + mean).clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()
             gt = np.asarray(colorize(mask, palette, method.num_classes))
             pr = np.asarray(colorize(pred, palette, method.num_classes))
             triples.append((image, gt, pr))
@@ -277,6 +280,8 @@ def write_report(run_dir: str | Path, out: Optional[str | Path] = None, num_imag
     train = [r for r in rows if r.get("type") == "train"]
     last_eval = evals[-1] if evals else None
     title = f"semiseg report: {run_dir.name}"
+    from semiseg.engine.metrics import CHANGE_KEYS
+
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
              f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>"]
     info = [f"run directory: {html.escape(str(run_dir.resolve()))}"]
@@ -300,6 +305,9 @@ def write_report(run_dir: str | Path, out: Optional[str | Path] = None, num_imag
                      f"{html.escape(str(ev['model']))}) on split '{html.escape(str(ev['split']))}' "
                      f"({ev['images']} images): <b>mIoU {res['mIoU']:.2f}</b>, pixel accuracy "
                      f"{res['pixel_acc']:.2f}</p>")
+        if "changed_iou" in res:  # change detection: the paper's scores
+            parts.append("<p class='meta'>change detection: " + ", ".join(
+                f"{label} {res[key]:.2f}" for label, key in CHANGE_KEYS) + "</p>")
         same_model = [r for r in evals if r.get("model") == (last_eval or {}).get("model")]
         last = same_model[-1]["per_class_iou"] if same_model else None
         parts.append("<h3>Per-class IoU</h3>" + _iou_table(ev["names"], res["per_class_iou"], last))

@@ -95,6 +95,15 @@ OFFICIAL = {
     # UniMatch V2 on the same split: 4 images per GPU x 4 GPUs, 60 epochs, DINOv2-S
     "pascal_unimatch_v2": unimatch_v2_recipe(crop=518, epochs=60, unlabeled=9118, lr=5e-6, lr_multi=40.0,
                                              conf_thresh=0.95, backbone="vit_small_patch14_dinov2", per_gpu=4),
+    # change detection (more-scenarios/remote-sensing): 8 labelled + 8 unlabelled pairs on one GPU, the 5%
+    # splits' 6764 (LEVIR-CD) and 5650 (WHU-CD) unlabelled pairs, scored on test.txt
+    **{name: unimatch_recipe(crop=256, epochs=80, unlabeled=unlabeled, lr=0.02, lr_multi=1.0, conf_thresh=0.95,
+                             per_gpu=8, gpus=1, **{"data.dataset": dataset, "data.scale_range": [0.8, 1.2],
+                                                   "data.val_split": "test", "model.encoder": "resnet50",
+                                                   "model.pretrained": True, "model.output_stride": 16,
+                                                   "model.head": "deeplabv3plus", "model.siamese": True,
+                                                   "method.mix_source": "separate_batch"})
+       for name, dataset, unlabeled in (("levir", "levir_cd", 6764), ("whu", "whu_cd", 5650))},
     "camvid_v1": {**CAMVID_PROTOCOL, "model.encoder": "resnet18", "model.head": "deeplabv3plus",
                   "model.output_stride": 16},
     # the protocol's data and optimiser, AllSpark's model and official method keys
@@ -136,3 +145,4 @@ def test_official_iteration_counts():
     assert (OFFICIAL["pascal"]["train.iters"], OFFICIAL["cityscapes"]["train.iters"],
             OFFICIAL["coco"]["train.iters"]) == (91200, 78000, 442710)
     assert OFFICIAL["pascal_unimatch_v2"]["train.iters"] == 60 * 570  # ceil(9118 / 4) // 4 steps an epoch
+    assert (OFFICIAL["levir"]["train.iters"], OFFICIAL["whu"]["train.iters"]) == (80 * 845, 80 * 706)

@@ -5,8 +5,8 @@ Importing it needs pydantic and PyYAML, never torch."""
 from semiseg.config.load import (apply_overrides, builtin_config_names, config_file, did_you_mean, known_keys,
                                  load_config, override_items, parse_override, save_config, suggest_key, validate)
 from semiseg.config.methods import METHOD_SCHEMAS, method_schema, register_method_config
-from semiseg.config.schema import (DATASETS, HEADS, Config, DataConfig, EvalConfig, MethodConfig, ModelConfig,
-                                   Section, SyntheticConfig, TrainConfig)
+from semiseg.config.schema import (CHANGE_DATASETS, DATASETS, HEADS, Config, DataConfig, EvalConfig, MethodConfig,
+                                   ModelConfig, Section, SyntheticConfig, TrainConfig)
 
 __all__ = ["Config", "DataConfig", "EvalConfig", "MethodConfig", "ModelConfig", "Section", "SyntheticConfig",
            "TrainConfig", "DATASETS", "HEADS", "METHOD_SCHEMAS", "method_schema", "register_method_config",

@@ -13,9 +13,12 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-DATASETS = ("synthetic", "folder", "camvid", "pascal", "cityscapes", "coco", "ade20k", "acdc")
+DATASETS = ("synthetic", "folder", "camvid", "pascal", "cityscapes", "coco", "ade20k", "acdc", "levir_cd", "whu_cd",
+            "folder_cd")
+# bi-temporal change detection (semiseg.data.change): image pairs, a siamese network
+CHANGE_DATASETS = ("levir_cd", "whu_cd", "folder_cd")
 # model.head values; each is built by the head registered under it (semiseg.models.heads.register_head)
-HEADS = ("deeplabv3plus", "segformer", "dpt", "unet")
+HEADS = ("deeplabv3plus", "segformer", "dpt", "unet", "pspnet")
 
 
 class Section(BaseModel):
@@ -117,6 +120,10 @@ class ModelConfig(Section):
     # dropout; defaults: the official network (16..256; 0.05, 0.1, 0.2, 0.3, 0.5).
     unet_channels: list[int] = Field([16, 32, 64, 128, 256], min_length=5, max_length=5)
     unet_dropout: list[float] = Field([0.05, 0.1, 0.2, 0.3, 0.5], min_length=5, max_length=5)
+    # Change detection: the encoder runs on both images of a pair (shared weights; the input is
+    # the pair stacked on the channel axis, 2 * in_channels) and the head decodes |f_A - f_B|
+    # (semiseg.models.siamese). None: true for the change-detection datasets, else false.
+    siamese: Optional[bool] = None
     head: Literal[HEADS] = "deeplabv3plus"  # type: ignore[valid-type]
     # true: timm's weights (needs the hub); a path: a local weights file; false: from scratch.
     pretrained: Union[bool, str] = False
@@ -243,6 +250,15 @@ class Config(Section):
     def _check_channels(self):
         if self.data.dataset == "acdc" and self.model.in_channels != 1:
             raise ValueError("key 'model.in_channels': the acdc images have one channel; set model.in_channels: 1")
+        change = self.data.dataset in CHANGE_DATASETS
+        if self.model.siamese is None and change:
+            self.model.siamese = True
+        elif self.model.siamese is not None and self.model.siamese != change:
+            raise ValueError(f"key 'model.siamese': {self.model.siamese} does not fit dataset '{self.data.dataset}': "
+                             "the change-detection datasets (" + ", ".join(CHANGE_DATASETS) + ") need the siamese "
+                             "network, the others a single-image one; leave it unset")
+        if change and self.model.in_channels != 3:
+            raise ValueError("key 'model.in_channels': the change-detection images are RGB; set model.in_channels: 3")
         return self
 
     def to_dict(self) -> dict:

@@ -35,7 +35,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from semiseg.config import Config, DataConfig
+from semiseg.config import CHANGE_DATASETS, Config, DataConfig
 from semiseg.data import IGNORE_INDEX
 from semiseg.data.datasets import (DatasetInfo, Sample, dataset_info, list_samples, read_split_file,
                                    resolve_root)
@@ -185,6 +185,13 @@ def build_train_sets(cfg: Union[Config, DataConfig], num_strong: int, with_unlab
         if acdc_unlabeled is not None and len(unlabeled) > len(labeled):
             labeled = repeat_to_length(labeled, len(unlabeled), data.split_seed)
         return TrainSets(ACDCLabeledSet(labeled, data.crop_size), acdc_unlabeled, info)
+    if data.dataset in CHANGE_DATASETS:  # image pairs, stacked on the channel axis (semiseg.data.change)
+        from semiseg.data.change import ChangeLabeledSet, ChangeUnlabeledSet
+
+        cd_unlabeled = ChangeUnlabeledSet(unlabeled, data, num_strong) if with_unlabeled and unlabeled else None
+        if cd_unlabeled is not None and len(unlabeled) > len(labeled):
+            labeled = repeat_to_length(labeled, len(unlabeled), data.split_seed)
+        return TrainSets(ChangeLabeledSet(labeled, data), cd_unlabeled, info)
     if data.extra_labels:
         labeled, unlabeled = add_extra_labels(labeled, unlabeled, data.extra_labels, info.num_classes)
     tags = build_tag_source(data, info)
@@ -232,6 +239,10 @@ def build_eval_set(cfg: Union[Config, DataConfig], split: str = "val") -> EvalSe
     unmasked = next((s for s in samples if s.mask is None), None)
     if unmasked is not None:
         raise DataError(f"image {unmasked.image} of split '{split}' has no mask: every evaluation image needs one")
+    if data.dataset in CHANGE_DATASETS:  # pairs, scored with the change metrics too
+        from semiseg.data.change import ChangeEvalSet
+
+        return ChangeEvalSet(samples, data)
     return EvalSet(samples, data)
 
 
@@ -255,6 +266,14 @@ def check_sample(sample: Sample, bad_values: Optional[Counter] = None) -> list[s
         from semiseg.data.acdc import read_h5
 
         _attempt(problems, read_h5, sample.image, 2 if sample.image.parent.name == "slices" else 3)
+        return problems
+    if sample.image_b is not None:  # a change-detection pair: A and B the same size, a 0/255 mask
+        from semiseg.data.change import load_images, load_triplet
+
+        if sample.mask is None:
+            _attempt(problems, load_images, sample.image, sample.image_b)
+        else:
+            _attempt(problems, load_triplet, sample.image, sample.image_b, sample.mask)
         return problems
     image = _attempt(problems, read_image, sample.image)
     if sample.mask is None:

@@ -29,6 +29,10 @@ coco          UniMatch's 81-class layout: ``train2017/ val2017/`` images, ``mask
 ade20k        ``ADEChallengeData2016``: ``images/{training,validation}/`` and
               ``annotations/{training,validation}/``; stored 0 is void, 1..150 become 0..149.
 synthetic     generated on first use (:mod:`semiseg.data.synthetic`) in the folder layout.
+levir_cd      UniMatch's change-detection layout (:mod:`semiseg.data.change`): ``A/NAME.png``,
+whu_cd        ``B/NAME.png``, ``label/NAME.png`` (0/255); splits ``splits/levir/...`` /
+              ``splits/whu/...`` under the root or the official ones bundled with semiseg.
+folder_cd     a user's pairs: ``<split>/{A,B,label}/`` or flat ``{A,B,label}/`` with lists.
 acdc          UniMatch's medical layout: ``data/slices/*.h5`` training slices and ``data/*.h5``
               volumes (``image``, ``label``), splits ``splits/acdc/...`` under the root or
               the official ones bundled with semiseg (:mod:`semiseg.data.acdc`).
@@ -54,6 +58,7 @@ from typing import ClassVar, Optional, Union
 from semiseg.config import DataConfig
 from semiseg.data import IGNORE_INDEX
 from semiseg.data import classes as C
+from semiseg.data.change import CHANGE_CLASSES, CHANGE_LABELS, CHANGE_PALETTE, image_b_for, label_for
 from semiseg.data.io import IMAGE_EXTS, LabelMap
 from semiseg.data.synthetic import CLASS_NAMES as SYNTHETIC_CLASSES
 from semiseg.data.synthetic import ensure_synthetic
@@ -90,6 +95,9 @@ class Sample:
     image: Path
     mask: Optional[Path] = None
     label_map: Optional[LabelMap] = field(default=None, repr=False, compare=False)
+    # change detection (semiseg.data.change): ``image`` is the image before (A/NAME), this the
+    # image after (B/NAME), ``mask`` the change mask (label/NAME); None for other datasets
+    image_b: Optional[Path] = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -116,6 +124,9 @@ class DatasetReader:
     class_names: ClassVar[tuple[str, ...]] = ()
     palette: ClassVar[Optional[list[tuple[int, int, int]]]] = None
     void_values: ClassVar[tuple[int, ...]] = (IGNORE_INDEX,)  # stored values meaning "not labelled"
+    # a one-field line of a split file is a bare name resolved by resolve_id even when it looks
+    # like a file name (UniMatch's change-detection lists: "train_369_10.png")
+    names_are_ids: ClassVar[bool] = False
 
     def __init__(self, data_cfg: Optional[DataConfig]):
         self.cfg = data_cfg
@@ -449,9 +460,87 @@ class ACDCReader(DatasetReader):
         return Sample(image.stem, image, mask, None)
 
 
+class ChangeReader(DatasetReader):
+    """A change-detection layout (:mod:`semiseg.data.change`): a sample is the pair
+    ``A/NAME``, ``B/NAME`` (``Sample.image``, ``Sample.image_b``) with ``label/NAME`` as its
+    mask (0/255 -> 0/1). Split lines are bare file names."""
+
+    class_names = CHANGE_CLASSES
+    palette = CHANGE_PALETTE
+    names_are_ids = True
+    bundled = Path(__file__).parent / "cd_splits"  # holds levir/5%/labeled.txt, whu/test.txt, ...
+    splits_dir: ClassVar[str] = ""
+
+    def label_map(self, mask: Path) -> LabelMap:
+        return CHANGE_LABELS
+
+    def split_file(self, root: Path, relative: str) -> Optional[Path]:
+        """``splits/<name>/<relative>`` under the root, else the bundled official file."""
+        return _first_file(root / "splits" / self.splits_dir / relative, self.bundled / self.splits_dir / relative)
+
+    def list_split(self, root: Path, split: str) -> list[Pair]:
+        listed = self.split_file(root, f"{split}.txt")
+        if listed is None:
+            raise DataError(f"{self.name} dataset {root}: no list for split '{split}' (expected splits/"
+                            f"{self.splits_dir}/{split}.txt; splits: train, val, test)")
+        return [(s.image, s.mask) for s in _read_split(listed, root, self)]
+
+    def resolve_id(self, root: Path, image_id: str) -> Optional[Pair]:
+        # a bare name (UniMatch's lists), or a path under the root ("A/NAME.png", as 'semiseg split' writes)
+        image = root / image_id if "/" in image_id and (root / image_id).is_file() else root / "A" / image_id
+        if not image.is_file():
+            image = _first_file(*(root / "A" / f"{image_id}{ext}" for ext in IMAGE_EXTS)) or image
+            if not image.is_file():
+                return None
+        return image, self.mask_for_image(root, image)
+
+    def mask_for_image(self, root: Path, image: Path) -> Optional[Path]:
+        return _first_file(label_for(image))
+
+    def describe_split(self, root: Path, split: str) -> str:
+        listed = self.split_file(root, f"{split}.txt")
+        return f"listed in {listed}" if listed else f"no list for '{split}'"
+
+    def sample(self, image: Path, mask: Optional[Path]) -> Sample:
+        return Sample(image.stem, image, mask, CHANGE_LABELS if mask is not None else None, image_b=image_b_for(image))
+
+
+class LevirCDReader(ChangeReader):
+    name = "levir_cd"
+    splits_dir = "levir"
+
+
+class WhuCDReader(ChangeReader):
+    name = "whu_cd"
+    splits_dir = "whu"
+
+
+class FolderCDReader(ChangeReader):
+    """A user's pairs: ``<root>/<split>/{A,B,label}/``, else flat ``<root>/{A,B,label}/`` (every
+    pair is ``train``; other splits need ``<split>.txt``). A pair without a label is unlabelled."""
+
+    name = "folder_cd"
+
+    def split_file(self, root: Path, relative: str) -> Optional[Path]:
+        return None
+
+    def list_split(self, root: Path, split: str) -> list[Pair]:
+        folder = root / split if (root / split / "A").is_dir() else (root if split == "train" else None)
+        if folder is None or not (folder / "A").is_dir():
+            raise DataError(f"folder_cd dataset {root}: no {split}/A/ folder nor {split}.txt list for split "
+                            f"'{split}' (expected {split}/A/, {split}/B/, {split}/label/, or A/, B/, label/ with "
+                            f"{split}.txt)")
+        return [(image, self.mask_for_image(root, image)) for image in _images_in(folder / "A")]
+
+    def describe_split(self, root: Path, split: str) -> str:
+        if (root / split / "A").is_dir():
+            return f"the pairs of {root / split}/A, B, label"
+        return f"every pair of {root}/A, B, label"
+
+
 READERS: dict[str, type[DatasetReader]] = {
     r.name: r for r in (FolderReader, SyntheticReader, CamVidReader, PascalReader, CityscapesReader, CocoReader,
-                        ADE20KReader, ACDCReader)
+                        ADE20KReader, ACDCReader, LevirCDReader, WhuCDReader, FolderCDReader)
 }
 
 
@@ -562,7 +651,7 @@ def _read_split(split_file: Path, root: Path, reader: DatasetReader) -> list[Sam
             raise DataError(f"{where}: expected 'IMAGE MASK' or one id, got {len(fields)} fields")
         if len(fields) == 2:
             image, mask = (_inside_root(root, f, where) for f in fields)
-        elif _looks_like_path(fields[0]):
+        elif _looks_like_path(fields[0]) and not reader.names_are_ids:
             image = _inside_root(root, fields[0], where)
             mask = reader.mask_for_image(root, image)
         else:

@@ -33,6 +33,13 @@ volume is resized (bilinear) to the crop size, predicted (the whole stack in one
 logits resized back (bilinear) and arg-maxed; each foreground class gets its 3D Dice on each
 volume, and the split's Dice of a class is the mean over volumes (``mDice``: the mean over the
 foreground classes). ``eval.mode``, ``eval.flip`` and ``eval.scales`` do not apply.
+
+Change detection (a dataset with ``change_detection = True``, :class:`~semiseg.data.change.
+ChangeEvalSet`): the images are pairs stacked on the channel axis (6 channels), which every mode,
+flip and scale treats as one image; the result also holds the change scores of
+:func:`~semiseg.engine.metrics.change_scores` (``changed_iou``, ``unchanged_iou``, ``f1``,
+``precision``, ``recall``, ``overall_acc``) from the same split-level confusion matrix, as
+UniMatch's remote-sensing ``evaluate`` (which reports the IoU of each class and the overall accuracy).
 """
 
 from __future__ import annotations
@@ -46,7 +53,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from semiseg.engine.metrics import ConfusionMatrix
+from semiseg.engine.metrics import ConfusionMatrix, change_scores
 from semiseg.models.common import eval_mode
 
 AutocastFactory = Optional[Callable[[], object]]
@@ -320,6 +327,8 @@ def evaluate(model: nn.Module, dataset_or_loader: Dataset | Iterable, eval_cfg, 
             bar.close()
     cm.all_reduce()
     result = cm.compute()
+    if getattr(dataset_or_loader, "change_detection", False):  # image pairs (semiseg.data.change)
+        result.update(change_scores(cm.matrix))
     result["confusion"] = cm.matrix.cpu().tolist()
     result["skipped"] = skipped
     return result

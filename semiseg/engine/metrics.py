@@ -135,3 +135,32 @@ def format_table(result: dict, class_names: Optional[Sequence[str]] = None) -> s
         if key in result:
             rows.append(f"{label:<{width}}  {_fmt(result[key]):>7}")
     return "\n".join(rows)
+
+
+def change_scores(matrix) -> dict:
+    """Binary change-detection scores from a 2 x 2 confusion matrix (rows ground truth, columns
+    prediction; class 1 = changed), in percent, as UniMatch's remote-sensing scenario and the
+    change-detection literature report them: ``changed_iou`` (the paper's score,
+    ``TP / (TP + FP + FN)``), ``unchanged_iou``, ``f1`` (``2 P R / (P + R)`` =
+    ``2 TP / (2 TP + FP + FN)``), ``precision`` ``TP / (TP + FP)``, ``recall`` ``TP / (TP + FN)``
+    and ``overall_acc`` (correct pixels / scored pixels). A score whose denominator is 0 is NaN."""
+    m = torch.as_tensor(matrix, dtype=torch.float64).cpu()
+    if tuple(m.shape) != (2, 2):
+        raise ValueError(f"change scores need a 2 x 2 confusion matrix (unchanged, changed), got {tuple(m.shape)}")
+    tn, fp, fn, tp = m[0, 0].item(), m[0, 1].item(), m[1, 0].item(), m[1, 1].item()
+
+    def pct(num: float, den: float) -> float:
+        return num / den * 100 if den > 0 else math.nan
+
+    return {"changed_iou": pct(tp, tp + fp + fn), "unchanged_iou": pct(tn, tn + fn + fp),
+            "f1": pct(2 * tp, 2 * tp + fp + fn), "precision": pct(tp, tp + fp), "recall": pct(tp, tp + fn),
+            "overall_acc": pct(tp + tn, tp + tn + fp + fn)}
+
+
+CHANGE_KEYS = (("changed IoU", "changed_iou"), ("unchanged IoU", "unchanged_iou"), ("F1", "f1"),
+               ("precision", "precision"), ("recall", "recall"), ("overall acc", "overall_acc"))
+
+
+def format_change(result: dict) -> str:
+    """The change scores of ``result`` (:func:`change_scores`), one per line."""
+    return "\n".join(f"{label:<13} {_fmt(result.get(key)):>7}" for label, key in CHANGE_KEYS)

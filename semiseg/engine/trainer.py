@@ -337,6 +337,9 @@ class Trainer:
                    "pixel_acc": res["pixel_acc"], "per_class_iou": res["per_class_iou"]}
             if "mDice" in res:  # volumes (acdc): the paper's score
                 row.update(mDice=res["mDice"], per_class_dice=res["per_class_dice"])
+            if "changed_iou" in res:  # image pairs (change detection): the paper's scores
+                row.update({k: res[k] for k in ("changed_iou", "unchanged_iou", "f1", "precision", "recall",
+                                                "overall_acc")})
             self.logger.log(row)
         return results
 
@@ -350,12 +353,17 @@ class Trainer:
             return None, best
         first = next(iter(results.values()))
         chosen = results.get(self.cfg.eval.model, first)  # "auto": the first network
-        score = chosen.get("mDice", chosen["mIoU"])  # volumes (acdc): the best checkpoint by mean Dice
+        # volumes (acdc): the best checkpoint by mean Dice; change detection: by the changed class's
+        # IoU (official UniMatch's remote-sensing choice)
+        score = chosen.get("mDice", chosen.get("changed_iou", chosen["mIoU"]))
+        if score != score:  # NaN (no changed pixel anywhere yet): never "improved"
+            score = float("-inf")
         improved = score > best
         best = max(best, score)
         if self._bar is not None:
             self._bar.write(f"iter {it}: " + ", ".join(
                 f"{n} mIoU {r['mIoU']:.2f}" + (f" mDice {r['mDice']:.2f}" if "mDice" in r else "")
+                + (f" changed IoU {r['changed_iou']:.2f} F1 {r['f1']:.2f}" if "changed_iou" in r else "")
                 for n, r in results.items()))
         self._save(it, best, skips, is_best=improved)
         return results, best

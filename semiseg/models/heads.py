@@ -340,3 +340,39 @@ def build_dpt(model_cfg, channels: Sequence[int], reductions: Sequence[int], num
         out_channels = tuple(model_cfg.dpt_channels)
     return DPTHead(channels, num_classes, features=features, out_channels=out_channels,
                    dropout=0.0 if model_cfg.dropout is None else model_cfg.dropout)
+
+
+class PSPHead(nn.Module):
+    """PSPNet's pyramid-pooling head, as UniMatch's remote-sensing ``model/semseg/pspnet.py``
+    (reference only): the deepest feature ``x`` (``C`` channels) and its average pools at 1, 2, 3
+    and 6 bins, each through a 1x1 conv-BN-ReLU to ``C / 4`` and upsampled back (bilinear,
+    ``align_corners=True``), concatenated (``2C``), a 3x3 conv-BN-ReLU to ``C / 4``, dropout
+    (official: ``nn.Dropout(0.1)``, element-wise) and a 1x1 classifier with bias. Reads only the
+    deepest feature (``in_index``), so UniMatch's feature perturbation drops its channels only,
+    as official. The returned feature is the 3x3 conv's output, before the dropout."""
+
+    bins = (1, 2, 3, 6)
+
+    def __init__(self, in_channels: int, num_classes: int, in_index: int, dropout: float = 0.1):
+        super().__init__()
+        inter = max(1, in_channels // 4)
+        self.in_index = (in_index,)
+        self.pools = nn.ModuleList(nn.Sequential(nn.AdaptiveAvgPool2d(b), conv_bn_relu(in_channels, inter, 1))
+                                   for b in self.bins)
+        self.bottleneck = conv_bn_relu(in_channels + len(self.bins) * inter, inter, 3)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.classifier = nn.Conv2d(inter, num_classes, 1)
+
+    def forward(self, features: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        x = features[self.in_index[0]]
+        pooled = [resize(pool(x), x.shape[-2:], align_corners=True) for pool in self.pools]
+        feature = self.bottleneck(torch.cat([x] + pooled, dim=1))
+        return self.classifier(self.dropout(feature)), feature
+
+
+@register_head("pspnet")
+def build_pspnet(model_cfg, channels: Sequence[int], reductions: Sequence[int], num_classes: int) -> PSPHead:
+    """PSPNet's head on the deepest feature (UniMatch's change-detection alternative to
+    DeepLabV3+); ``model.dropout`` unset: 0.1, as official."""
+    return PSPHead(channels[-1], num_classes, len(channels) - 1,
+                   dropout=0.1 if model_cfg.dropout is None else model_cfg.dropout)

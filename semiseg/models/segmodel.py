@@ -117,6 +117,10 @@ def build_model(model_cfg: ModelConfig, num_classes: int) -> SegModel:
         encoder = create_encoder(model_cfg.encoder, model_cfg.output_stride, model_cfg.pretrained,
                                  layers=model_cfg.encoder_layers, encoder_kwargs=kwargs,
                                  norm=model_cfg.encoder_norm)
+    if model_cfg.siamese:  # change detection: |f_A - f_B| of a shared encoder (semiseg.models.siamese)
+        from semiseg.models.siamese import SiameseEncoder
+
+        encoder = SiameseEncoder(encoder, model_cfg.in_channels)
     channels = list(encoder.feature_info.channels())
     reductions = list(encoder.feature_info.reduction())
     builder = HEAD_BUILDERS.get(model_cfg.head)
