@@ -88,8 +88,9 @@ CHANGE_ITERS = 200  # iterations of --scenario change (each method)
 CHANGE_ENCODER = "test_resnet"  # timm's smallest ResNet (a few thousand weights): minutes on a CPU
 
 
-def change_config(method: str, root: Path, iters: int):
-    """``configs/levir.yaml`` scaled down for the change-detection demo (see the module docstring)."""
+def change_config(method: str, root: Path, iters: int, seed: int = 0):
+    """``configs/levir.yaml`` scaled down for the change-detection demo (see the module docstring),
+    with ``train.seed`` ``seed``."""
     import yaml
 
     from semiseg.config import load_config
@@ -100,7 +101,7 @@ def change_config(method: str, root: Path, iters: int):
     raw["model"].update(encoder=CHANGE_ENCODER, pretrained=False, decoder_channels=32)
     raw["method"] = ({"name": method} if method == "supervised"
                      else {**raw["method"], "name": method, "mix_source": "in_batch"})
-    raw["train"].update(iters=iters, eval_every=iters, batch_size=8, log_every=10)
+    raw["train"].update(iters=iters, eval_every=iters, batch_size=8, log_every=10, seed=seed)
     return load_config(raw)
 
 

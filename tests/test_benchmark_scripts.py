@@ -261,3 +261,25 @@ def test_camvid_v2_records_paths_beside_the_project_relative_to_it(tmp_path):
     assert camvid_v2.as_recorded(repo.parent / "shared" / "data" / "camvid") == "../shared/data/camvid"
     assert camvid_v2.as_recorded(repo / "runs" / "bench-v2" / "supervised-1_8-s0") == "runs/bench-v2/supervised-1_8-s0"
     assert camvid_v2.as_recorded(tmp_path / "camvid") == str(tmp_path / "camvid")  # elsewhere: as given
+
+
+@pytest.mark.parametrize("scenario,keys", [
+    ("medical", {"mDice", "per_class_dice"}),
+    ("change", {"changed_iou", "f1", "precision", "recall", "overall_acc", "unchanged_iou"}),
+])
+def test_scenario_demo_appends_one_row_per_method_and_seed_with_the_scenarios_scores(tmp_path, scenario, keys):
+    pytest.importorskip("h5py")
+    from scenario_demo import main
+
+    results = tmp_path / "rows.jsonl"
+    assert main(["--scenario", scenario, "--seeds", "0,1", "--methods", "supervised", "--iters", "1",
+                 "--runs", str(tmp_path / "runs"), "--results", str(results)]) == 0
+    rows = [json.loads(line) for line in results.read_text().splitlines()]
+    assert [(r["scenario"], r["method"], r["seed"], r["iters"], r["data"]) for r in rows] == \
+        [(scenario, "supervised", 0, 1, "generated"), (scenario, "supervised", 1, 1, "generated")]
+    for r in rows:
+        assert keys <= set(r) and r["command"].startswith("python benchmarks/scenario_demo.py --scenario")
+        runs = tmp_path / "runs" / f"{scenario}-supervised-s{r['seed']}"
+        evals = [json.loads(x) for x in (runs / "metrics.jsonl").read_text().splitlines() if '"eval"' in x]
+        main_score = "mDice" if scenario == "medical" else "changed_iou"
+        assert r[main_score] == round(evals[-1][main_score], 2)
