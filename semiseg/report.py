@@ -190,6 +190,16 @@ def evaluate_best(run_dir: Path, num_images: int = 4, device: Optional[str] = No
             sample = dataset[i]
             if "image" not in sample:  # unreadable: skipped by the evaluation too
                 continue
+            if getattr(dataset, "volumetric", False):  # a volume (D, H, W): its middle slice, as scored
+                from semiseg.engine.evaluator import predict_volume
+
+                middle = sample["image"].shape[0] // 2
+                pred = predict_volume(net, sample["image"].to(device), method.num_classes, crop)[middle].cpu().numpy()
+                shown = sample["image"][middle][None].expand(3, -1, -1).clamp(0, 1)
+                image = (shown * 255).byte().permute(1, 2, 0).numpy()
+                triples.append((image, np.asarray(colorize(sample["mask"][middle].numpy(), palette, method.num_classes)),
+                                np.asarray(colorize(pred, palette, method.num_classes))))
+                continue
             x = sample["image"].unsqueeze(0).to(device)
             logits = predict_logits(net, x, cfg.eval, method.num_classes, crop)
             mask = sample["mask"].numpy()
@@ -303,8 +313,13 @@ def write_report(run_dir: str | Path, out: Optional[str | Path] = None, num_imag
         parts.append(f"<h2>Evaluation of the best checkpoint</h2><p class='meta'>{html.escape(ev['checkpoint'])} "
                      f"(iteration {ev['iter']}, method {html.escape(str(ev['method']))}, network "
                      f"{html.escape(str(ev['model']))}) on split '{html.escape(str(ev['split']))}' "
-                     f"({ev['images']} images): <b>mIoU {res['mIoU']:.2f}</b>, pixel accuracy "
+                     f"({ev['images']} {'volumes' if 'mDice' in res else 'images'}): <b>mIoU {res['mIoU']:.2f}</b>, pixel accuracy "
                      f"{res['pixel_acc']:.2f}</p>")
+        if "mDice" in res:  # volumes (medical): the paper's 3D Dice, background excluded
+            dice = [f"{html.escape(str(name))} {v:.2f}" for name, v in zip(ev["names"], res["per_class_dice"])
+                    if v is not None]
+            parts.append(f"<p class='meta'>3D Dice over {res.get('volumes', '?')} volumes: <b>mDice "
+                         f"{res['mDice']:.2f}</b> ({', '.join(dice)})</p>")
         if "changed_iou" in res:  # change detection: the paper's scores
             parts.append("<p class='meta'>change detection: " + ", ".join(
                 f"{label} {res[key]:.2f}" for label, key in CHANGE_KEYS) + "</p>")

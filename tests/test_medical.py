@@ -554,6 +554,24 @@ def test_predict_refuses_and_export_traces_one_channel(trained_runs, tmp_path, c
     assert "2x1x32x48" in logs[0]
 
 
+def test_report_of_a_medical_run_scores_volumes_and_shows_middle_slices(trained_runs):
+    """``semiseg report`` on a volume split: the 3D Dice line beside mIoU, sample rows from the
+    volumes' middle slices (a volume is not an image batch)."""
+    import json
+    import re
+
+    from semiseg.report import write_report
+
+    runs, _ = trained_runs
+    page = write_report(runs / "unimatch").read_text()
+    dice = re.search(r"3D Dice over (\d+) volumes: <b>mDice ([0-9.]+)</b> \(RV [0-9.]+, Myo [0-9.]+, LV [0-9.]+\)", page)
+    assert dice, page[:2000]
+    evals = [json.loads(x) for x in (runs / "unimatch" / "metrics.jsonl").read_text().splitlines() if '"eval"' in x]
+    best = max(r["mDice"] for r in evals if r.get("model", "student") == "student")  # the best checkpoint's
+    assert float(dice.group(2)) == pytest.approx(best, abs=0.005)
+    assert "Validation images" in page
+
+
 def test_check_data_names_a_bad_slice(tmp_path):
     from semiseg.data.build import check_dataset
 
