@@ -36,21 +36,42 @@ def packaged_config(name: str) -> Path:
 MEDICAL_ITERS = 150  # iterations of --scenario medical (each method)
 
 
-def medical_config(method: str, root: Path, iters: int, seed: int = 0):
-    """``configs/acdc.yaml`` scaled down for the medical demo (see the module docstring), with
-    ``train.seed`` ``seed``."""
+def scaled_recipe(name: str, method: str, root: Path, iters: int, seed: int, data: dict, model: dict):
+    """The packaged config ``name`` scaled down for a scenario demo: the generated data at
+    ``root`` (``data`` keys beside 64x64 crops and in-process loading), ``model`` keys, the
+    method ``method`` (its recipe's keys with in-batch CutMix partners; ``supervised`` alone),
+    ``iters`` iterations of 8 labelled images, one evaluation at the end, ``train.seed`` ``seed``."""
     import yaml
 
-    from semiseg.config import load_config
-
-    raw = yaml.safe_load(packaged_config("acdc").read_text())
-    raw["data"].update(root=str(root), labeled="splits/acdc/1/labeled.txt", unlabeled="splits/acdc/1/unlabeled.txt",
-                       crop_size=64, workers=0, val_split="valtest")
-    raw["model"]["unet_channels"] = [8, 16, 32, 64, 128]
+    raw = yaml.safe_load(packaged_config(name).read_text())
+    raw["data"].update(root=str(root), crop_size=64, workers=0, **data)
+    raw["model"].update(model)
     raw["method"] = ({"name": method} if method == "supervised"
                      else {**raw["method"], "name": method, "mix_source": "in_batch"})
     raw["train"].update(iters=iters, eval_every=iters, batch_size=8, log_every=10, seed=seed)
     return load_config(raw)
+
+
+def train_side_by_side(methods, config_of, out: Path, what: str) -> list[tuple]:
+    """Train each method of ``methods`` on ``config_of(method)`` in ``out/<method>``; rows of
+    (method, metrics, seconds, run directory)."""
+    rows = []
+    for method in methods:
+        cfg = config_of(method)
+        print(f"\n== {method}: {what} ({cfg.data.labeled}), {cfg.train.iters} iterations ==")
+        t0 = time.perf_counter()
+        result = demo_run(cfg, out / method)
+        rows.append((method, result.metrics, time.perf_counter() - t0, result.run_dir))
+    return rows
+
+
+def medical_config(method: str, root: Path, iters: int, seed: int = 0):
+    """``configs/acdc.yaml`` scaled down for the medical demo (see the module docstring), with
+    ``train.seed`` ``seed``."""
+    return scaled_recipe("acdc", method, root, iters, seed,
+                         data=dict(labeled="splits/acdc/1/labeled.txt", unlabeled="splits/acdc/1/unlabeled.txt",
+                                   val_split="valtest"),
+                         model=dict(unet_channels=[8, 16, 32, 64, 128]))
 
 
 def run_medical_demo(out: str | Path = "runs/demo-medical", iters: int | None = None,
@@ -61,14 +82,8 @@ def run_medical_demo(out: str | Path = "runs/demo-medical", iters: int | None = 
     out = Path(out)
     root = ensure_acdc_synthetic(out / "acdc-data")
     print(f"generated ACDC-layout data: {root} (data/*.h5 volumes, data/slices/*.h5, splits/acdc/)")
-    rows = []
     iters = iters or MEDICAL_ITERS
-    for method in methods:
-        cfg = medical_config(method, root, iters)
-        print(f"\n== {method}: 1 labelled case ({cfg.data.labeled}), {iters} iterations ==")
-        t0 = time.perf_counter()
-        result = demo_run(cfg, out / method)
-        rows.append((method, result.metrics, time.perf_counter() - t0, result.run_dir))
+    rows = train_side_by_side(methods, lambda method: medical_config(method, root, iters), out, "1 labelled case")
     print("\nmethod         mDice     RV    Myo     LV    time   run directory (8 volumes, 3D Dice)")
     for method, m, secs, run_dir in rows:
         rv, myo, lv = (m.get("per_class_dice") or [None, float("nan"), float("nan"), float("nan")])[1:]
@@ -91,18 +106,10 @@ CHANGE_ENCODER = "test_resnet"  # timm's smallest ResNet (a few thousand weights
 def change_config(method: str, root: Path, iters: int, seed: int = 0):
     """``configs/levir.yaml`` scaled down for the change-detection demo (see the module docstring),
     with ``train.seed`` ``seed``."""
-    import yaml
-
-    from semiseg.config import load_config
-
-    raw = yaml.safe_load(packaged_config("levir").read_text())
-    raw["data"].update(root=str(root), labeled="splits/levir/10%/labeled.txt",
-                       unlabeled="splits/levir/10%/unlabeled.txt", crop_size=64, workers=0, val_split="test")
-    raw["model"].update(encoder=CHANGE_ENCODER, pretrained=False, decoder_channels=32)
-    raw["method"] = ({"name": method} if method == "supervised"
-                     else {**raw["method"], "name": method, "mix_source": "in_batch"})
-    raw["train"].update(iters=iters, eval_every=iters, batch_size=8, log_every=10, seed=seed)
-    return load_config(raw)
+    return scaled_recipe("levir", method, root, iters, seed,
+                         data=dict(labeled="splits/levir/10%/labeled.txt", unlabeled="splits/levir/10%/unlabeled.txt",
+                                   val_split="test"),
+                         model=dict(encoder=CHANGE_ENCODER, pretrained=False, decoder_channels=32))
 
 
 def run_change_demo(out: str | Path = "runs/demo-change", iters: int | None = None,
@@ -113,14 +120,8 @@ def run_change_demo(out: str | Path = "runs/demo-change", iters: int | None = No
     out = Path(out)
     root = ensure_change_synthetic(out / "levir-data")
     print(f"generated LEVIR-CD-layout data: {root} (A/, B/, label/ 0/255, splits/levir/)")
-    rows = []
     iters = iters or CHANGE_ITERS
-    for method in methods:
-        cfg = change_config(method, root, iters)
-        print(f"\n== {method}: 8 labelled pairs ({cfg.data.labeled}), {iters} iterations ==")
-        t0 = time.perf_counter()
-        result = demo_run(cfg, out / method)
-        rows.append((method, result.metrics, time.perf_counter() - t0, result.run_dir))
+    rows = train_side_by_side(methods, lambda method: change_config(method, root, iters), out, "8 labelled pairs")
     nan = float("nan")
     print("\nmethod       changed IoU     F1   prec recall     OA unchanged IoU   time   run directory (16 test pairs)")
     for method, m, secs, run_dir in rows:

@@ -98,3 +98,15 @@ def train_run(tmp_path_factory):
         return out
 
     return train
+
+
+def loop_references():
+    """``tests/test_methods_consistency.py`` as a module (not collected again): its explicit-loop
+    references (``ref_pseudo``, ``ref_cutmix``, ``ref_unsup``, ``ref_ce``, ``nll``, ``close``; images of
+    ``H x W`` = 5 x 6, ``K`` = 3 classes) for the other methods' tests."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_loop_references", Path(__file__).parent / "test_methods_consistency.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -515,16 +515,6 @@ def test_export_traces_the_six_channel_pair(trained_runs, tmp_path):
 # UniMatch on pairs equals the loop reference of tests/test_methods_consistency.py
 
 
-def _consistency_module():
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location("_tmc", Path(__file__).parent / "test_methods_consistency.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 class _TinyPairEncoder(torch.nn.Module):
     def __init__(self):
         super().__init__()
@@ -559,7 +549,9 @@ def test_unimatch_step_on_pairs_equals_the_loop_reference(mix_source):
     from semiseg.models.segmodel import SegModel
     from semiseg.models.siamese import SiameseEncoder
 
-    tmc = _consistency_module()
+    from conftest import loop_references
+
+    tmc = loop_references()
     torch.manual_seed(0)
     model = SegModel(SiameseEncoder(_TinyPairEncoder()), _TinyHead(tmc.K), tmc.K)
     model.fp_scale = torch.tensor([2.0, 0.0, 2.0, 0.0]).view(1, 4, 1, 1)

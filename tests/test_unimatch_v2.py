@@ -19,7 +19,12 @@ from semiseg.methods.base import Batch, StepContext
 from semiseg.methods.perturbations import complementary_channel_masks, complementary_dropout
 from semiseg.methods.unimatch_v2 import UniMatchV2
 
-K, H, W = 3, 5, 6  # classes, image size
+from conftest import loop_references  # noqa: E402
+
+_refs = loop_references()  # explicit-loop references on 5 x 6 images of 3 classes, as here
+ref_pseudo, ref_cutmix, ref_unsup, ref_ce, close, box = (_refs.ref_pseudo, _refs.ref_cutmix, _refs.ref_unsup,
+                                                         _refs.ref_ce, _refs.close, _refs.box)
+K, H, W = _refs.K, _refs.H, _refs.W  # classes, image size
 B_L, B_U = 2, 4  # labelled / unlabelled batch sizes
 
 
@@ -78,12 +83,6 @@ def fixed_masks(num_pairs, widths, kept_fraction=0.5, device=None):
     return masks
 
 
-def box(top, left, h, w):
-    b = torch.zeros(H, W, dtype=torch.long)
-    b[top:top + h, left:left + w] = 1
-    return b
-
-
 def unlabeled_batch(g):
     ignore_mask = torch.zeros(B_U, H, W, dtype=torch.long)
     ignore_mask[:, -1, :] = 255
@@ -123,61 +122,6 @@ def build(**keys):
 # Independent references (explicit loops)
 
 
-def nll(z, c):
-    z = [float(v) for v in z]
-    m = max(z)
-    return m + math.log(sum(math.exp(v - m) for v in z)) - z[int(c)]
-
-
-def ref_pseudo(logits):
-    B = logits.shape[0]
-    label = torch.zeros(B, H, W, dtype=torch.long)
-    conf = torch.zeros(B, H, W, dtype=torch.float64)
-    for b in range(B):
-        for i in range(H):
-            for j in range(W):
-                z = [float(v) for v in logits[b, :, i, j]]
-                e = [math.exp(v - max(z)) for v in z]
-                best = max(range(K), key=lambda c: z[c])
-                label[b, i, j], conf[b, i, j] = best, e[best] / sum(e)
-    return label, conf
-
-
-def ref_cutmix(a, b, cutmix_box):
-    out = a.clone()
-    for n in range(a.shape[0]):
-        for i in range(H):
-            for j in range(W):
-                if cutmix_box[n, i, j] == 1:
-                    out[n, ..., i, j] = b[n, ..., i, j]
-    return out
-
-
-def ref_unsup(logits, label, conf, ignore, thresh):
-    """Official: sum CE * (conf >= thresh) * (ignore != 255) / #(ignore != 255)."""
-    total, valid = 0.0, 0
-    for b in range(logits.shape[0]):
-        for i in range(H):
-            for j in range(W):
-                if ignore[b, i, j] == 255:
-                    continue
-                valid += 1
-                if conf[b, i, j] >= thresh:
-                    total += nll(logits[b, :, i, j], label[b, i, j])
-    return total / valid
-
-
-def ref_ce(logits, mask):
-    total, valid = 0.0, 0
-    for b in range(logits.shape[0]):
-        for i in range(H):
-            for j in range(W):
-                if mask[b, i, j] != 255:
-                    total += nll(logits[b, :, i, j], mask[b, i, j])
-                    valid += 1
-    return total / valid
-
-
 def ref_strong_logits(model, images, masks):
     """Logits of each image with the masks applied channel by channel to features 0 and 2."""
     out = []
@@ -214,11 +158,6 @@ def reference_v2(method, batch, thresh, mix_source, weight_x=1.0, weight_s=1.0):
     ratio = sum(1 for b, i, j in valid if conf_w[b, i, j] >= thresh) / len(valid)
     loss_s = (losses_s[0] + losses_s[1]) / 2
     return (weight_x * loss_x + weight_s * loss_s) / 2, loss_x, losses_s, ratio
-
-
-def close(a, b, tol=1e-5):
-    a, b = (float(v.detach()) if torch.is_tensor(v) else float(v) for v in (a, b))
-    return math.isclose(a, b, rel_tol=tol, abs_tol=tol)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -223,21 +223,14 @@ class ChangeUnlabeledSet(_PairSet):
         return out
 
 
-class ChangeEvalSet(Dataset):
+class ChangeEvalSet(_PairSet):
     """Whole pairs (after ``data.resize``, if set): ``{"image": (6, H, W), "mask", "id", "path"}``;
     an unreadable pair gives ``{"skipped": message}``. ``change_detection``: the evaluator adds
     the change scores (:func:`semiseg.engine.metrics.change_scores`)."""
 
     change_detection = True
 
-    def __init__(self, samples, data_cfg):
-        self.samples = samples
-        self.cfg = data_cfg
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, index: int) -> dict:  # an unreadable pair is reported, not substituted
         sample, cfg = self.samples[index], self.cfg
         try:
             a, b, mask = load_triplet(sample.image, sample.image_b, sample.mask)
