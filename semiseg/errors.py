@@ -30,6 +30,13 @@ class CheckpointError(SemisegError):
     exit_code = 4
 
 
+class TrainingError(SemisegError):
+    """Training cannot go on: non-finite losses past ``train.nonfinite``'s allowance, or weights
+    that hold NaN/inf where a checkpoint would be written."""
+
+    exit_code = 5
+
+
 class SemisegWarning(UserWarning):
     """Something the user should know that does not stop the command (a skipped unreadable
     file, a resumed run without a checkpoint yet). The CLI prints it as one line."""

@@ -21,6 +21,9 @@ which moves the tensors out and leaves a JSON skeleton.
 supported) and ``best.safetensors`` (``model.*`` weights + meta). Unlike UniMatch, which
 ``torch.save``s only the best weights, a run can be resumed exactly and a checkpoint carries its
 own config.
+
+:class:`TrainingCheckpoints` is what the training loop calls: it turns a run's live state (the
+method, optimiser, scaler, RNGs and the loop's :class:`LoopState`) into those files and back.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import re
 import shutil
 import warnings
 from contextlib import suppress
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
@@ -42,7 +46,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from semiseg.errors import CheckpointError
+from semiseg.errors import CheckpointError, TrainingError
 
 FORMAT = "semiseg-ckpt-1"
 WEIGHTS_PREFIX = "model."
@@ -529,3 +533,84 @@ def load_init_weights(model: torch.nn.Module, path: str) -> dict:
             "same model.encoder, model.head and number of classes are required")
     model.load_state_dict({k: weights[k] for k in own})
     return {k: v for k, v in weights.items() if k not in own}
+
+
+# ---------------------------------------------------------------------------------------------
+# A training run's state
+
+
+@dataclass
+class LoopState:
+    """The training loop's counters that a checkpoint carries beside the weights: iterations
+    done, the best score so far, non-finite steps skipped, and whether the evaluation after
+    ``iteration`` was cut short (a resumed run then does it first)."""
+    iteration: int = 0
+    best: float = -1.0
+    skips: int = 0
+    pending_eval: bool = False
+
+
+class TrainingCheckpoints:
+    """What a training run saves and restores: the method's weights (``model.*``), the optimiser,
+    the gradient scaler, the RNG states, the :class:`LoopState` and the run's identity (resolved
+    config, classes, method, world size) -- through :class:`CheckpointManager`, the only writer
+    of ``best``. Only rank 0 writes; every rank restores."""
+
+    def __init__(self, run_dir: PathLike, keep_last: int, method: torch.nn.Module, optimizer, scaler,
+                 identity: dict, rank: int = 0, world_size: int = 1,
+                 reseed: Optional[Callable[[int], None]] = None):
+        self.files = CheckpointManager(run_dir, keep_last=keep_last)
+        self.method, self.optimizer, self.scaler = method, optimizer, scaler
+        self.identity = identity  # config, num_classes, class_names, method: written into every meta
+        self.rank, self.world_size = rank, world_size
+        self.reseed = reseed  # seed(iteration) for a resume that cannot restore the RNG exactly
+        self.saved_at = -1  # iteration of the newest checkpoint written or restored
+
+    def state(self, loop: LoopState, rng: Optional[dict] = None) -> tuple[dict[str, torch.Tensor], dict]:
+        """``(tensors, meta)`` of the run as it is now (``rng``: the generators as captured after
+        ``loop.iteration``; by default as they are)."""
+        tensors = {f"{WEIGHTS_PREFIX}{k}": v for k, v in self.method.state_dict().items()}
+        extra, skeleton = flatten_state({"optim": self.optimizer.state_dict(), "rng": rng or capture_rng_state(),
+                                         "scaler": self.scaler.state_dict()}, "state")
+        tensors.update(extra)
+        meta = {"iter": loop.iteration, "best_mIoU": loop.best, "nonfinite_skips": loop.skips, "state": skeleton,
+                "pending_eval": loop.pending_eval, **self.identity, "world_size": self.world_size}
+        return tensors, meta
+
+    def save(self, loop: LoopState, is_best: bool = False, rng: Optional[dict] = None) -> None:
+        """Checkpoint ``loop.iteration`` (``best`` too when ``is_best``); refuses weights that hold
+        NaN/inf, so the newest checkpoint is always one a run can continue from."""
+        self.saved_at = loop.iteration
+        if self.rank != 0:
+            return
+        for kind, named in (("parameter", self.method.named_parameters()), ("buffer", self.method.named_buffers())):
+            for name, p in named:
+                if p.is_floating_point() and not torch.isfinite(p).all():
+                    raise TrainingError(f"refusing to checkpoint: {kind} {name} holds NaN/inf at iteration "
+                                        f"{loop.iteration}")
+        tensors, meta = self.state(loop, rng)
+        self.files.save(loop.iteration, tensors, meta, is_best=is_best)
+
+    def restore(self) -> Optional[LoopState]:
+        """Load the newest valid checkpoint into the method, optimiser, scaler and RNGs; None when
+        the run has none yet."""
+        found = self.files.load_latest()
+        if found is None:
+            return None
+        path, tensors, meta = found
+        weights = {k[len(WEIGHTS_PREFIX):]: v for k, v in tensors.items() if k.startswith(WEIGHTS_PREFIX)}
+        try:
+            self.method.load_state_dict(weights)
+        except RuntimeError as e:
+            first = str(e).splitlines()[0]
+            raise CheckpointError(f"checkpoint {path} does not fit this config: {first}") from None
+        state = unflatten_state({k: v for k, v in tensors.items() if k.startswith("state.")}, meta["state"])
+        self.optimizer.load_state_dict(state["optim"])
+        self.scaler.load_state_dict(state["scaler"])
+        if meta.get("world_size", 1) == self.world_size == 1:
+            restore_rng_state(state["rng"])
+        elif self.reseed is not None:  # per-rank generators cannot come from one file: re-derive them
+            self.reseed(int(meta["iter"]))
+        self.saved_at = int(meta["iter"])
+        return LoopState(int(meta["iter"]), float(meta.get("best_mIoU", -1.0)), int(meta.get("nonfinite_skips", 0)),
+                         bool(meta.get("pending_eval", False)))

@@ -11,10 +11,15 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
+import time
 from collections import defaultdict
 from pathlib import Path
+from typing import Callable, Optional
 
 import torch
+
+from semiseg.errors import DataError, warn
 
 
 def to_float(v) -> float:
@@ -106,3 +111,99 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
         except json.JSONDecodeError:
             continue
     return rows
+
+
+class TrainLog:
+    """The training loop's console and ``train`` rows: a progress bar (rank 0, when asked), lines
+    printed clear of it, and every ``log_every`` steps (and at the last) the mean of each logged
+    scalar over the window -- averaged over ranks by ``reduce`` -- with ``lr``, the count of
+    skipped non-finite steps and the seconds per step."""
+
+    def __init__(self, log_every: int, enabled: bool = True,
+                 reduce: Callable[[dict], dict] = lambda row: row):
+        self.log_every = log_every
+        self.enabled = enabled  # rank 0 prints; the others only take part in ``reduce``
+        self.reduce = reduce
+        self.means = RunningMeans()
+        self.bar = None
+        self.logger: Optional[MetricsLogger] = None
+        self.total = 0
+        self._window = time.perf_counter()
+
+    def start(self, logger: MetricsLogger, total: int, initial: int, desc: str, bar: bool) -> None:
+        """Rows go to ``logger`` from now; the step timer starts; ``bar``: show a progress bar."""
+        self.logger, self.total = logger, total
+        if bar and self.enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, mininterval=1.0)
+        self._window = time.perf_counter()
+
+    def say(self, message: str) -> None:
+        """One line on stderr (rank 0), clear of the progress bar."""
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(message, file=sys.stderr)
+        else:
+            print(message, file=sys.stderr)
+
+    def show(self, message: str) -> None:
+        """A line above the progress bar (evaluation results); nothing without a bar."""
+        if self.bar is not None:
+            self.bar.write(message)
+
+    def add(self, logs: dict) -> None:
+        """The scalars of one finite step."""
+        self.means.add(logs)
+
+    def stepped(self, it: int, lr: float, skips: int) -> None:
+        """Iteration ``it`` (1-based count) is done: move the bar; write the row when due."""
+        if self.bar is not None:
+            self.bar.update(1)
+        if it % self.log_every and it != self.total:
+            return
+        row = self.reduce(self.means.pop())
+        now = time.perf_counter()
+        row = {"iter": it, "type": "train", "lr": lr, **row, "nonfinite_skips": skips,
+               "sec_per_iter": (now - self._window) / max(1, (it - 1) % self.log_every + 1)}
+        self._window = now
+        self.logger.log(row)
+        if self.bar is not None:
+            self.bar.set_postfix({k: f"{v:.3g}" for k, v in row.items() if k.startswith("loss") or k == "mask_ratio"})
+
+    def eval_progress(self) -> Optional[Callable[[str], Callable[[int, int], None]]]:
+        """Per-network progress of an evaluation on the bar's line (which would otherwise sit
+        still at the evaluation point); None without a bar."""
+        if self.bar is None:
+            return None
+        return lambda name: (lambda done, total: self.bar.set_postfix_str(f"eval {name} {done}/{total}"))
+
+    def close(self) -> None:
+        """Close the bar first (so that an error line does not land on it), then the logger."""
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        if self.logger is not None:
+            self.logger.close()
+
+
+class SkippedFiles:
+    """Unusable data files met during a run (the datasets skip them and put another sample in
+    their place): one warning per file, and a DataError once more than ``limit`` were met."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.seen: dict[str, None] = {}  # their messages, in order
+
+    def note(self, messages) -> None:
+        for text in messages:
+            for message in str(text).split("\n"):
+                if not message or message in self.seen:
+                    continue
+                self.seen[message] = None
+                n = len(self.seen)
+                if n > self.limit:
+                    raise DataError(f"{n} data files could not be used, more than data.max_bad_files={self.limit}; "
+                                    f"the last: {message} ('semiseg check-data' lists every bad file)")
+                warn(f"skipped ({n} of at most data.max_bad_files={self.limit}): {message}")

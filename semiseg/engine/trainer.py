@@ -12,11 +12,8 @@ Methods never see the loop.
 from __future__ import annotations
 
 import random
-import signal
 import sys
-import time
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Optional
@@ -27,15 +24,15 @@ from torch import nn
 
 from semiseg.config import Config, load_config, save_config
 from semiseg.engine import distributed as D
-from semiseg.engine.logging import MetricsLogger, RunningMeans, to_float
+from semiseg.engine.checkpoint import (CheckpointManager, LoopState, TrainingCheckpoints, capture_rng_state,
+                                       load_init_weights)
+from semiseg.engine.logging import MetricsLogger, SkippedFiles, TrainLog, to_float
 from semiseg.engine.optim import build_optimizer, poly_lr, set_lr
 from semiseg.engine.precision import autocast_factory, resolve_precision, set_threads, to_device
 from semiseg.engine.sampling import Stream
-from semiseg.errors import CheckpointError, ConfigError, DataError, SemisegError, warn
-
-
-class TrainingError(SemisegError):
-    exit_code = 5
+from semiseg.engine.signals import StopRequest
+from semiseg.engine.validation import Validation, summary
+from semiseg.errors import ConfigError, SemisegError, TrainingError, warn
 
 
 @dataclass
@@ -101,8 +98,6 @@ def config_differences(a: Config, b: Config) -> list[tuple[str, Any, Any]]:
 def run_config(run_dir: str | Path) -> tuple[Config, Path]:
     """The saved config of an existing run (``config.yaml``, else its newest checkpoint's) and
     the file it came from; one-line errors for a missing or foreign directory."""
-    from semiseg.engine.checkpoint import CheckpointManager
-
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise SemisegError(f"--resume: run directory {run_dir} does not exist: expected the --out folder of an "
@@ -156,6 +151,12 @@ def resume_config(run_dir: str | Path, requested: Optional[Config] = None, overr
 
 
 class Trainer:
+    """The loop of parts: :meth:`build` makes the method, data streams and optimiser;
+    :meth:`step` is one iteration; :meth:`fit` runs the steps and calls the pieces around them
+    -- :class:`TrainLog` (console and ``train`` rows), :class:`Validation` (the scheduled
+    evaluation and the score that picks the best checkpoint), :class:`TrainingCheckpoints`
+    (save and restore of the whole state) and :class:`StopRequest` (SIGINT/SIGTERM)."""
+
     def __init__(self, cfg: Optional[Config], run_dir: str | Path | None = None, resume: bool = False,
                  progress: bool = True, config_name: str = "run"):
         """``resume``: continue the run in ``run_dir`` with its own saved config; ``cfg`` may then
@@ -176,29 +177,16 @@ class Trainer:
         self.device = D.resolve_device(cfg.train.device, self.dist)
         self.precision = resolve_precision(cfg.train.precision, self.device)  # "auto" made concrete
         self.run_dir = Path(run_dir) if run_dir else new_run_dir(name=config_name)
-        self._stop_signal: Optional[int] = None
-        self._bad_files: dict[str, None] = {}  # unusable data files met so far (their messages), in order
-        self._saved_at = -1  # iteration of the newest checkpoint written or restored
-        self._evaluating = False
-        self.logger: Optional[MetricsLogger] = None
-        self._bar = None
-
-    def _say(self, message: str) -> None:
-        """One line on stderr (rank 0), clear of the progress bar."""
-        if not self.dist.is_main:
-            return
-        if self._bar is not None:
-            self._bar.write(message, file=sys.stderr)
-        else:
-            print(message, file=sys.stderr)
+        self.stop = StopRequest(announce=self.dist.is_main)
+        self.skipped = SkippedFiles(cfg.data.max_bad_files)
+        self.log = TrainLog(cfg.train.log_every, enabled=self.dist.is_main, reduce=D.all_reduce_means)
 
     # ------------------------------------------------------------------ set-up
     def build(self):
         """Read and check config, data and model; build the method, the data streams, the
-        optimiser and the precision set-up. Writes nothing."""
+        optimiser, the precision set-up, the validation and the checkpoints. Writes nothing."""
         from semiseg.data.build import build_eval_set, build_train_sets
         from semiseg.data.datasets import dataset_info
-        from semiseg.engine.checkpoint import CheckpointManager, load_init_weights
         from semiseg.methods import build_method
         from semiseg.models import build_model, check_input_size
 
@@ -251,122 +239,29 @@ class Trainer:
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
         self.autocast = autocast_factory(self.precision, self.device)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
-        self.ckpt = CheckpointManager(self.run_dir, keep_last=tc.keep_last)
+        self.validation = Validation(cfg, self.val_set, self.info, self.device, self.autocast, self.skipped.note)
+        identity = {"config": cfg.to_dict(), "num_classes": self.info.num_classes,
+                    "class_names": list(self.info.class_names), "method": cfg.method.name}
+        self.checkpoints = TrainingCheckpoints(
+            self.run_dir, tc.keep_last, self.method, self.optimizer, self.scaler, identity, rank=r, world_size=w,
+            reseed=lambda it: seed_everything(tc.seed + 1000 * it + self.dist.rank))
 
-    # ------------------------------------------------------------------ state
-    def _state_tensors(self, it: int, best: float, skips: int, rng: Optional[dict] = None,
-                       pending_eval: bool = False):
-        from semiseg.engine.checkpoint import capture_rng_state, flatten_state
-
-        tensors = {f"model.{k}": v for k, v in self.method.state_dict().items()}
-        extra, skeleton = flatten_state({"optim": self.optimizer.state_dict(), "rng": rng or capture_rng_state(),
-                                         "scaler": self.scaler.state_dict()}, "state")
-        tensors.update(extra)
-        meta = {
-            "iter": it, "best_mIoU": best, "nonfinite_skips": skips, "state": skeleton,
-            "pending_eval": pending_eval,  # stopped during the evaluation after ``iter``: a resume redoes it
-            "config": self.cfg.to_dict(), "num_classes": self.info.num_classes,
-            "class_names": list(self.info.class_names), "method": self.cfg.method.name,
-            "world_size": self.dist.world_size,
-        }
-        return tensors, meta
-
-    def _restore(self) -> Optional[tuple[int, float, int, bool]]:
-        """Load the newest valid checkpoint; None when the run has none yet."""
-        from semiseg.engine.checkpoint import restore_rng_state, unflatten_state
-
-        found = self.ckpt.load_latest()
-        if found is None:
-            return None
-        path, tensors, meta = found
-        weights = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
-        try:
-            self.method.load_state_dict(weights)
-        except RuntimeError as e:
-            first = str(e).splitlines()[0]
-            raise CheckpointError(f"checkpoint {path} does not fit this config: {first}") from None
-        state = unflatten_state({k: v for k, v in tensors.items() if k.startswith("state.")}, meta["state"])
-        self.optimizer.load_state_dict(state["optim"])
-        self.scaler.load_state_dict(state["scaler"])
-        if meta.get("world_size", 1) == self.dist.world_size == 1:
-            restore_rng_state(state["rng"])
-        else:  # per-rank generators cannot come from one file: re-derive them from the iteration
-            seed_everything(self.cfg.train.seed + 1000 * meta["iter"] + self.dist.rank)
-        self._saved_at = int(meta["iter"])
-        return (int(meta["iter"]), float(meta.get("best_mIoU", -1.0)), int(meta.get("nonfinite_skips", 0)),
-                bool(meta.get("pending_eval", False)))
-
-    def _save(self, it: int, best: float, skips: int, is_best: bool = False, rng: Optional[dict] = None,
-              pending_eval: bool = False) -> None:
-        self._saved_at = it
-        if not self.dist.is_main:
-            return
-        for kind, named in (("parameter", self.method.named_parameters()), ("buffer", self.method.named_buffers())):
-            for name, p in named:
-                if p.is_floating_point() and not torch.isfinite(p).all():
-                    raise TrainingError(f"refusing to checkpoint: {kind} {name} holds NaN/inf at iteration {it}")
-        tensors, meta = self._state_tensors(it, best, skips, rng, pending_eval)
-        self.ckpt.save(it, tensors, meta, is_best=is_best)
-
-    # ------------------------------------------------------------------ evaluation
-    def evaluate(self, it: int) -> Optional[dict]:
-        """Score every network of :meth:`Method.eval_models` on the validation set, then log
-        them; None (nothing logged) when a stop signal interrupted the evaluation."""
-        from semiseg.engine.evaluator import EvaluationInterrupted, evaluate
-
-        results = {}
-        crop = self.cfg.eval.crop_size or self.cfg.data.crop_size
-        self._evaluating = True  # left set when an error escapes: the checkpoint then asks for this evaluation
-        try:
-            for name, net in self.method.eval_models().items():
-                # progress on the training bar's line, which would otherwise sit still at the eval point
-                shown = (lambda done, total, name=name: self._bar.set_postfix_str(f"eval {name} {done}/{total}")
-                         ) if self._bar is not None else False
-                res = evaluate(net, self.val_set, self.cfg.eval, self.info.num_classes,
-                               ignore_index=self.info.ignore_index, device=self.device, crop_size=crop,
-                               progress=shown, autocast=self.autocast, num_workers=self.cfg.data.workers,
-                               should_stop=lambda: self._stop_signal is not None)
-                self._note_bad_files(res.get("skipped", []))
-                results[name] = res
-        except EvaluationInterrupted:
-            self._evaluating = False
-            return None
-        self._evaluating = False
-        for name, res in results.items():  # logged together: an interrupted evaluation leaves no rows
-            row = {"iter": it, "type": "eval", "model": name, "mIoU": res["mIoU"],
-                   "pixel_acc": res["pixel_acc"], "per_class_iou": res["per_class_iou"]}
-            if "mDice" in res:  # volumes (acdc): the paper's score
-                row.update(mDice=res["mDice"], per_class_dice=res["per_class_dice"])
-            if "changed_iou" in res:  # image pairs (change detection): the paper's scores
-                row.update({k: res[k] for k in ("changed_iou", "unchanged_iou", "f1", "precision", "recall",
-                                                "overall_acc")})
-            self.logger.log(row)
-        return results
-
-    def _evaluate_and_save(self, it: int, best: float, skips: int) -> tuple[Optional[dict], float]:
-        """The evaluation after iteration ``it`` and its checkpoint (``best`` too when improved).
-        Returns ``(results, best)``; results are None when a stop signal interrupted it: the
-        checkpoint is then marked so that the resumed run evaluates first."""
-        results = self.evaluate(it)
+    # ------------------------------------------------------------------ the pieces the loop calls
+    def _evaluate_and_save(self, loop: LoopState) -> Optional[dict]:
+        """The evaluation after ``loop.iteration`` and its checkpoint (``best`` too when improved:
+        ``loop.best`` is updated). None when a stop signal interrupted it: the checkpoint is then
+        marked so that the resumed run evaluates first."""
+        results = self.validation.run(self.method, loop.iteration, self.log.logger,
+                                      should_stop=lambda: self.stop.requested, progress=self.log.eval_progress())
         if results is None:
-            self._save(it, best, skips, pending_eval=True)
-            return None, best
-        first = next(iter(results.values()))
-        chosen = results.get(self.cfg.eval.model, first)  # "auto": the first network
-        # volumes (acdc): the best checkpoint by mean Dice; change detection: by the changed class's
-        # IoU (official UniMatch's remote-sensing choice)
-        score = chosen.get("mDice", chosen.get("changed_iou", chosen["mIoU"]))
-        if score != score:  # NaN (no changed pixel anywhere yet): never "improved"
-            score = float("-inf")
-        improved = score > best
-        best = max(best, score)
-        if self._bar is not None:
-            self._bar.write(f"iter {it}: " + ", ".join(
-                f"{n} mIoU {r['mIoU']:.2f}" + (f" mDice {r['mDice']:.2f}" if "mDice" in r else "")
-                + (f" changed IoU {r['changed_iou']:.2f} F1 {r['f1']:.2f}" if "changed_iou" in r else "")
-                for n, r in results.items()))
-        self._save(it, best, skips, is_best=improved)
-        return results, best
+            self.checkpoints.save(replace(loop, pending_eval=True))
+            return None
+        score = self.validation.score(results)
+        improved = score > loop.best
+        loop.best = max(loop.best, score)
+        self.log.show(summary(loop.iteration, results))
+        self.checkpoints.save(loop, is_best=improved)
+        return results
 
     def _logged_metrics(self) -> dict:
         """The last logged evaluation of the default network (for a run that is already done)."""
@@ -379,48 +274,7 @@ class Trainer:
         pick = next((r for r in last if r.get("model") == self.cfg.eval.model), last[0])
         return {k: v for k, v in pick.items() if k not in ("iter", "type")}
 
-    # ------------------------------------------------------------------ unusable files
-    def _note_bad_files(self, messages) -> None:
-        """Warn once per unusable data file (the datasets skip them); stop past data.max_bad_files."""
-        limit = self.cfg.data.max_bad_files
-        for text in messages:
-            for message in str(text).split("\n"):
-                if not message or message in self._bad_files:
-                    continue
-                self._bad_files[message] = None
-                n = len(self._bad_files)
-                if n > limit:
-                    raise DataError(f"{n} data files could not be used, more than data.max_bad_files={limit}; "
-                                    f"the last: {message} ('semiseg check-data' lists every bad file)")
-                warn(f"skipped ({n} of at most data.max_bad_files={limit}): {message}")
-
-    # ------------------------------------------------------------------ signals
-    @contextmanager
-    def _graceful_signals(self):
-        """SIGINT/SIGTERM finish the current step (or cut the evaluation short), save and exit
-        cleanly; a second SIGINT quits at once, without saving."""
-        import threading
-
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-
-        def handler(signum, _frame):
-            if signum == signal.SIGINT and self._stop_signal is not None:
-                raise KeyboardInterrupt
-            self._stop_signal = signum
-            if signum == signal.SIGINT and self.dist.is_main:
-                sys.stderr.write("\nsemiseg: stopping: finishing this step and saving a checkpoint "
-                                 "(Ctrl-C again to quit at once, without saving)\n")
-
-        old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield
-        finally:
-            for s, h in old.items():
-                signal.signal(s, h)
-
-    def _open_run_dir(self, write_config: bool) -> None:
+    def _open_run_dir(self, write_config: bool) -> MetricsLogger:
         """Create the run directory, write ``config.yaml`` and open the logs: only after the
         config, data and model were checked, so a failed start leaves nothing behind."""
         if self.dist.is_main:
@@ -428,19 +282,19 @@ class Trainer:
             if write_config or not (self.run_dir / "config.yaml").exists():
                 save_config(self.cfg, self.run_dir / "config.yaml")
         D.barrier()
-        self.logger = MetricsLogger(self.run_dir, enabled=self.dist.is_main)
+        return MetricsLogger(self.run_dir, enabled=self.dist.is_main)
 
-    def _save_after_error(self, it: int, best: float, skips: int, rng: dict, error: BaseException) -> None:
+    def _save_after_error(self, loop: LoopState, rng: dict, error: BaseException) -> None:
         """A run stopped by an error keeps its work: the state after the last completed step is
         saved (unless it already is) and the error message says how to continue."""
-        if not self.dist.is_main or it <= 0:
+        if not self.dist.is_main or loop.iteration <= 0:
             return
-        if self._saved_at != it:
+        if self.checkpoints.saved_at != loop.iteration:
             try:
-                self._save(it, best, skips, rng=rng, pending_eval=self._evaluating)
+                self.checkpoints.save(replace(loop, pending_eval=self.validation.running), rng=rng)
             except Exception:  # e.g. NaN weights: the previous checkpoint stays the newest
                 return
-        note = (f"the checkpoint of iteration {it} is saved: fix the cause, then continue with "
+        note = (f"the checkpoint of iteration {loop.iteration} is saved: fix the cause, then continue with "
                 f"semiseg train --out {self.run_dir} --resume")
         if isinstance(error, SemisegError) and error.args:
             error.args = (f"{error.args[0]}; {note}",) + error.args[1:]
@@ -451,8 +305,6 @@ class Trainer:
     def fit(self, stop_after: Optional[int] = None) -> TrainResult:
         """Train to ``train.iters``; ``stop_after=N`` behaves like a stop signal after iteration N
         (checkpoint, then return), which is how tests and schedulers cut a run in pieces."""
-        from semiseg.engine.checkpoint import capture_rng_state
-
         cfg, tc = self.cfg, self.cfg.train
         ckpt_dir = self.run_dir / "checkpoints"
         if not self.resume and ckpt_dir.is_dir() and any(ckpt_dir.glob("*.safetensors")):
@@ -460,60 +312,53 @@ class Trainer:
                                "or choose another --out")
         self.threads = set_threads(tc.threads)
         self.build()  # reads and checks config, data and model; nothing is written before this succeeds
-        start, best, skips, pending_eval = 0, -1.0, 0, False
+        loop = LoopState()
         if self.resume:
-            restored = self._restore()
+            restored = self.checkpoints.restore()
             if restored is None:  # killed before its first checkpoint
                 warn(f"--resume: {self.run_dir} has no checkpoint yet; starting it from iteration 0")
             else:
-                start, best, skips, pending_eval = restored
-                if start > tc.iters:
-                    raise ConfigError(f"--resume: {self.run_dir} is at iteration {start}, beyond "
-                                      f"train.iters={tc.iters}: expected train.iters >= {start}")
+                loop = restored
+                if loop.iteration > tc.iters:
+                    raise ConfigError(f"--resume: {self.run_dir} is at iteration {loop.iteration}, beyond "
+                                      f"train.iters={tc.iters}: expected train.iters >= {loop.iteration}")
                 changed = ", ".join(f"{k} {old} -> {new}" for k, old, new in self.resume_changes)
-                if start < tc.iters or pending_eval:
-                    self._say(f"resuming {self.run_dir} at iteration {start} of {tc.iters}"
-                              + (f" ({changed})" if changed else ""))
-        self._open_run_dir(write_config=not self.resume or bool(self.resume_changes))
+                if loop.iteration < tc.iters or loop.pending_eval:
+                    self.log.say(f"resuming {self.run_dir} at iteration {loop.iteration} of {tc.iters}"
+                                 + (f" ({changed})" if changed else ""))
+        logger = self._open_run_dir(write_config=not self.resume or bool(self.resume_changes))
+        start = loop.iteration
         if self.resume:
-            self.logger.truncate_after(start)
-        if start >= tc.iters and not pending_eval:
-            self._say(f"{self.run_dir} is complete ({start} of {tc.iters} iterations): nothing to train "
-                      "(--set train.iters=N extends it)")
-            self.logger.close()
+            logger.truncate_after(start)
+        if start >= tc.iters and not loop.pending_eval:
+            self.log.say(f"{self.run_dir} is complete ({start} of {tc.iters} iterations): nothing to train "
+                         "(--set train.iters=N extends it)")
+            logger.close()
             return TrainResult(self.run_dir, self._logged_metrics(), start)
 
         iters = {k: s.iterate_from(start) for k, s in self.streams.items()}
         eval_points = set(range(tc.eval_every, tc.iters + 1, tc.eval_every)) if tc.eval_every else set()
         eval_points.add(tc.iters)
-        means = RunningMeans()
         last_metrics: dict = {}
         consecutive_bad = 0
-        if self.progress and self.dist.is_main:
-            from tqdm import tqdm
-
-            self._bar = tqdm(total=tc.iters, initial=start, desc=f"{cfg.method.name} [{self.precision}]",
-                             dynamic_ncols=True, mininterval=1.0)
-        bar = self._bar
-        t_window = time.perf_counter()
-        it = start
-        rng_done = capture_rng_state()  # the generators as they are after iteration ``it``
+        self.log.start(logger, tc.iters, start, desc=f"{cfg.method.name} [{self.precision}]", bar=self.progress)
+        rng_done = capture_rng_state()  # the generators as they are after iteration ``loop.iteration``
         try:
-            with self._graceful_signals():
-                if pending_eval:  # the evaluation after ``start`` was cut short: do it now
-                    results, best = self._evaluate_and_save(it, best, skips)
+            with self.stop.listening():
+                if loop.pending_eval:  # the evaluation after ``start`` was cut short: do it now
+                    loop.pending_eval = False
+                    results = self._evaluate_and_save(loop)
                     if results is None:
-                        return TrainResult(self.run_dir, last_metrics, it, stopped_early=True)
+                        return TrainResult(self.run_dir, last_metrics, loop.iteration, stopped_early=True)
                     last_metrics = next(iter(results.values()))
-                    if it >= tc.iters:
-                        return TrainResult(self.run_dir, last_metrics, it)
-                while it < tc.iters:
-                    outcome = self.step(it, iters)
-                    lr = outcome.lr
+                    if loop.iteration >= tc.iters:
+                        return TrainResult(self.run_dir, last_metrics, loop.iteration)
+                while loop.iteration < tc.iters:
+                    outcome = self.step(loop.iteration, iters)
                     if not outcome.finite:
-                        skips += 1
+                        loop.skips += 1
                         consecutive_bad += 1
-                        msg = f"non-finite loss ({to_float(outcome.loss)}) at iteration {it + 1}"
+                        msg = f"non-finite loss ({to_float(outcome.loss)}) at iteration {loop.iteration + 1}"
                         if tc.nonfinite == "stop" or consecutive_bad >= tc.max_nonfinite:
                             if tc.nonfinite == "skip":
                                 msg += f" ({consecutive_bad} in a row)"
@@ -521,46 +366,33 @@ class Trainer:
                                                 "(lower train.lr, or set train.precision=fp32)")
                     else:
                         consecutive_bad = 0
-                        means.add({"loss": outcome.loss, **outcome.logs})
-                    it += 1
+                        self.log.add({"loss": outcome.loss, **outcome.logs})
+                    loop.iteration += 1
+                    it = loop.iteration
                     rng_done = capture_rng_state()
-                    if bar is not None:
-                        bar.update(1)
-                    if it % tc.log_every == 0 or it == tc.iters:
-                        row = D.all_reduce_means(means.pop())  # logged values are means over ranks
-                        now = time.perf_counter()
-                        row = {"iter": it, "type": "train", "lr": lr, **row, "nonfinite_skips": skips,
-                               "sec_per_iter": (now - t_window) / max(1, (it - 1) % tc.log_every + 1)}
-                        t_window = now
-                        self.logger.log(row)
-                        if bar is not None:
-                            bar.set_postfix({k: f"{v:.3g}" for k, v in row.items()
-                                             if k.startswith("loss") or k == "mask_ratio"})
+                    self.log.stepped(it, outcome.lr, loop.skips)
                     if it in eval_points:
-                        results, best = self._evaluate_and_save(it, best, skips)
+                        results = self._evaluate_and_save(loop)
                         if results is None:  # a stop signal cut the evaluation short
                             return TrainResult(self.run_dir, last_metrics, it, stopped_early=True)
                         last_metrics = next(iter(results.values()))
                     elif tc.checkpoint_every and it % tc.checkpoint_every == 0:
-                        self._save(it, best, skips)
+                        self.checkpoints.save(loop)
                     if stop_after is not None and it >= stop_after:
-                        self._stop_signal = self._stop_signal or -1
-                    if self._stop_signal is not None and it < tc.iters:
-                        if self._saved_at != it:
-                            self._save(it, best, skips)
+                        self.stop.request()
+                    if self.stop.requested and it < tc.iters:
+                        if self.checkpoints.saved_at != it:
+                            self.checkpoints.save(loop)
                         return TrainResult(self.run_dir, last_metrics, it, stopped_early=True)
         except KeyboardInterrupt:
             raise  # a second Ctrl-C: quit at once
         except Exception as e:
-            self._save_after_error(it, best, skips, rng_done, e)
+            self._save_after_error(loop, rng_done, e)
             raise
         finally:
-            if bar is not None:
-                bar.close()  # before any error line, so that it does not end up on the bar's line
-                self._bar = None
-            self.logger.close()
+            self.log.close()  # the bar before any error line, so that it does not end up on the bar's line
         D.barrier()
-        return TrainResult(self.run_dir, last_metrics, it)
+        return TrainResult(self.run_dir, last_metrics, loop.iteration)
 
     def step(self, it: int, batches: dict) -> StepOutcome:
         """Training iteration ``it`` (0-based), the one :meth:`fit` runs and ``semiseg bench``
@@ -612,7 +444,7 @@ class Trainer:
         cl = self.cfg.train.channels_last
         fetched = {k: to_device(next(v), self.device, cl) for k, v in iters.items()}
         for part in fetched.values():  # files a dataset could not use (another sample took their place)
-            self._note_bad_files(part.pop("skipped", []))
+            self.skipped.note(part.pop("skipped", []))
         return Batch(labeled=fetched["labeled"], unlabeled=fetched.get("unlabeled"),
                      unlabeled_mix=fetched.get("unlabeled_mix"))
 
