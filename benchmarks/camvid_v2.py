@@ -6,12 +6,15 @@ ImageNet-pretrained EfficientNet-Lite0, and append the result to ``benchmarks/re
     python benchmarks/camvid_v2.py --method supervised --split all --seed 0   # the ceiling: 367 masks
     python benchmarks/camvid_v2.py --method unimatch --split 1_16 --seed 1
     python benchmarks/camvid_v2.py --method pct --split 1_8 --seed 0          # stage one, pseudo labels, stage two
+    python benchmarks/camvid_v2.py --resume runs/bench-v2/allspark-1_16-s0    # finish a run SIGTERM stopped
 
 The budget, model and optimiser are those of ``configs/camvid.yaml`` (AllSpark:
 ``configs/camvid_allspark.yaml``, the same model with the AllSpark neck); a method only adds the
 keys in :data:`METHODS`. Each run writes one JSON line: the final mIoU of the network the method
 reports (and of its other networks), the per-class IoU, the best mIoU on the way, seconds per
 step, wall time, the machine, the thread count and CPU affinity, and the exact command.
+A run stopped by SIGTERM or Ctrl-C saves its checkpoint and makes no row; ``--resume`` finishes
+it (the trainer's resume is exact) and the row counts the wall time of every segment.
 ``benchmarks/render_v2.py`` turns the lines into the matrix at the top of BENCHMARKS.md and the
 run log.
 """
@@ -27,6 +30,7 @@ import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Optional
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -103,29 +107,55 @@ def read_metrics(run_dir: Path) -> tuple[list[float], dict[str, dict], float]:
     return steps[1:] or steps, last, best
 
 
+STATE = "benchmark.json"  # in a run directory: which row the run makes, and its wall time so far
+
+
 def train_row(method: str, split: str, seed: int, config: str, overrides: list[str], out: Path,
-              command: str, stage: str = "") -> dict:
+              command: str, variant: list[str], stage: str = "", resume: bool = False) -> Optional[dict]:
+    """Train (or, with ``resume``, continue) the run in ``out`` and return its row; None when a
+    stop signal (SIGTERM, Ctrl-C) cut it short: its checkpoint is saved, its wall time so far is
+    kept in ``out/benchmark.json``, and ``--resume out`` finishes it. The trainer's resume is
+    exact (tested bit for bit), so a row made in several segments is the row of one run."""
     import semiseg
 
+    state_file = out / STATE
+    if resume:
+        state = json.loads(state_file.read_text())
+    else:
+        state = {"method": method, "split": split, "seed": seed, "config": config, "overrides": overrides,
+                 "variant": variant, "command": command, "stage": stage, "wall_s": 0.0, "segments": 0}
+        out.mkdir(parents=True, exist_ok=True)
+        state_file.write_text(json.dumps(state, indent=1) + "\n")
     t0 = time.perf_counter()
-    result = semiseg.train(config, overrides=overrides, out=out)
-    wall = time.perf_counter() - t0
+    result = semiseg.train(None if resume else config, overrides=None if resume else overrides, out=out,
+                           resume=resume)
+    state["wall_s"] += time.perf_counter() - t0
+    state["segments"] += 1
+    state_file.write_text(json.dumps(state, indent=1) + "\n")
+    if result.stopped_early:
+        print(f"stopped at iteration {result.iteration}; finish it with: python benchmarks/camvid_v2.py "
+              f"--resume {as_recorded(out)}", file=sys.stderr)
+        return None
     steps, last, best = read_metrics(out)
     networks = {name: round(r["mIoU"], 2) for name, r in last.items()}
     reported = next(iter(last))  # the network eval.model "auto" scores: the method's default
-    return {
+    row = {
         "protocol": "camvid-cpu-v2", "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "method": method + (f":{stage}" if stage else ""), "split": split, "seed": seed,
         "mIoU": round(result.metrics.get("mIoU", last[reported]["mIoU"]), 2), "network": reported,
         "networks": networks, "best_mIoU": round(best, 2),
         "per_class_iou": [round(x, 2) for x in last[reported]["per_class_iou"]],
-        "sec_per_step": round(sum(steps) / max(1, len(steps)), 3), "wall_min": round(wall / 60, 1),
+        "sec_per_step": round(sum(steps) / max(1, len(steps)), 3), "wall_min": round(state["wall_s"] / 60, 1),
         "iters": result.iteration, "config": config,
         "overrides": [o.split("=", 1)[0] + "=" + as_recorded(o.split("=", 1)[1]) if o.startswith(PATH_KEYS) else o
                       for o in overrides],
         "run_dir": as_recorded(out),
         "machine": machine(), "command": command,
+        "variant": variant,  # another config or extra overrides: listed in the log, kept out of the matrix
     }
+    if state["segments"] > 1:  # stopped and resumed: wall_min sums the segments
+        row["segments"] = state["segments"]
+    return row
 
 
 def append(row: dict, path: Path) -> None:
@@ -137,7 +167,7 @@ def append(row: dict, path: Path) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--method", required=True, choices=sorted(METHODS))
+    p.add_argument("--method", choices=sorted(METHODS))
     p.add_argument("--split", default="1_8", choices=SPLITS)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--config", help="another config than the method's (a variant: kept out of the matrix)")
@@ -146,7 +176,13 @@ def main(argv=None) -> int:
     p.add_argument("--set", dest="overrides", action="append", default=[],
                    help="extra config override, recorded with the row (a variant, not the protocol)")
     p.add_argument("--results", default=str(RESULTS))
+    p.add_argument("--resume", metavar="RUN_DIR",
+                   help="finish a run a stop signal cut short (its method, split, seed and keys are its own)")
     args = p.parse_args(argv)
+    if args.resume:
+        return resume(Path(args.resume), Path(args.results))
+    if args.method is None:
+        p.error("--method is required (or --resume RUN_DIR)")
 
     root = Path(args.data_root)
     if not (root / "splits").is_dir():
@@ -164,8 +200,9 @@ def main(argv=None) -> int:
     if out.exists():  # never train into an earlier run
         out = out.with_name(f"{out.name}-{datetime.now():%Y%m%d-%H%M%S}")
 
-    row = train_row(args.method, args.split, args.seed, config, overrides, out, command)
-    row["variant"] = variant  # another config or extra overrides: listed in the log, kept out of the matrix
+    row = train_row(args.method, args.split, args.seed, config, overrides, out, command, variant)
+    if row is None:
+        return 0
     append(row, Path(args.results))
     if args.method == "pct":  # stage two: supervised on the masks plus HybridNet's tag-restricted pseudo labels
         labels = out / "pseudo_labels"
@@ -175,11 +212,27 @@ def main(argv=None) -> int:
         stage2 = [*split_overrides(args.split, root), f"train.seed={args.seed}", f"data.extra_labels={labels}",
                   *args.overrides]
         row2 = train_row("pct", args.split, args.seed, config, stage2, out.with_name(out.name + "-stage2"), command,
-                         stage="stage2")
+                         variant, stage="stage2")
+        if row2 is None:
+            raise SystemExit("PCT's stage two was stopped: rerun the whole benchmark (--resume covers one-stage runs)")
         # stage two needs stage one and its pseudo labels first: its wall time counts all three
         row2["wall_min"] = round((time.perf_counter() - t0) / 60 + row["wall_min"], 1)
-        row2["variant"] = variant
         append(row2, Path(args.results))
+    return 0
+
+
+def resume(out: Path, results: Path) -> int:
+    """``--resume RUN_DIR``: continue the run from its last checkpoint and, once it is complete,
+    append its row as the uninterrupted run would have."""
+    if not (out / STATE).is_file():
+        raise SystemExit(f"--resume {out}: no {STATE} there: expected a run directory this script started")
+    state = json.loads((out / STATE).read_text())
+    if state["method"] == "pct":
+        raise SystemExit(f"--resume {out}: PCT's two stages cannot be resumed; rerun the benchmark")
+    row = train_row(state["method"], state["split"], state["seed"], state["config"], state["overrides"], out,
+                    state["command"], state["variant"], resume=True)
+    if row is not None:
+        append(row, results)
     return 0
 
 

@@ -213,6 +213,35 @@ def test_camvid_v2_appends_one_json_line_per_run(tmp_path):
         camvid_v2.main(["--method", "supervised", "--data-root", str(tmp_path)])
 
 
+def test_camvid_v2_a_stopped_run_resumes_to_the_row_of_an_uninterrupted_run(tmp_path, monkeypatch):
+    import camvid_v2
+
+    from semiseg.engine.trainer import Trainer
+
+    root, config = _camvid_like(tmp_path)
+    results = tmp_path / "v2.jsonl"
+    args = ["--method", "supervised", "--split", "1_8", "--config", str(config), "--data-root", str(root),
+            "--results", str(results), "--set", "train.iters=4", "--set", "train.eval_every=2",
+            "--set", "train.precision=fp32"]
+    assert camvid_v2.main(args + ["--runs", str(tmp_path / "whole")]) == 0
+    whole = json.loads(results.read_text())
+
+    fit = Trainer.fit
+    monkeypatch.setattr(Trainer, "fit", lambda self: fit(self, stop_after=None if self.resume else 2))
+    assert camvid_v2.main(args + ["--runs", str(tmp_path / "cut")]) == 0
+    assert len(results.read_text().splitlines()) == 1  # stopped after 2 of 4 iterations: no row yet
+    run = tmp_path / "cut" / "supervised-1_8-s0-variant"
+    assert json.loads((run / "benchmark.json").read_text())["segments"] == 1
+    assert camvid_v2.main(["--resume", str(run), "--results", str(results)]) == 0
+    resumed = json.loads(results.read_text().splitlines()[1])
+    assert resumed["segments"] == 2 and resumed["iters"] == 4
+    for key in ("method", "split", "seed", "mIoU", "per_class_iou", "networks", "best_mIoU", "variant", "overrides"):
+        assert resumed[key] == whole[key], key
+    assert resumed["command"] == whole["command"].replace("/whole", "/cut")  # the command that started it
+    with pytest.raises(SystemExit, match=r"--resume .*: no benchmark.json there"):
+        camvid_v2.main(["--resume", str(tmp_path), "--results", str(results)])
+
+
 def _row(method, split, seed, miou, variant=(), sps=1.0):
     return {"method": method, "split": split, "seed": seed, "mIoU": miou, "variant": list(variant),
             "sec_per_step": sps, "wall_min": 10.0, "best_mIoU": miou, "network": "student",
