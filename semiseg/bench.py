@@ -6,7 +6,10 @@ ranks, ``train.grad_clip``, optimiser step, BatchNorm averaging, ``after_step``)
 
 * ``sec_per_step`` and ``images_per_sec`` (labelled + unlabelled + CutMix-partner images);
 * ``peak_memory_mb``: resident set size on the CPU, ``max_memory_allocated`` on CUDA;
-* ``flops_per_step``: counted once with ``torch.utils.flop_counter`` over a whole step;
+* ``flops_per_step``: counted once with ``torch.utils.flop_counter`` over a whole step, with the
+  backward of a grouped convolution counted as its own groups' work (:func:`conv_backward_flops`;
+  PyTorch's formula counts a depthwise convolution's backward as a dense one's, which made
+  EfficientNet's step ten times larger than it is);
 * ``achieved_tflops`` and ``mfu``: achieved FLOP/s over the device's measured dense matmul peak
   at the run's precision (a large square matmul timed here, not a datasheet figure);
 * ``loader_images_per_sec``: the data pipeline alone, with ``data.workers`` processes, so one
@@ -39,6 +42,28 @@ def matmul_peak_flops(device: torch.device, precision: str, size: int = 2048, re
     return 2 * size**3 / best
 
 
+def conv_backward_flops(grad_out_shape, x_shape, w_shape, _bias, _stride, _padding, _dilation, transposed,
+                        _output_padding, _groups, output_mask, out_shape=None) -> int:
+    """FLOPs of ``aten.convolution_backward``: the forward convolution's count (the weight's shape
+    already holds ``C_in / groups``) once for the input gradient and once for the weight
+    gradient, as ``output_mask`` asks for them."""
+    from torch.utils.flop_counter import conv_flop_count
+
+    forward = conv_flop_count(list(x_shape), list(w_shape), list(grad_out_shape), transposed)
+    return forward * (int(bool(output_mask[0])) + int(bool(output_mask[1])))
+
+
+def count_flops(fn) -> int:
+    """FLOPs of ``fn()`` as :class:`~torch.utils.flop_counter.FlopCounterMode` counts them, with
+    :func:`conv_backward_flops` for convolution backward passes."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False,
+                         custom_mapping={torch.ops.aten.convolution_backward: conv_backward_flops}) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
 def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -51,8 +76,6 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 def run_bench(cfg: Config, steps: int = 10, warmup: int = 3, loader_batches: int = 10) -> dict:
-    from torch.utils.flop_counter import FlopCounterMode
-
     from semiseg.engine.precision import set_threads
     from semiseg.engine.trainer import Trainer
 
@@ -70,9 +93,7 @@ def run_bench(cfg: Config, steps: int = 10, warmup: int = 3, loader_batches: int
 
     for i in range(warmup):
         step(i)
-    with FlopCounterMode(display=False) as counter:
-        step(warmup)
-    flops = counter.get_total_flops()
+    flops = count_flops(lambda: step(warmup))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     _sync(device)

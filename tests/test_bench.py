@@ -58,3 +58,19 @@ def test_bench_times_the_step_train_runs(tmp_path, monkeypatch):
     calls.clear(), clips.clear()
     T.Trainer(load_config("synthetic", TINY + clip), tmp_path / "run", progress=False).fit()
     assert calls == [0, 1] and len(clips) == 2
+
+
+def test_flop_count_of_a_grouped_convolution_backward_is_its_own_groups_work():
+    """Backward of a convolution = the forward's multiply-adds for the input gradient plus as many
+    for the weight gradient, whatever the groups; PyTorch's own formula counts a depthwise
+    backward as a dense one's (64x too many here)."""
+    import torch
+
+    from semiseg.bench import count_flops
+
+    for groups in (1, 4, 64):
+        conv = torch.nn.Conv2d(64, 64, 3, padding=1, groups=groups, bias=False)
+        forward = 2 * 8 * 32 * 32 * 64 * (64 // groups) * 9  # 2 FLOPs per multiply-add
+        for needs_input_grad, passes in ((True, 3), (False, 2)):
+            x = torch.randn(8, 64, 32, 32, requires_grad=needs_input_grad)
+            assert count_flops(lambda: conv(x).sum().backward()) == passes * forward, (groups, needs_input_grad)
