@@ -1,21 +1,14 @@
 """CLI verbs that the end-to-end tests do not cover: split and check-data."""
 
-import subprocess
-import sys
-
 import numpy as np
 from PIL import Image
-
-
-def cli(*args):
-    return subprocess.run([sys.executable, "-m", "semiseg", *map(str, args)], capture_output=True, text=True)
 
 
 def folder_sets(root):
     return ["--set", "data.dataset=folder", "--set", f"data.root={root}", "--set", "data.num_classes=3"]
 
 
-def test_split_writes_seeded_partition_usable_as_data_labeled(make_folder_dataset, tmp_path):
+def test_split_writes_seeded_partition_usable_as_data_labeled(make_folder_dataset, tmp_path, cli):
     root = make_folder_dataset(n=12, lists=True)
     out = tmp_path / "split"
     r = cli("split", "synthetic", *folder_sets(root), "--labeled", "4", "--seed", "3", "--balanced", "--out", out)
@@ -43,7 +36,7 @@ def test_split_writes_seeded_partition_usable_as_data_labeled(make_folder_datase
     assert len(lab) == 4 and len(unlab) == 6
 
 
-def test_check_data_reports_every_bad_file(make_folder_dataset):
+def test_check_data_reports_every_bad_file(make_folder_dataset, cli):
     root = make_folder_dataset(n=12, lists=True)
     (root / "images" / "img001.png").write_bytes(b"")  # zero-byte image
     Image.fromarray(np.full((16, 24), 9, np.uint8)).save(root / "masks" / "img002.png")  # class 9 of 3
@@ -61,6 +54,6 @@ def test_check_data_reports_every_bad_file(make_folder_dataset):
     assert "3 problem(s) found" in r.stderr
 
 
-def test_check_data_clean_dataset(make_folder_dataset):
+def test_check_data_clean_dataset(make_folder_dataset, cli):
     r = cli("check-data", "synthetic", *folder_sets(make_folder_dataset(n=6, lists=True)), "--set", "data.labeled=2")
     assert r.returncode == 0 and "no problems" in r.stdout
