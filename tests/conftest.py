@@ -166,12 +166,14 @@ def cli_subprocess(*args, timeout: float = 300, env: dict | None = None) -> CliR
 def cli(capsys):
     """``cli(*args)`` -> :class:`CliResult` of ``semiseg ARGS``, run in this process through
     ``semiseg.cli.main`` (an argparse ``SystemExit`` becomes the return code), with torch's thread
-    count restored after; ``cli(*args, subprocess=True)`` runs ``python -m semiseg`` instead."""
+    count and deterministic-algorithms setting restored after; ``cli(*args, subprocess=True)`` runs
+    ``python -m semiseg`` instead."""
     import torch
 
     from semiseg.cli import main
 
     threads = torch.get_num_threads()
+    deterministic = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
 
     def call(*args, subprocess: bool = False, timeout: float = 300) -> CliResult:
         if subprocess:
@@ -186,3 +188,4 @@ def cli(capsys):
 
     yield call
     torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])  # train.deterministic=true sets it
