@@ -1,6 +1,14 @@
-"""CLI verbs that the end-to-end tests do not cover: split and check-data."""
+"""CLI verbs that the end-to-end tests do not cover: split and check-data; and the ``semiseg``
+command that ``pip install`` writes."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 
@@ -57,3 +65,20 @@ def test_check_data_reports_every_bad_file(make_folder_dataset, cli):
 def test_check_data_clean_dataset(make_folder_dataset, cli):
     r = cli("check-data", "synthetic", *folder_sets(make_folder_dataset(n=6, lists=True)), "--set", "data.labeled=2")
     assert r.returncode == 0 and "no problems" in r.stdout
+
+
+def test_the_installed_command_runs_the_cli_and_exits_with_its_status(tmp_path):
+    """The console script of ``[project.scripts]`` (the other tests call ``semiseg.cli.main`` or
+    ``python -m semiseg``): 0 for ``--version``, 2 and one line for a config error."""
+    exe = shutil.which("semiseg", path=str(Path(sys.executable).parent))
+    if exe is None:
+        pytest.skip("no semiseg command beside this Python (pip install -e . writes it)")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([exe, "--version"], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip().startswith("semiseg "), r.stderr
+    r = subprocess.run([exe, "train", "synthetic", "--set", "train.iter=3", "--out", str(tmp_path / "r")],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "did you mean train.iters?" in lines[0], r.stderr
+    assert not (tmp_path / "r").exists()
