@@ -110,3 +110,82 @@ def loop_references():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+# ------------------------------------------------------------------------------ the tiny config
+TINY = [
+    "data.dataset=synthetic", "data.synthetic.num_train=16", "data.synthetic.num_val=2",
+    "data.synthetic.image_size=40", "data.crop_size=32", "data.labeled=6", "data.workers=0",
+    "model.encoder=test_resnet", "model.decoder_channels=8", "train.batch_size=2", "train.iters=2",
+    "train.eval_every=2", "train.log_every=1",
+]
+"""The overrides of the tiny training run the tests share: 16 generated 40x40 images (6 of them
+labelled, 2 for validation), 32x32 crops, timm's ``test_resnet`` encoder with an 8-channel head
+(a few ms per step on one core), two iterations of batch 2, evaluated at the end. Tests whose
+subject is not the encoder use it; those about a real encoder name theirs."""
+
+
+def tiny(*extra: str) -> list[str]:
+    """:data:`TINY` followed by ``extra`` (a later override of the same key wins)."""
+    return [*TINY, *extra]
+
+
+def as_sets(overrides) -> list[str]:
+    """Overrides as command-line arguments: ``--set KEY=VALUE`` for each."""
+    return [a for o in overrides for a in ("--set", str(o))]
+
+
+# -------------------------------------------------------------------------------- CLI calls
+class CliResult:
+    """What a ``semiseg`` command did: ``returncode``, ``stdout``, ``stderr`` (the attributes of a
+    :class:`subprocess.CompletedProcess`), for both the in-process and the subprocess call."""
+
+    def __init__(self, returncode: int, stdout: str, stderr: str):
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+    def __iter__(self):  # rc, out, err = cli(...)
+        return iter((self.returncode, self.stdout, self.stderr))
+
+    def __repr__(self) -> str:
+        return f"CliResult(returncode={self.returncode!r}, stderr={self.stderr[-2000:]!r})"
+
+
+def cli_subprocess(*args, timeout: float = 300, env: dict | None = None) -> CliResult:
+    """``python -m semiseg ARGS`` in a fresh interpreter with one thread: for the tests of the
+    entry point itself, exit codes seen by a shell, and what a new process imports."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
+    r = subprocess.run([sys.executable, "-m", "semiseg", *map(str, args)], capture_output=True, text=True,
+                       env=env, timeout=timeout)
+    return CliResult(r.returncode, r.stdout, r.stderr)
+
+
+@pytest.fixture
+def cli(capsys):
+    """``cli(*args)`` -> :class:`CliResult` of ``semiseg ARGS``, run in this process through
+    ``semiseg.cli.main`` (an argparse ``SystemExit`` becomes the return code), with torch's thread
+    count and deterministic-algorithms setting restored after; ``cli(*args, subprocess=True)`` runs
+    ``python -m semiseg`` instead."""
+    import torch
+
+    from semiseg.cli import main
+
+    threads = torch.get_num_threads()
+    deterministic = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+
+    def call(*args, subprocess: bool = False, timeout: float = 300) -> CliResult:
+        if subprocess:
+            return cli_subprocess(*args, timeout=timeout)
+        capsys.readouterr()
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as e:  # argparse: usage errors and --help
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        out, err = capsys.readouterr()
+        return CliResult(code, out, err)
+
+    yield call
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])  # train.deterministic=true sets it

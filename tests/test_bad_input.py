@@ -14,8 +14,6 @@ import io
 import os
 import pickle
 import struct
-import subprocess
-import sys
 import zlib
 from pathlib import Path
 
@@ -27,6 +25,8 @@ from PIL import Image
 from semiseg.data.datasets import read_split_file
 from semiseg.data.io import LabelMap, load_pair, read_image, read_mask
 from semiseg.errors import DataError
+
+from conftest import as_sets, tiny
 
 H, W = 6, 8
 MAP3 = LabelMap.identity(3)
@@ -169,19 +169,8 @@ def test_split_file_duplicates_and_escaping_paths(tmp_path, lines, fragments):
 
 
 # ------------------------------------------------------------------------------------------ CLI
-TINY = [
-    "data.dataset=synthetic", "data.synthetic.num_train=12", "data.synthetic.num_val=2",
-    "data.synthetic.image_size=40", "data.crop_size=32", "data.labeled=4", "data.workers=0",
-    "model.encoder=test_resnet", "model.decoder_channels=8", "train.batch_size=2", "train.iters=1",
-    "train.eval_every=1", "train.log_every=1",
-]
-SETS = sum((["--set", s] for s in TINY), [])
-
-
-def _cli(*args):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "semiseg", *map(str, args)], capture_output=True, text=True,
-                          env=env, timeout=300)
+TINY = tiny("train.iters=1", "train.eval_every=1")
+SETS = as_sets(TINY)
 
 
 def _one_line(r, code, *fragments):
@@ -213,35 +202,36 @@ def test_config_wrong_types(override, fragments):
     assert "\n" not in str(e.value) and all(f in str(e.value) for f in fragments)
 
 
-def test_config_wrong_type_cli(tmp_path):
-    _one_line(_cli("train", "synthetic", *SETS, "--set", "train.iters=abc", "--out", tmp_path / "r"), 2,
+def test_config_wrong_type_cli(tmp_path, cli):
+    _one_line(cli("train", "synthetic", *SETS, "--set", "train.iters=abc", "--out", tmp_path / "r"), 2,
               "train.iters")
     assert not (tmp_path / "r").exists()
 
 
-def test_config_file_wrong_type_cli(tmp_path):
+def test_config_file_wrong_type_cli(tmp_path, cli):
     cfg = tmp_path / "bad.yaml"
     cfg.write_text("train:\n  batch_size: many\n")
-    _one_line(_cli("train", cfg, "--out", tmp_path / "r"), 2, str(cfg), "train.batch_size")
+    # in a real process: the exit status a shell sees (a config error loads no torch: quick)
+    _one_line(cli("train", cfg, "--out", tmp_path / "r", subprocess=True), 2, str(cfg), "train.batch_size")
 
 
-def test_mismatching_checkpoint_eval_init_from_and_resume(run, tmp_path):
+def test_mismatching_checkpoint_eval_init_from_and_resume(run, tmp_path, cli):
     ckpt = run / "checkpoints" / "best.safetensors"
     # eval of a checkpoint with an override that changes the network
-    _one_line(_cli("eval", ckpt, "--set", "model.encoder=test_convnext"), 4, str(ckpt))
+    _one_line(cli("eval", ckpt, "--set", "model.encoder=test_convnext"), 4, str(ckpt))
     # fine-tuning from a checkpoint of another encoder / another number of classes
-    _one_line(_cli("train", "synthetic", *SETS, "--set", f"train.init_from={ckpt}",
+    _one_line(cli("train", "synthetic", *SETS, "--set", f"train.init_from={ckpt}",
                    "--set", "model.decoder_channels=16", "--out", tmp_path / "ft"), 4, "init_from", str(ckpt))
     # --resume with another network: refused before the checkpoint is read (a resumed run keeps its config)
     import shutil
 
     shutil.copytree(run, tmp_path / "res")
-    _one_line(_cli("train", "synthetic", *SETS, "--set", "train.iters=3", "--set", "model.encoder=test_efficientnet",
+    _one_line(cli("train", "synthetic", *SETS, "--set", "train.iters=3", "--set", "model.encoder=test_efficientnet",
                    "--out", tmp_path / "res", "--resume"), 2, "model.encoder", "test_efficientnet")
     # a run whose config.yaml was edited so that its checkpoint no longer fits
     record = tmp_path / "res" / "config.yaml"
     record.write_text(record.read_text().replace("encoder: test_resnet", "encoder: test_efficientnet"))
-    _one_line(_cli("train", "--out", tmp_path / "res", "--resume", "--set", "train.iters=3"), 4,
+    _one_line(cli("train", "--out", tmp_path / "res", "--resume", "--set", "train.iters=3"), 4,
               "does not fit this config")
 
 
@@ -254,7 +244,7 @@ class _Evil:
 
 
 @pytest.mark.parametrize("use", ["eval", "init_from", "export"])
-def test_pickle_checkpoint_is_refused_without_running_it(tmp_path, use):
+def test_pickle_checkpoint_is_refused_without_running_it(tmp_path, use, cli):
     marker = tmp_path / "pwned"
     evil = tmp_path / "model.pth"
     evil.write_bytes(pickle.dumps({"state_dict": _Evil(marker)}, protocol=2))
@@ -262,10 +252,10 @@ def test_pickle_checkpoint_is_refused_without_running_it(tmp_path, use):
     torch.save({"x": torch.zeros(1)}, torch_style)  # a zip archive: refused too
     for path in (evil, torch_style) if use == "eval" else (evil,):
         if use == "eval":
-            r = _cli("eval", path)
+            r = cli("eval", path)
         elif use == "init_from":
-            r = _cli("train", "synthetic", *SETS, "--set", f"train.init_from={path}", "--out", tmp_path / "r")
+            r = cli("train", "synthetic", *SETS, "--set", f"train.init_from={path}", "--out", tmp_path / "r")
         else:
-            r = _cli("export", path, "--out", tmp_path / "m.onnx")
+            r = cli("export", path, "--out", tmp_path / "m.onnx")
         _one_line(r, 4, str(path), "pickle")
     assert not marker.exists()

@@ -1,14 +1,15 @@
 """``semiseg bench``: the report has every field and the FLOP count matches a direct count."""
 
 import json
-import subprocess
-import sys
 
 from semiseg.bench import run_bench
 from semiseg.config import load_config
 
+from conftest import as_sets
+
 TINY = ["data.synthetic.num_train=24", "data.synthetic.num_val=2", "data.synthetic.image_size=48",
-        "data.crop_size=32", "data.labeled=8", "model.decoder_channels=16", "train.batch_size=2"]
+        "data.crop_size=32", "data.labeled=8", "model.encoder=test_resnet", "model.decoder_channels=16",
+        "train.batch_size=2"]
 
 
 def test_bench_fields_and_image_count():
@@ -28,10 +29,8 @@ def test_bench_fields_and_image_count():
     assert sup["flops_per_step"] < r["flops_per_step"]
 
 
-def test_bench_cli_json():
-    r = subprocess.run([sys.executable, "-m", "semiseg", "bench", "synthetic", "--steps", "1", "--warmup", "1",
-                        "--json", *sum((["--set", o] for o in TINY), [])],
-                       capture_output=True, text=True)
+def test_bench_cli_json(cli):
+    r = cli("bench", "synthetic", "--steps", "1", "--warmup", "1", "--json", *as_sets(TINY))
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout.strip().splitlines()[-1])["method"] == "supervised"
 

@@ -1,21 +1,22 @@
-"""CLI verbs that the end-to-end tests do not cover: split and check-data."""
+"""CLI verbs that the end-to-end tests do not cover: split and check-data; and the ``semiseg``
+command that ``pip install`` writes."""
 
+import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
-
-
-def cli(*args):
-    return subprocess.run([sys.executable, "-m", "semiseg", *map(str, args)], capture_output=True, text=True)
 
 
 def folder_sets(root):
     return ["--set", "data.dataset=folder", "--set", f"data.root={root}", "--set", "data.num_classes=3"]
 
 
-def test_split_writes_seeded_partition_usable_as_data_labeled(make_folder_dataset, tmp_path):
+def test_split_writes_seeded_partition_usable_as_data_labeled(make_folder_dataset, tmp_path, cli):
     root = make_folder_dataset(n=12, lists=True)
     out = tmp_path / "split"
     r = cli("split", "synthetic", *folder_sets(root), "--labeled", "4", "--seed", "3", "--balanced", "--out", out)
@@ -43,7 +44,7 @@ def test_split_writes_seeded_partition_usable_as_data_labeled(make_folder_datase
     assert len(lab) == 4 and len(unlab) == 6
 
 
-def test_check_data_reports_every_bad_file(make_folder_dataset):
+def test_check_data_reports_every_bad_file(make_folder_dataset, cli):
     root = make_folder_dataset(n=12, lists=True)
     (root / "images" / "img001.png").write_bytes(b"")  # zero-byte image
     Image.fromarray(np.full((16, 24), 9, np.uint8)).save(root / "masks" / "img002.png")  # class 9 of 3
@@ -61,6 +62,23 @@ def test_check_data_reports_every_bad_file(make_folder_dataset):
     assert "3 problem(s) found" in r.stderr
 
 
-def test_check_data_clean_dataset(make_folder_dataset):
+def test_check_data_clean_dataset(make_folder_dataset, cli):
     r = cli("check-data", "synthetic", *folder_sets(make_folder_dataset(n=6, lists=True)), "--set", "data.labeled=2")
     assert r.returncode == 0 and "no problems" in r.stdout
+
+
+def test_the_installed_command_runs_the_cli_and_exits_with_its_status(tmp_path):
+    """The console script of ``[project.scripts]`` (the other tests call ``semiseg.cli.main`` or
+    ``python -m semiseg``): 0 for ``--version``, 2 and one line for a config error."""
+    exe = shutil.which("semiseg", path=str(Path(sys.executable).parent))
+    if exe is None:
+        pytest.skip("no semiseg command beside this Python (pip install -e . writes it)")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([exe, "--version"], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip().startswith("semiseg "), r.stderr
+    r = subprocess.run([exe, "train", "synthetic", "--set", "train.iter=3", "--out", str(tmp_path / "r")],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "did you mean train.iters?" in lines[0], r.stderr
+    assert not (tmp_path / "r").exists()

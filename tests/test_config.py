@@ -1,7 +1,5 @@
 """Config loading: validation errors name the key and the file; overrides are validated too."""
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -73,9 +71,9 @@ def test_packaged_config_by_name():
     assert load_config("camvid").data.dataset == "camvid"
 
 
-def test_cli_config_error_exit_code_2(tmp_path):
+def test_cli_config_error_exit_code_2(tmp_path, cli):
     p = write(tmp_path, "train:\n  lrr: 0.1\n")
-    r = subprocess.run([sys.executable, "-m", "semiseg", "train", str(p)], capture_output=True, text=True)
+    r = cli("train", p)
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "train.lrr" in lines[0] and str(p) in lines[0]

@@ -30,6 +30,8 @@ import torch
 
 from semiseg.engine.checkpoint import load_checkpoint
 
+from conftest import as_sets
+
 ITERS = 24
 BASE = [
     "data.dataset=synthetic", "data.synthetic.num_train=24", "data.synthetic.num_val=4",
@@ -197,9 +199,10 @@ def _all_finite(run: Path) -> None:
                 assert torch.isfinite(v).all(), f"{f.name}: {k} holds NaN/inf"
 
 
-def test_absurd_lr_stops_with_one_line_and_finite_checkpoints(tmp_path):
-    run = tmp_path / "boom"
-    r = _run(run, extra=["train.lr=1e30", "train.max_nonfinite=2", "train.iters=12"])
+def test_absurd_lr_stops_with_one_line_and_finite_checkpoints(tmp_path, cli, one_thread):
+    run = tmp_path / "boom"  # a message and an exit code: in-process
+    r = cli("train", "synthetic", *as_sets([*BASE, "train.lr=1e30", "train.max_nonfinite=2", "train.iters=12"]),
+            "--out", run)
     assert r.returncode == 5, (r.returncode, r.stderr)
     # stderr also carries the progress bar; the error is one line, without a traceback
     lines = [x for x in r.stderr.splitlines() if "semiseg: error:" in x]

@@ -3,10 +3,6 @@ size and gives the PyTorch logits."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 import torch
@@ -14,12 +10,9 @@ import torch
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-TINY = [
-    "data.dataset=synthetic", "data.synthetic.num_train=16", "data.synthetic.num_val=2",
-    "data.synthetic.image_size=40", "data.crop_size=32", "data.labeled=6", "data.workers=0",
-    "model.encoder=test_resnet", "model.decoder_channels=8", "train.batch_size=2", "train.iters=2",
-    "train.eval_every=2", "train.log_every=1", "method.name=fixmatch", "method.teacher=ema",
-]
+from conftest import tiny
+
+TINY = tiny("method.name=fixmatch", "method.teacher=ema")
 
 
 @pytest.fixture(scope="module")
@@ -27,17 +20,12 @@ def run(train_run):
     return train_run(TINY, "export")
 
 
-def _cli(*args):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "semiseg", *map(str, args)], capture_output=True, text=True, env=env)
-
-
 @pytest.mark.parametrize("which", ["student", "teacher"])
-def test_onnx_matches_pytorch_with_dynamic_shapes(run, tmp_path, which):
+def test_onnx_matches_pytorch_with_dynamic_shapes(run, tmp_path, which, cli):
     from semiseg.api import build_method_from_checkpoint
 
     out = tmp_path / f"{which}.onnx"
-    r = _cli("export", run, "--format", "onnx", "--out", out, "--model", which)
+    r = cli("export", run, "--format", "onnx", "--out", out, "--model", which)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == f"wrote {out}"
     model = onnx.load(str(out))
@@ -59,20 +47,20 @@ def test_onnx_matches_pytorch_with_dynamic_shapes(run, tmp_path, which):
         np.testing.assert_allclose(got, ref, rtol=1e-3, atol=1e-4)
 
 
-def test_export_verify_flag_and_bad_checkpoint(run, tmp_path):
-    r = _cli("export", run, "--out", tmp_path / "m.onnx", "--verify", "--static")
+def test_export_verify_flag_and_bad_checkpoint(run, tmp_path, cli):
+    r = cli("export", run, "--out", tmp_path / "m.onnx", "--verify", "--static")
     assert r.returncode == 0, r.stderr
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"\x80\x04not a checkpoint")
-    r = _cli("export", bad, "--out", tmp_path / "x.onnx")
+    r = cli("export", bad, "--out", tmp_path / "x.onnx")
     assert r.returncode == 4 and not (tmp_path / "x.onnx").exists()
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "pickle" in lines[0] and str(bad) in lines[0]
 
 
-def test_export_verify_prints_its_verdict_and_names_the_network(run, tmp_path):
+def test_export_verify_prints_its_verdict_and_names_the_network(run, tmp_path, cli):
     out = tmp_path / "m.onnx"
-    r = _cli("export", run, "--out", out, "--verify")
+    r = cli("export", run, "--out", out, "--verify")
     assert r.returncode == 0, r.stderr
     lines = r.stdout.strip().splitlines()
     assert lines[0].startswith("verified: onnxruntime matches PyTorch on a 2x3x40x56 input (largest difference")

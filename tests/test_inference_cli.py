@@ -12,26 +12,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from semiseg.cli import main
+from conftest import tiny
 
-TINY = [
-    "data.dataset=synthetic", "data.synthetic.num_train=16", "data.synthetic.num_val=9",
-    "data.synthetic.image_size=40", "data.crop_size=32", "data.labeled=6", "data.workers=0",
-    "model.encoder=test_resnet", "model.decoder_channels=8", "train.batch_size=2", "train.iters=2",
-    "train.eval_every=2", "train.log_every=1", "method.name=fixmatch", "method.teacher=ema",
-]
+TINY = tiny("data.synthetic.num_val=9", "method.name=fixmatch", "method.teacher=ema")
 
 
 @pytest.fixture(scope="module")
 def run(train_run) -> Path:
     return train_run(TINY, "inference")
-
-
-def cli(capsys, *args) -> tuple[int, str, str]:
-    capsys.readouterr()
-    rc = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 def errors(err: str) -> list[str]:
@@ -40,20 +28,20 @@ def errors(err: str) -> list[str]:
     return [x.rsplit("\r", 1)[-1] for x in err.split("\n") if x.rsplit("\r", 1)[-1].startswith("semiseg: error:")]
 
 
-def test_eval_of_a_checkpoint_on_data_of_another_class_count(run, tmp_path, capsys):
-    rc, _, err = cli(capsys, "eval", run, "--set", "data.dataset=camvid", "--set", f"data.root={tmp_path}")
+def test_eval_of_a_checkpoint_on_data_of_another_class_count(run, tmp_path, cli):
+    rc, _, err = cli("eval", run, "--set", "data.dataset=camvid", "--set", f"data.root={tmp_path}")
     assert rc == 4 and len(errors(err)) == 1 and "Traceback" not in err
     assert "predicts 6 classes" in errors(err)[0] and "camvid dataset (data.dataset=camvid) has 11" in errors(err)[0]
 
 
-def test_eval_names_the_network_and_shows_progress(run, capsys):
-    rc, out, err = cli(capsys, "eval", run, "--json")
+def test_eval_names_the_network_and_shows_progress(run, cli):
+    rc, out, err = cli("eval", run, "--json")
     assert rc == 0
     assert json.loads(out)["model"] == "student"  # what "auto" stood for
     assert "eval student on 'val'" in err  # the bar
-    rc, out, _ = cli(capsys, "eval", run, "--model", "teacher")
+    rc, out, _ = cli("eval", run, "--model", "teacher")
     assert rc == 0 and "(teacher)" in out.splitlines()[0]
-    rc, _, err = cli(capsys, "eval", run, "--model", "hybrid")
+    rc, _, err = cli("eval", run, "--model", "hybrid")
     assert rc == 2 and "student, teacher" in errors(err)[0]
 
 
@@ -63,7 +51,7 @@ def _photo(path: Path, value: int = 0) -> Path:
     return path
 
 
-def test_predict_keeps_outputs_apart_skips_unreadable_and_never_reads_its_outputs(run, tmp_path, capsys):
+def test_predict_keeps_outputs_apart_skips_unreadable_and_never_reads_its_outputs(run, tmp_path, cli):
     src = tmp_path / "in"
     for name in ("a/x.png", "b/x.png", "x.jpg", "x.png", "c/d/y.bmp"):
         _photo(src / name)
@@ -72,7 +60,7 @@ def test_predict_keeps_outputs_apart_skips_unreadable_and_never_reads_its_output
     out = src / "predictions"  # inside the input folder
     expected = {"a/x", "b/x", "x_jpg", "x_png", "c/d/y"}
     for attempt in range(2):  # the second run must not see the first one's outputs
-        rc, stdout, err = cli(capsys, "predict", run, src, "--out", out)
+        rc, stdout, err = cli("predict", run, src, "--out", out)
         assert rc == 3, err
         assert stdout.strip() == f"wrote 5 masks and overlays to {out}"
         assert "broken.png" in err and "._x.png" not in err
@@ -84,10 +72,10 @@ def test_predict_keeps_outputs_apart_skips_unreadable_and_never_reads_its_output
     assert "predict" in err  # a progress bar
 
 
-def test_predict_of_files_from_several_folders(run, tmp_path, capsys):
+def test_predict_of_files_from_several_folders(run, tmp_path, cli):
     a, b = _photo(tmp_path / "a" / "x.png"), _photo(tmp_path / "b" / "x.png", 200)
     # a folder and a file inside it: each image is predicted once
-    rc, stdout, _ = cli(capsys, "predict", run, a, b, tmp_path / "b", "--out", tmp_path / "out")
+    rc, stdout, _ = cli("predict", run, a, b, tmp_path / "b", "--out", tmp_path / "out")
     assert rc == 0 and stdout.strip().startswith("wrote 2 masks")
     assert (tmp_path / "out" / "a" / "x.png").exists() and (tmp_path / "out" / "b" / "x.png").exists()
     # a tree of symbolic links keeps its own layout
@@ -95,13 +83,13 @@ def test_predict_of_files_from_several_folders(run, tmp_path, capsys):
     for name, target in (("one/x.png", a), ("two/x.png", b)):
         (links / name).parent.mkdir(parents=True, exist_ok=True)
         (links / name).symlink_to(target)
-    rc, stdout, _ = cli(capsys, "predict", run, links, "--out", tmp_path / "linked")
+    rc, stdout, _ = cli("predict", run, links, "--out", tmp_path / "linked")
     assert rc == 0 and stdout.strip().startswith("wrote 2 masks")
     assert {str(p.relative_to(tmp_path / "linked")) for p in (tmp_path / "linked").rglob("x.png")} == {
         "one/x.png", "two/x.png"}
 
 
-def test_report_spreads_its_samples_over_the_split_and_shows_progress(run, capsys, monkeypatch):
+def test_report_spreads_its_samples_over_the_split_and_shows_progress(run, cli, monkeypatch):
     from semiseg import report
     from semiseg.data.build import EvalSet
 
@@ -115,7 +103,7 @@ def test_report_spreads_its_samples_over_the_split_and_shows_progress(run, capsy
         return original(self, index)
 
     monkeypatch.setattr(EvalSet, "__getitem__", getitem)
-    rc, stdout, err = cli(capsys, "report", run, "--images", "3")
+    rc, stdout, err = cli("report", run, "--images", "3")
     assert rc == 0, err
     assert shown[-3:] == [0, 4, 8]  # after the evaluation of all 9: the first, middle and last images
     assert "report: eval student" in err
@@ -123,13 +111,13 @@ def test_report_spreads_its_samples_over_the_split_and_shows_progress(run, capsy
     assert "network student" in page and "network auto" not in page
 
 
-def test_a_second_demo_reuses_the_finished_runs_and_a_new_setting_gets_new_folders(tmp_path, capsys, monkeypatch):
+def test_a_second_demo_reuses_the_finished_runs_and_a_new_setting_gets_new_folders(tmp_path, capsys, monkeypatch, cli):
     import semiseg.demo as demo
     from semiseg.config import load_config, save_config
 
-    tiny = tmp_path / "synthetic.yaml"
-    save_config(load_config(None, TINY[:-2] + ["method.name=supervised"]), tiny)
-    monkeypatch.setattr(demo, "packaged_config", lambda name: tiny)
+    config = tmp_path / "synthetic.yaml"
+    save_config(load_config(None, TINY[:-2] + ["method.name=supervised"]), config)
+    monkeypatch.setattr(demo, "packaged_config", lambda name: config)
     out = tmp_path / "demo"
     assert demo.run_demo(out=out, iters=2, methods=["supervised", "fixmatch"]) == 0
     first = capsys.readouterr().out
@@ -141,13 +129,13 @@ def test_a_second_demo_reuses_the_finished_runs_and_a_new_setting_gets_new_folde
                                                "buys on real data: BENCHMARKS.md)")
     assert abs(float(gain[0].split()[5]) - (float(miou[1]) - float(miou[0]))) <= 0.011
     # the same demo again: both finished runs are reused, and the table shows their results
-    rc, second, _ = cli(capsys, "demo", "--out", out, "--iters", "2", "--methods", "supervised,fixmatch")
+    rc, second, _ = cli("demo", "--out", out, "--iters", "2", "--methods", "supervised,fixmatch")
     assert rc == 0
     assert f"{out / 'supervised'} holds a finished run of this setting: showing its results" in second
     assert [line.split()[1] for line in second.splitlines() if line.startswith(("supervised ", "fixmatch "))] == miou
     # another setting: a new folder beside the old one, which is left alone
     before = (out / "supervised" / "config.yaml").read_text()
-    rc, third, _ = cli(capsys, "demo", "--out", out, "--iters", "3", "--methods", "supervised")
+    rc, third, _ = cli("demo", "--out", out, "--iters", "3", "--methods", "supervised")
     assert rc == 0 and f"training a new one in {out / 'supervised-2'}" in third
     assert (out / "supervised" / "config.yaml").read_text() == before
     assert load_config(out / "supervised-2" / "config.yaml").train.iters == 3

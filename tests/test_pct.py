@@ -135,7 +135,7 @@ def test_pct_image_weights_formula():
 # ---------------------------------------------------------------------------------------------
 # A whole pct step
 
-PCT_TINY = ["method.name=pct", "data.tags=masks", "model.encoder=resnet18", "model.decoder_channels=16",
+PCT_TINY = ["method.name=pct", "data.tags=masks", "model.encoder=test_resnet", "model.decoder_channels=16",
             "data.crop_size=32"]
 
 
@@ -175,7 +175,7 @@ def test_pct_train_step_finite_with_logs_and_both_nets_trained():
 def test_pct_needs_tags():
     from semiseg.models import build_model
 
-    cfg = load_config(None, ["method.name=pct", "model.decoder_channels=16"])
+    cfg = load_config(None, ["method.name=pct", "model.encoder=test_resnet", "model.decoder_channels=16"])
     with pytest.raises(ConfigError, match="data.tags"):
         PCT(cfg, build_model(cfg.model, 3), 3)
 
@@ -255,7 +255,7 @@ def test_pseudo_label_cli_writes_pngs_within_tags(make_folder_dataset, tmp_path,
     root = make_folder_dataset(n=6, size=(32, 32), num_classes=3, unlabeled=3)
     (root / "tags.csv").write_text("image,tags\nu000,1\nu001,class_2\nunlabeled/u002.png,1;2\n")
     overrides = ["data.dataset=folder", f"data.root={root}", "data.num_classes=3", "data.crop_size=32",
-                 "data.workers=0", "data.tags=tags.csv", "data.background_class=0", "model.encoder=resnet18",
+                 "data.workers=0", "data.tags=tags.csv", "data.background_class=0", "model.encoder=test_resnet",
                  "model.decoder_channels=16", "train.batch_size=2", "train.iters=2", "train.eval_every=2",
                  "train.log_every=1", "method.name=pct"]
     run = semiseg.train(None, overrides=overrides, out=tmp_path / "run", progress=False)

@@ -9,14 +9,12 @@ import semiseg.engine.trainer as T
 from semiseg.config import load_config
 from semiseg.errors import SemisegError
 
+from conftest import tiny
+
 ZEN4 = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 avx512_vnni\n"
 ZEN3 = "processor\t: 0\nflags\t\t: fpu sse2 avx2 fma\n"
 SAPPHIRE = "flags\t\t: avx512f amx_tile amx_bf16 amx_int8\n"
-TINY = [
-    "data.dataset=synthetic", "data.synthetic.num_train=8", "data.synthetic.num_val=2",
-    "data.synthetic.image_size=32", "data.crop_size=32", "data.labeled=4", "model.decoder_channels=16",
-    "train.batch_size=2", "train.iters=1",
-]
+TINY = tiny("train.iters=1")
 
 
 def test_native_bf16_is_read_from_the_cpu_flags():

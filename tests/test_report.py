@@ -5,24 +5,21 @@ renders in headless Chromium (skipped where chromium is not installed)."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-TINY = [
-    "data.dataset=synthetic", "data.synthetic.num_train=16", "data.synthetic.num_val=3",
-    "data.synthetic.image_size=40", "data.crop_size=32", "data.labeled=6", "data.workers=0",
-    "model.encoder=test_resnet", "model.decoder_channels=8", "train.batch_size=2", "train.iters=4",
-    "train.eval_every=2", "train.log_every=1", "method.name=fixmatch", "method.teacher=ema",
-]
+from conftest import tiny
+
+TINY = tiny("data.synthetic.num_val=3", "train.iters=4", "method.name=fixmatch", "method.teacher=ema")
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -33,10 +30,19 @@ def run(train_run):
 
 @pytest.fixture(scope="module")
 def report(run):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, "-m", "semiseg", "report", str(run)], capture_output=True, text=True, env=env)
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() == f"wrote {run / 'report.html'}"
+    import torch
+
+    from semiseg.cli import main
+
+    threads = torch.get_num_threads()
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main(["report", str(run)])
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0, err.getvalue()
+    assert out.getvalue().strip() == f"wrote {run / 'report.html'}"
     return run / "report.html"
 
 
@@ -79,9 +85,8 @@ def test_report_without_checkpoint_still_has_curves(run, tmp_path):
     assert len(_images(page)) == 1
 
 
-def test_report_of_a_missing_directory_is_one_line(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "semiseg", "report", str(tmp_path / "nope")], capture_output=True,
-                       text=True)
+def test_report_of_a_missing_directory_is_one_line(tmp_path, cli):
+    r = cli("report", tmp_path / "nope")
     assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and "nope" in r.stderr
 
 

@@ -19,13 +19,11 @@ from semiseg.engine.checkpoint import load_checkpoint
 from semiseg.engine.trainer import Trainer
 from semiseg.errors import DataError, SemisegWarning
 
-TINY = [
-    "data.dataset=synthetic", "data.synthetic.num_train=16", "data.synthetic.num_val=4",
-    "data.synthetic.image_size=40", "data.crop_size=32", "data.labeled=6", "data.workers=0",
-    "model.encoder=test_resnet", "model.decoder_channels=8", "train.batch_size=2", "train.iters=6",
-    "train.eval_every=3", "train.log_every=1", "method.name=fixmatch", "eval.batch_size=2",
-]
-SETS = sum((["--set", s] for s in TINY), [])
+from conftest import as_sets, tiny
+
+TINY = tiny("data.synthetic.num_val=4", "train.iters=6", "train.eval_every=3", "method.name=fixmatch",
+            "eval.batch_size=2")
+SETS = as_sets(TINY)
 
 
 @pytest.fixture(autouse=True)
@@ -33,13 +31,6 @@ def restore_threads():
     n = torch.get_num_threads()
     yield
     torch.set_num_threads(n)
-
-
-def cli(capsys, *args) -> tuple[int, str, str]:
-    capsys.readouterr()
-    rc = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 def error_lines(err: str) -> list[str]:
@@ -86,13 +77,13 @@ def reference(tmp_path_factory) -> Path:
 
 
 # ----------------------------------------------------------------------------- --resume
-def test_resume_continues_the_runs_own_config(tmp_path, capsys):
+def test_resume_continues_the_runs_own_config(tmp_path, cli):
     run = tmp_path / "run"
     Trainer(load_config("synthetic", TINY), run, progress=False).fit(stop_after=2)
     record = (run / "config.yaml").read_text()
 
     # another method: refused in one line naming the --set and both values; the record is kept
-    rc, _, err = cli(capsys, "train", "--out", run, "--resume", "--set", "method.name=supervised")
+    rc, _, err = cli("train", "--out", run, "--resume", "--set", "method.name=supervised")
     lines = error_lines(err)
     assert rc == 2 and len(lines) == 1
     assert "--set method.name=supervised" in lines[0] and "'fixmatch'" in lines[0] and "train.iters" in lines[0]
@@ -101,45 +92,45 @@ def test_resume_continues_the_runs_own_config(tmp_path, capsys):
 
     other = tmp_path / "tiny.yaml"
     save_config(load_config("synthetic", TINY + ["train.iters=4"]), other)
-    rc, _, err = cli(capsys, "train", other, "--out", run, "--resume")
+    rc, _, err = cli("train", other, "--out", run, "--resume")
     lines = error_lines(err)
     assert rc == 2 and len(lines) == 1 and "train.iters" in lines[0] and str(other) in lines[0]
     assert (run / "config.yaml").read_text() == record and last_iter(run) == 2
 
     # no config argument: the run goes on with its own config, to its own end
-    rc, _, err = cli(capsys, "train", "--out", run, "--resume")
+    rc, _, err = cli("train", "--out", run, "--resume")
     assert rc == 0, err
     assert last_iter(run) == 6 and (run / "config.yaml").read_text() == record
     # train.iters may grow: said in one line, recorded in config.yaml
-    rc, _, err = cli(capsys, "train", "--out", run, "--resume", "--set", "train.iters=8")
+    rc, _, err = cli("train", "--out", run, "--resume", "--set", "train.iters=8")
     assert rc == 0, err
     assert "train.iters 6 -> 8" in err
     assert last_iter(run) == 8 and load_config(run / "config.yaml").train.iters == 8
     # ... but not shrink below where the run is
-    rc, _, err = cli(capsys, "train", "--out", run, "--resume", "--set", "train.iters=7")
+    rc, _, err = cli("train", "--out", run, "--resume", "--set", "train.iters=7")
     assert rc == 2 and "iteration 8" in error_lines(err)[0]
     assert load_config(run / "config.yaml").train.iters == 8
     # a finished run resumed as it is trains nothing and says so
-    rc, out, err = cli(capsys, "train", "--out", run, "--resume")
+    rc, out, err = cli("train", "--out", run, "--resume")
     assert rc == 0 and "complete" in err and last_iter(run) == 8
 
 
-def test_resume_of_a_missing_or_foreign_directory_is_refused(tmp_path, capsys):
-    rc, _, err = cli(capsys, "train", "synthetic", *SETS, "--out", tmp_path / "typo", "--resume")
+def test_resume_of_a_missing_or_foreign_directory_is_refused(tmp_path, cli):
+    rc, _, err = cli("train", "synthetic", *SETS, "--out", tmp_path / "typo", "--resume")
     lines = error_lines(err)
     assert rc == 1 and len(lines) == 1 and "typo" in lines[0] and "does not exist" in lines[0]
     assert not (tmp_path / "typo").exists()
     (tmp_path / "photos").mkdir()
-    rc, _, err = cli(capsys, "train", "--out", tmp_path / "photos", "--resume")
+    rc, _, err = cli("train", "--out", tmp_path / "photos", "--resume")
     assert rc == 1 and "not a run directory" in error_lines(err)[0]
     assert not list((tmp_path / "photos").iterdir())
 
 
 @pytest.mark.parametrize("bad,code", [(["data.dataset=camvid", "data.root=/nonexistent/camvid"], 3),
                                       (["model.encoder=resnet_nosuch"], 2)])
-def test_a_failed_start_leaves_no_run_folder(tmp_path, capsys, monkeypatch, bad, code):
+def test_a_failed_start_leaves_no_run_folder(tmp_path, cli, monkeypatch, bad, code):
     monkeypatch.chdir(tmp_path)  # the default run folder is runs/<stamp>-<config>
-    rc, _, err = cli(capsys, "train", "synthetic", *SETS, *sum((["--set", b] for b in bad), []))
+    rc, _, err = cli("train", "synthetic", *SETS, *sum((["--set", b] for b in bad), []))
     assert rc == code and len(error_lines(err)) == 1
     assert not (tmp_path / "runs").exists()
 
@@ -182,7 +173,7 @@ def _break_files_at(iteration: int, files: list[Path]):
 
 
 def test_an_error_mid_run_saves_first_and_the_resumed_run_equals_an_uninterrupted_one(
-        reference, tmp_path, capsys, monkeypatch):
+        reference, tmp_path, cli, monkeypatch):
     # the synthetic data of this config, copied so that its files can be broken
     from semiseg.data.datasets import resolve_root
 
@@ -194,7 +185,7 @@ def test_an_error_mid_run_saves_first_and_the_resumed_run_equals_an_uninterrupte
     cls, step = _break_files_at(3, images)  # after 3 good steps every image becomes unreadable
     monkeypatch.setattr(cls, "train_step", step)
     try:
-        rc, _, err = cli(capsys, "train", "synthetic", *SETS, "--set", "train.threads=1", "--out", run)
+        rc, _, err = cli("train", "synthetic", *SETS, "--set", "train.threads=1", "--out", run)
     finally:
         for f, data in saved.items():
             f.write_bytes(data)
@@ -204,7 +195,7 @@ def test_an_error_mid_run_saves_first_and_the_resumed_run_equals_an_uninterrupte
     assert f"semiseg train --out {run} --resume" in lines[0]
     assert last_iter(run) == 4
     monkeypatch.undo()
-    rc, _, err = cli(capsys, "train", "--out", run, "--resume")
+    rc, _, err = cli("train", "--out", run, "--resume")
     assert rc == 0, err
     assert_same_run(reference, run)
 
@@ -243,7 +234,7 @@ def test_evaluation_during_training_shows_its_progress(tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------- threads
-def test_train_threads_sets_the_threads_of_the_run(tmp_path, capsys):
+def test_train_threads_sets_the_threads_of_the_run(tmp_path, cli):
     torch.set_num_threads(2)
     Trainer(load_config("synthetic", TINY + ["train.iters=1", "train.threads=1"]), tmp_path / "one", progress=False).fit()
     assert torch.get_num_threads() == 1
@@ -251,11 +242,11 @@ def test_train_threads_sets_the_threads_of_the_run(tmp_path, capsys):
     Trainer(load_config("synthetic", TINY + ["train.iters=1"]), tmp_path / "auto", progress=False).fit()
     assert torch.get_num_threads() == 2  # auto: torch's own setting is kept
     # eval/predict/report: --threads, else the run's train.threads
-    rc, _, err = cli(capsys, "eval", tmp_path / "one", "--json")
+    rc, _, err = cli("eval", tmp_path / "one", "--json")
     assert rc == 0 and torch.get_num_threads() == 1, err
-    rc, _, err = cli(capsys, "eval", tmp_path / "one", "--json", "--threads", "2")
+    rc, _, err = cli("eval", tmp_path / "one", "--json", "--threads", "2")
     assert rc == 0 and torch.get_num_threads() == 2, err
-    rc, _, err = cli(capsys, "train", "synthetic", *SETS, "--set", "train.threads=0", "--out", tmp_path / "zero")
+    rc, _, err = cli("train", "synthetic", *SETS, "--set", "train.threads=0", "--out", tmp_path / "zero")
     assert rc == 2 and "train.threads" in error_lines(err)[0]
     with pytest.raises(SystemExit):
         main(["eval", str(tmp_path / "one"), "--threads", "none"])

@@ -4,30 +4,18 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import shlex
-import subprocess
-import sys
 
 from PIL import Image
 
-TINY = [
-    "data.dataset=synthetic", "data.synthetic.num_train=16", "data.synthetic.num_val=2",
-    "data.synthetic.image_size=40", "data.crop_size=32", "data.workers=0",
-    "model.encoder=test_resnet", "model.decoder_channels=8", "train.batch_size=2", "train.iters=2",
-    "train.eval_every=2", "train.log_every=1",
-]
-SETS = sum((["--set", s] for s in TINY), [])
+from conftest import TINY as _TINY, as_sets
+
+TINY = [o for o in _TINY if not o.startswith("data.labeled=")]  # the sweep sets data.labeled
+SETS = as_sets(TINY)
 
 
-def _cli(*args):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "semiseg", *map(str, args)], capture_output=True, text=True,
-                          env=env, timeout=300)
-
-
-def test_dry_run_prints_one_train_command_per_cell(tmp_path):
-    r = _cli("sweep", "synthetic", "--labeled", "4,8,1/2", "--methods", "supervised,unimatch", "--seeds", "0,1",
+def test_dry_run_prints_one_train_command_per_cell(tmp_path, cli):
+    r = cli("sweep", "synthetic", "--labeled", "4,8,1/2", "--methods", "supervised,unimatch", "--seeds", "0,1",
              "--dry-run", "--out", tmp_path / "sw", *SETS)
     assert r.returncode == 0, r.stderr
     lines = r.stdout.strip().splitlines()
@@ -47,9 +35,9 @@ def test_dry_run_prints_one_train_command_per_cell(tmp_path):
     assert any("labeled_1_2" in o for o in outs)
 
 
-def test_sweep_runs_grid_and_plots(tmp_path):
+def test_sweep_runs_grid_and_plots(tmp_path, cli):
     out = tmp_path / "sw"
-    r = _cli("sweep", "synthetic", "--labeled", "4,8", "--methods", "supervised,fixmatch", "--out", out, *SETS)
+    r = cli("sweep", "synthetic", "--labeled", "4,8", "--methods", "supervised,fixmatch", "--out", out, *SETS)
     assert r.returncode == 0, r.stderr
     data = json.loads((out / "sweep.json").read_text())
     runs = data["runs"]
@@ -62,13 +50,13 @@ def test_sweep_runs_grid_and_plots(tmp_path):
     assert im.width > 300 and im.height > 200
     assert "fixmatch" in r.stdout and "sweep.png" in r.stdout
     # a second invocation reuses the finished runs
-    r2 = _cli("sweep", "synthetic", "--labeled", "4,8", "--methods", "supervised,fixmatch", "--out", out, *SETS)
+    r2 = cli("sweep", "synthetic", "--labeled", "4,8", "--methods", "supervised,fixmatch", "--out", out, *SETS)
     assert r2.returncode == 0 and r2.stdout.count("already done") == 4
     assert json.loads((out / "sweep.json").read_text())["runs"] == runs
 
 
-def test_sweep_bad_method_is_one_line(tmp_path):
-    r = _cli("sweep", "synthetic", "--labeled", "4", "--methods", "supervised,nosuch", "--dry-run", *SETS)
+def test_sweep_bad_method_is_one_line(tmp_path, cli):
+    r = cli("sweep", "synthetic", "--labeled", "4", "--methods", "supervised,nosuch", "--dry-run", *SETS)
     assert r.returncode != 0
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "nosuch" in lines[0]

@@ -2,8 +2,6 @@
 synthetic data."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,12 +16,9 @@ from semiseg.engine.checkpoint import load_checkpoint
 from semiseg.engine.trainer import Trainer
 from semiseg.errors import CheckpointError
 
-TINY = [
-    "data.dataset=synthetic", "data.synthetic.num_train=24", "data.synthetic.num_val=4",
-    "data.synthetic.image_size=48", "data.crop_size=32", "data.labeled=8", "data.workers=0",
-    "model.encoder=resnet18", "model.decoder_channels=32", "train.batch_size=4", "train.iters=6",
-    "train.eval_every=3", "train.log_every=2", "train.lr=0.01",
-]
+from conftest import as_sets, tiny
+
+TINY = tiny("train.iters=6", "train.eval_every=3", "train.log_every=2", "train.lr=0.01")
 
 
 def tiny_cfg(*extra):
@@ -99,11 +94,7 @@ def test_load_model_predict(run):
     assert pred.max() < model.num_classes
 
 
-def cli(*args):
-    return subprocess.run([sys.executable, "-m", "semiseg", *map(str, args)], capture_output=True, text=True)
-
-
-def test_eval_cli_json_and_table(run):
+def test_eval_cli_json_and_table(run, cli):
     r = cli("eval", run.run_dir, "--json")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
@@ -113,7 +104,7 @@ def test_eval_cli_json_and_table(run):
     assert r.returncode == 0 and "mIoU" in r.stdout
 
 
-def test_predict_cli_writes_masks_and_overlays(run, tmp_path):
+def test_predict_cli_writes_masks_and_overlays(run, tmp_path, cli):
     src = tmp_path / "in" / "sub"
     src.mkdir(parents=True)
     Image.fromarray(np.zeros((30, 40, 3), np.uint8)).save(src / "a.png")
@@ -134,18 +125,17 @@ def test_predict_cli_writes_masks_and_overlays(run, tmp_path):
         (["--set", "data.labeled=nosuch_split.txt"], "nosuch_split.txt"),
     ],
 )
-def test_bad_input_one_line_nonzero(tmp_path, args, needle):
-    overrides = sum((["--set", o] for o in TINY), [])
-    r = cli("train", "synthetic", *overrides, *args, "--out", tmp_path / "r")
+def test_bad_input_one_line_nonzero(tmp_path, args, needle, cli):
+    r = cli("train", "synthetic", *as_sets(TINY), *args, "--out", tmp_path / "r")
     assert r.returncode != 0
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1, r.stderr
     assert needle in lines[0]
 
 
-def test_existing_run_is_never_overwritten(run):
+def test_existing_run_is_never_overwritten(run, cli):
     before = (run.run_dir / "checkpoints" / "last.safetensors").read_bytes()
-    r = cli("train", "synthetic", *sum((["--set", o] for o in TINY), []), "--out", run.run_dir)
+    r = cli("train", "synthetic", *as_sets(TINY), "--out", run.run_dir)
     assert r.returncode != 0
     assert "--resume" in r.stderr.strip().splitlines()[-1] and str(run.run_dir) in r.stderr
     assert (run.run_dir / "checkpoints" / "last.safetensors").read_bytes() == before

@@ -19,7 +19,7 @@ from semiseg.methods.base import Batch, StepContext
 from semiseg.methods.perturbations import complementary_channel_masks, complementary_dropout
 from semiseg.methods.unimatch_v2 import UniMatchV2
 
-from conftest import loop_references  # noqa: E402
+from conftest import loop_references, tiny  # noqa: E402
 
 _refs = loop_references()  # explicit-loop references on 5 x 6 images of 3 classes, as here
 ref_pseudo, ref_cutmix, ref_unsup, ref_ce, close, box = (_refs.ref_pseudo, _refs.ref_cutmix, _refs.ref_unsup,
@@ -306,13 +306,7 @@ def test_unimatch_v2_config():
 # ---------------------------------------------------------------------------------------------
 # The real network and the trainer
 
-TINY = [
-    "data.dataset=synthetic", "data.synthetic.num_train=24", "data.synthetic.num_val=4",
-    "data.synthetic.image_size=48", "data.crop_size=32", "data.labeled=8", "data.workers=0",
-    "model.encoder=resnet18", "model.decoder_channels=16", "train.batch_size=2", "train.iters=4",
-    "train.eval_every=2", "train.log_every=1", "train.lr=0.01", "method.name=unimatch_v2",
-    "method.conf_thresh=0.0",
-]
+TINY = tiny("train.iters=4", "train.lr=0.01", "method.name=unimatch_v2", "method.conf_thresh=0.0")
 
 
 def test_unimatch_v2_on_deeplabv3plus_perturbs_both_features_and_trains():
