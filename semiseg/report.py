@@ -253,14 +253,17 @@ def _iou_table(names: list[str], ious: list[float], last: Optional[list[float]])
 def write_report(run_dir: str | Path, out: Optional[str | Path] = None, num_images: int = 4,
                  evaluate: bool = True, device: Optional[str] = None, threads=None, progress: bool = False) -> Path:
     """Write ``report.html`` (and the ``report_*.png`` figures) for ``run_dir``; returns its path."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():  # checked before torch loads: the error comes at once
+        raise SemisegError(f"report: run directory {run_dir} does not exist")
+    not_a_run = SemisegError(f"report: {run_dir} is not a run directory (no metrics.jsonl, no checkpoints/)")
+    if not (run_dir / "metrics.jsonl").is_file() and not (run_dir / "checkpoints").is_dir():
+        raise not_a_run
     from semiseg.engine.logging import read_metrics
 
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise SemisegError(f"report: run directory {run_dir} does not exist")
     rows = read_metrics(run_dir)
     if not rows and not (run_dir / "checkpoints").is_dir():
-        raise SemisegError(f"report: {run_dir} is not a run directory (no metrics.jsonl, no checkpoints/)")
+        raise not_a_run
     out = Path(out) if out else run_dir / "report.html"
     out.parent.mkdir(parents=True, exist_ok=True)
     figures: dict[str, bytes] = {}

@@ -95,6 +95,7 @@ print(code, sorted(m for m in ("torch", "timm", "torchvision") if m in sys.modul
     (["check-data", "synthetic", "--set", "data.crop_size=abc"], 2),
     (["train", "no_such_config"], 2),
     (["bench", "synthetic", "--set", "method.name=unimach"], 2),
+    (["report", "no_such_run_dir"], 1),  # a mistyped run directory
 ])
 def test_help_and_config_errors_load_no_torch(argv, code):
     out = subprocess.run([sys.executable, "-c", CHECK.format(argv=argv)], capture_output=True, text=True,
