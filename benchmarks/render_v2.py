@@ -155,11 +155,35 @@ def render(doc: str, rows: list[dict]) -> str:
     return f"{head}{BEGIN}\n{matrix(rows)}\n{END}{tail}"
 
 
+def missing(rows: list[dict], seeds=(0, 1)) -> list[str]:
+    """The ``camvid_v2.py`` command of every run the matrix still lacks (each method and split
+    with seeds 0 and 1, the ceiling included), each with the wall time its method took so far."""
+    cells = protocol_runs(rows)
+    walls: dict[str, list[float]] = {}
+    for r in rows:
+        if not r.get("variant"):
+            walls.setdefault(r["method"].split(":")[0], []).append(r["wall_min"])
+    todo = []
+    wanted = [(key, split) for key, _ in ROWS if key != "pct:stage2" for split, _ in SPLITS] + [("supervised", "all")]
+    for key, split in wanted:
+        for seed in seeds:
+            if seed in cells.get((key, split), {}):
+                continue
+            took = walls.get(key)
+            cost = f"  # about {sum(took) / len(took):.0f} min per run so far" if took else "  # not timed yet"
+            todo.append(f"python benchmarks/camvid_v2.py --method {key} --split {split} --seed {seed}{cost}")
+    return todo
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--check", action="store_true")
+    p.add_argument("--missing", action="store_true", help="print the commands of the runs the matrix still lacks")
     args = p.parse_args(argv)
     rows = load()
+    if args.missing:
+        print("\n".join(missing(rows)) or "every cell has seeds 0 and 1")
+        return 0
     new_doc, new_log = render(DOC.read_text(), rows), log(rows)
     if args.check:
         stale = [str(f) for f, new in ((DOC, new_doc), (LOG, new_log)) if not f.is_file() or f.read_text() != new]
