@@ -123,7 +123,7 @@ def train_row(method: str, split: str, seed: int, config: str, overrides: list[s
         state = json.loads(state_file.read_text())
     else:
         state = {"method": method, "split": split, "seed": seed, "config": config, "overrides": overrides,
-                 "variant": variant, "command": command, "stage": stage, "wall_s": 0.0, "segments": 0}
+                 "variant": variant, "command": command, "wall_s": 0.0, "segments": 0}
         out.mkdir(parents=True, exist_ok=True)
         state_file.write_text(json.dumps(state, indent=1) + "\n")
     t0 = time.perf_counter()

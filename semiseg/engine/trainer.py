@@ -26,7 +26,7 @@ from semiseg.config import Config, load_config, save_config
 from semiseg.engine import distributed as D
 from semiseg.engine.checkpoint import (CheckpointManager, LoopState, TrainingCheckpoints, capture_rng_state,
                                        load_init_weights)
-from semiseg.engine.logging import MetricsLogger, SkippedFiles, TrainLog, to_float
+from semiseg.engine.logging import MetricsLogger, SkippedFiles, TrainLog, read_metrics, to_float
 from semiseg.engine.optim import build_optimizer, poly_lr, set_lr
 from semiseg.engine.precision import autocast_factory, resolve_precision, set_threads, to_device
 from semiseg.engine.sampling import Stream
@@ -265,8 +265,6 @@ class Trainer:
 
     def _logged_metrics(self) -> dict:
         """The last logged evaluation of the default network (for a run that is already done)."""
-        from semiseg.engine.logging import read_metrics
-
         evals = [r for r in read_metrics(self.run_dir) if r.get("type") == "eval"]
         if not evals:
             return {}
