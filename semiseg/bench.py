@@ -111,6 +111,7 @@ def run_bench(cfg: Config, steps: int = 10, warmup: int = 3, loader_batches: int
         for it in fresh.values():
             next(it)
     loader_ips = loader_batches * images_per_step / (time.perf_counter() - t0)
+    trainer.close_streams()
 
     peak = matmul_peak_flops(device, trainer.precision)
     achieved = flops / sec

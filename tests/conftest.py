@@ -80,7 +80,8 @@ def folder_config():
 @pytest.fixture(scope="session")
 def train_run(tmp_path_factory):
     """``train_run(overrides, name)`` -> the directory of a finished training run of the config
-    ``overrides`` (one thread, no progress bar), for tests that need a real run to act on."""
+    ``overrides`` (one thread, no progress bar), for tests that need a real run to act on. Torch's
+    thread count and deterministic-algorithms setting are restored after."""
 
     def train(overrides: list[str], name: str = "run") -> Path:
         import torch
@@ -89,12 +90,14 @@ def train_run(tmp_path_factory):
         from semiseg.engine.trainer import Trainer
 
         threads = torch.get_num_threads()
+        deterministic = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
         torch.set_num_threads(1)
         try:
             out = tmp_path_factory.mktemp(name) / "run"
             Trainer(load_config(None, overrides), out, progress=False).fit()
         finally:
             torch.set_num_threads(threads)
+            torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
         return out
 
     return train

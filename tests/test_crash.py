@@ -1,4 +1,6 @@
-"""Crash safety, end to end through ``python -m semiseg train`` in real subprocesses.
+"""Crash safety, end to end: the runs that are killed or stopped are ``python -m semiseg train`` in
+real subprocesses; the uninterrupted reference and the final resumes run in this process, with one
+thread like the subprocesses, and must agree with them bit for bit.
 
 * SIGKILL at random moments (and deliberately in the middle of a checkpoint write), then
   ``--resume``, repeated: the final weights (student and EMA teacher), optimiser-free ``best``
@@ -48,10 +50,13 @@ def _env() -> dict:
     return dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONWARNINGS="default")
 
 
+def _args(out: Path, resume: bool = False, extra=()) -> list[str]:
+    """The ``semiseg`` arguments of the run: ``train synthetic --set ... --out OUT [--resume]``."""
+    return ["train", "synthetic", *as_sets([*BASE, *extra]), "--out", str(out)] + (["--resume"] if resume else [])
+
+
 def _argv(out: Path, resume: bool = False, extra=()) -> list[str]:
-    sets = sum((["--set", s] for s in [*BASE, *extra]), [])
-    return [sys.executable, "-m", "semiseg", "train", "synthetic", *sets, "--out", str(out)] + (
-        ["--resume"] if resume else [])
+    return [sys.executable, "-m", "semiseg", *_args(out, resume, extra)]
 
 
 def _run(out: Path, resume: bool = False, extra=(), timeout: float = 120) -> subprocess.CompletedProcess:
@@ -85,11 +90,10 @@ def _assert_same_run(a: Path, b: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("crash") / "reference"
-    r = _run(out)
-    assert r.returncode == 0, r.stderr
-    return out
+def reference(train_run) -> Path:
+    """The uninterrupted run, trained in this process with one thread: the subprocess runs below
+    (one thread each) must end bit-identical to it."""
+    return train_run(BASE, "reference")
 
 
 def _has_checkpoint(run: Path) -> bool:
@@ -121,7 +125,7 @@ def _kill_when(proc: subprocess.Popen, run: Path, mode: str, rng: random.Random,
     return False
 
 
-def test_sigkill_and_resume_equals_uninterrupted(reference, tmp_path):
+def test_sigkill_and_resume_equals_uninterrupted(reference, tmp_path, one_thread, cli):
     run = tmp_path / "killed"
     rng = random.Random(1234)
     kills = 0
@@ -141,7 +145,7 @@ def test_sigkill_and_resume_equals_uninterrupted(reference, tmp_path):
     assert kills >= 3
     if not _has_checkpoint(run):
         shutil.rmtree(run)
-    r = _run(run, resume=_has_checkpoint(run))
+    r = cli(*_args(run, _has_checkpoint(run)))  # the last resume in this process, one thread
     assert r.returncode == 0, r.stderr
     _assert_same_run(reference, run)
 
@@ -163,7 +167,7 @@ def test_corrupt_last_checkpoint_falls_back_with_warning(reference, tmp_path):
     _assert_same_run(reference, run)
 
 
-def test_sigterm_finishes_step_saves_and_prints_resume_command(reference, tmp_path):
+def test_sigterm_finishes_step_saves_and_prints_resume_command(reference, tmp_path, one_thread, cli):
     run = tmp_path / "term"
     # without per-step checkpoints, so the stop itself has to write one
     proc = subprocess.Popen(_argv(run, extra=["train.checkpoint_every=0"]), stdout=subprocess.PIPE,
@@ -181,7 +185,7 @@ def test_sigterm_finishes_step_saves_and_prints_resume_command(reference, tmp_pa
     _, meta = load_checkpoint(run / "checkpoints" / "last.safetensors")
     assert 1 <= meta["iter"] < ITERS
     assert max(r["iter"] for r in _rows(run)) == meta["iter"]
-    r = _run(run, resume=True, extra=["train.checkpoint_every=0"])
+    r = cli(*_args(run, True, ["train.checkpoint_every=0"]))  # the resume in this process
     assert r.returncode == 0, r.stderr
     last_ref, last_run = (_tensors(d / "checkpoints" / "last.safetensors") for d in (reference, run))
     for k in last_ref:

@@ -67,3 +67,15 @@ def test_loading_leaves_main_process_rng_untouched():
     torch.manual_seed(123)
     take(Stream(Noisy(), 3, seed=9), 0, 2)
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_fit_stops_the_loader_workers_before_it_returns(train_run):
+    """With ``data.workers`` > 0 the persistent loader processes are gone when ``fit`` returns,
+    not left to the garbage collector (which, finalising a loader and its queues in an arbitrary
+    order, held the program for 5 s per worker at some later point)."""
+    import multiprocessing
+
+    from conftest import tiny
+
+    train_run(tiny("data.workers=1", "method.name=fixmatch"), "workers")
+    assert multiprocessing.active_children() == []

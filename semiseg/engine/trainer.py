@@ -389,8 +389,15 @@ class Trainer:
             raise
         finally:
             self.log.close()  # the bar before any error line, so that it does not end up on the bar's line
+            self.close_streams()
         D.barrier()
         return TrainResult(self.run_dir, last_metrics, loop.iteration)
+
+    def close_streams(self) -> None:
+        """Stop the data loaders' worker processes (:meth:`Stream.close`); :meth:`fit` does it on
+        its way out, however it ends."""
+        for stream in getattr(self, "streams", {}).values():
+            stream.close()
 
     def step(self, it: int, batches: dict) -> StepOutcome:
         """Training iteration ``it`` (0-based), the one :meth:`fit` runs and ``semiseg bench``
