@@ -59,10 +59,6 @@ def _argv(out: Path, resume: bool = False, extra=()) -> list[str]:
     return [sys.executable, "-m", "semiseg", *_args(out, resume, extra)]
 
 
-def _run(out: Path, resume: bool = False, extra=(), timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run(_argv(out, resume, extra), capture_output=True, text=True, env=_env(), timeout=timeout)
-
-
 def _rows(run: Path) -> list[dict]:
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
@@ -150,7 +146,7 @@ def test_sigkill_and_resume_equals_uninterrupted(reference, tmp_path, one_thread
     _assert_same_run(reference, run)
 
 
-def test_corrupt_last_checkpoint_falls_back_with_warning(reference, tmp_path):
+def test_corrupt_last_checkpoint_falls_back_with_warning(reference, tmp_path, one_thread, cli):
     run = tmp_path / "corrupt"
     shutil.copytree(reference, run)  # hard links become separate files
     ckpts = run / "checkpoints"
@@ -159,7 +155,7 @@ def test_corrupt_last_checkpoint_falls_back_with_warning(reference, tmp_path):
     data[len(data) // 2] ^= 0xFF  # a flipped bit: checksum mismatch
     last.write_bytes(bytes(data))
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 3])  # truncated
-    r = _run(run, resume=True)
+    r = cli(*_args(run, resume=True))  # in this process: the CLI shows warnings on stderr
     assert r.returncode == 0, r.stderr
     assert "last.safetensors" in r.stderr and "checksum" in r.stderr, r.stderr
     assert newest.name in r.stderr and "truncated" in r.stderr, r.stderr
