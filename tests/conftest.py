@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -77,6 +78,21 @@ def folder_config():
     return make
 
 
+@contextmanager
+def torch_settings_restored():
+    """Torch's thread count and deterministic-algorithms setting (``train.deterministic=true`` and
+    ``train.threads`` change them for the process) as they were on entry, restored on exit."""
+    import torch
+
+    threads = torch.get_num_threads()
+    deterministic = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
+
+
 @pytest.fixture(scope="session")
 def train_run(tmp_path_factory):
     """``train_run(overrides, name)`` -> the directory of a finished training run of the config
@@ -89,15 +105,10 @@ def train_run(tmp_path_factory):
         from semiseg.config import load_config
         from semiseg.engine.trainer import Trainer
 
-        threads = torch.get_num_threads()
-        deterministic = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-        torch.set_num_threads(1)
-        try:
+        with torch_settings_restored():
+            torch.set_num_threads(1)
             out = tmp_path_factory.mktemp(name) / "run"
             Trainer(load_config(None, overrides), out, progress=False).fit()
-        finally:
-            torch.set_num_threads(threads)
-            torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
         return out
 
     return train
@@ -171,12 +182,7 @@ def cli(capsys):
     ``semiseg.cli.main`` (an argparse ``SystemExit`` becomes the return code), with torch's thread
     count and deterministic-algorithms setting restored after; ``cli(*args, subprocess=True)`` runs
     ``python -m semiseg`` instead."""
-    import torch
-
     from semiseg.cli import main
-
-    threads = torch.get_num_threads()
-    deterministic = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
 
     def call(*args, subprocess: bool = False, timeout: float = 300) -> CliResult:
         if subprocess:
@@ -189,6 +195,5 @@ def cli(capsys):
         out, err = capsys.readouterr()
         return CliResult(code, out, err)
 
-    yield call
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])  # train.deterministic=true sets it
+    with torch_settings_restored():
+        yield call
