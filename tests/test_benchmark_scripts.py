@@ -166,6 +166,44 @@ def test_kv_probe_scores_a_run_with_each_source_and_matches_the_evaluator_for_im
                              "train.iters=1", "train.precision=fp32"], "kvp2")))
 
 
+# ---------------------------------------------------------------------------------------------
+# bn_recalibration_probe.py
+
+
+def test_recalibrate_sets_the_statistics_to_the_average_over_the_batches_and_leaves_the_weights():
+    import torch
+    from bn_recalibration_probe import recalibrate
+    from torch import nn
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.BatchNorm2d(2), nn.Conv2d(2, 2, 1))
+    net[0].running_mean.fill_(5.0)
+    net[0].running_var.fill_(7.0)
+    images = [torch.randn(2, 3, 4) * (i + 1) + i for i in range(5)]
+    weights = {k: v.clone() for k, v in net.state_dict().items() if "running" not in k and "num_batches" not in k}
+    assert recalibrate(net, [{"image": im} for im in images], batch=2) == 3  # batches of 2, 2 and 1
+    batches = [torch.stack(images[0:2]), torch.stack(images[2:4]), torch.stack(images[4:5])]
+    mean = torch.stack([b.mean(dim=(0, 2, 3)) for b in batches]).mean(0)
+    var = torch.stack([b.transpose(0, 1).reshape(2, -1).var(dim=1, unbiased=True) for b in batches]).mean(0)
+    assert torch.allclose(net[0].running_mean, mean, atol=1e-6)
+    assert torch.allclose(net[0].running_var, var, atol=1e-5)
+    assert not net.training and not net[0].training
+    assert all(torch.equal(net.state_dict()[k], v) for k, v in weights.items())
+    with pytest.raises(SystemExit, match="no BatchNorm layer"):
+        recalibrate(nn.Conv2d(2, 2, 1), [{"image": images[0]}])
+
+
+def test_bn_probe_scores_the_run_as_trained_like_the_evaluator_then_recalibrated(folder_run):
+    from bn_recalibration_probe import probe
+
+    rows = probe(str(folder_run), split="val", calib="train", batch=4)
+    final = [json.loads(x) for x in (folder_run / "metrics.jsonl").read_text().splitlines()][-1]
+    assert final["type"] == "eval"
+    assert rows[0]["state"] == "as trained" and rows[0]["mIoU"] == pytest.approx(final["mIoU"], abs=1e-6)
+    assert rows[1]["state"] == "BatchNorm recomputed on 'train' (2 batches of 4)"  # the 8 training images
+    assert len(rows[1]["per_class_iou"]) == 3
+
+
 def test_errors_at_must_be_one_of_the_thresholds(monkeypatch, tmp_path):
     import pseudo_label_quality
 
