@@ -692,6 +692,11 @@ def test_unequal_batch_sizes_are_a_config_error(name):
     build(name, batch=2, unlabeled_batch=2)  # equal: fine
 
 
+def test_oracle_pseudo_labels_are_refused_for_allspark_unimatch():
+    with pytest.raises(ConfigError, match=r"'method.oracle_pseudo_labels': not available for allspark_unimatch"):
+        build("allspark_unimatch", oracle_pseudo_labels=True)
+
+
 def test_bf16_autocast_step_is_finite():
     m = build(memory_warmup_iters=0)
     m.train()

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import write_png
+from PIL import Image
 
 from semiseg.config import load_config
 from semiseg.data import IGNORE_INDEX
@@ -96,6 +97,46 @@ def test_unlabeled_views_and_ignore_mask(colour_coded, folder_config, num_strong
     for i in range(1, num_strong + 1):
         assert item[f"strong_{i}"].shape == (3, 64, 64)
         assert item[f"box_{i}"].shape == (64, 64) and set(item[f"box_{i}"].unique().tolist()) <= {0, 1}
+
+
+def test_unlabeled_true_masks_follow_the_same_crops_with_void_apart_from_padding(colour_coded, folder_config):
+    """``with_masks`` (method.oracle_pseudo_labels) adds the crop's true mask and changes no other
+    output: the same draws give the same views, and the mask is the labelled pipeline's."""
+    import dataclasses
+
+    from semiseg.errors import DataError
+
+    for mask_file in (colour_coded / "masks").iterdir():  # a void block in every mask
+        m = np.array(Image.open(mask_file))
+        m[:10, :10] = 255
+        write_png(mask_file, m)
+    cfg = folder_config(colour_coded, crop_size=48, scale_range=(0.5, 1.5))  # padded on some draws
+    samples = list_samples(cfg, "train")
+    plain, masked = UnlabeledSet(samples, cfg, num_strong=2), UnlabeledSet(samples, cfg, num_strong=2, with_masks=True)
+    labeled = LabeledSet(samples, cfg)
+    saw_void = saw_pad = 0
+    for seed in range(8):
+        i = seed % len(samples)
+        seed_all(seed)
+        a = plain[i]
+        seed_all(seed)
+        b = masked[i]
+        seed_all(seed)
+        ref = labeled[i]
+        assert set(b) == set(a) | {"mask"}
+        for key in a:
+            if key not in ("id", "skipped"):
+                assert torch.equal(a[key], b[key]), key
+        assert torch.equal(b["mask"], ref["mask"])  # void and padding are both 255 here
+        pad = b["ignore_mask"] == IGNORE_INDEX
+        assert torch.equal(pad, a["ignore_mask"] == IGNORE_INDEX)  # the ignore mask marks padding only
+        saw_void += int(((b["mask"] == IGNORE_INDEX) & ~pad).sum())
+        saw_pad += int(pad.sum())
+    assert saw_void > 0 and saw_pad > 0
+    unmasked = [dataclasses.replace(s, mask=None) if i == 2 else s for i, s in enumerate(samples)]
+    with pytest.raises(DataError, match=r"'method.oracle_pseudo_labels': needs the masks of the unlabelled images; "
+                                        rf".*{samples[2].image.name} has none"):
+        UnlabeledSet(unmasked, cfg, with_masks=True)
 
 
 def test_eval_set_returns_whole_resized_images(colour_coded, folder_config):

@@ -611,6 +611,43 @@ def test_unimatch_with_teacher_supervises_fp_stream_with_teacher_labels():
                                                                        ("forward", True, 2 * B_U)]
 
 
+def with_true_masks(batch: Batch, seed: int) -> Batch:
+    """``batch`` with a true ``"mask"`` on both unlabelled batches (some void pixels), as the data
+    layer adds it for ``method.oracle_pseudo_labels``."""
+    g = torch.Generator().manual_seed(seed)
+    for u in (batch.unlabeled, batch.unlabeled_mix):
+        u["mask"] = torch.randint(0, K, (B_U, H, W), generator=g)
+        u["mask"][:, 0, :2] = 255  # void, away from the padding
+    return batch
+
+
+@pytest.mark.parametrize("mix_source", ["separate_batch", "in_batch"])
+@pytest.mark.parametrize("teacher", ["none", "ema"])
+def test_oracle_pseudo_labels_are_the_true_masks_with_void_ignored(mix_source, teacher):
+    batch = with_true_masks(make_batch(seed=5), seed=6)
+    method = build(FixMatch, "fixmatch", conf_thresh=0.95, mix_source=mix_source, teacher=teacher,
+                   oracle_pseudo_labels=True)
+    assert method.unlabeled_masks  # the trainer asks the data layer for the masks
+    method.train()
+    result = method.train_step(batch, ctx())
+    u, mix = batch.unlabeled, batch.unlabeled_mix
+    partner = mix if mix_source == "separate_batch" else {k: v.flip(0) for k, v in u.items()}
+    model = method.model
+    with torch.no_grad():
+        logits_s = model.head(model.features(ref_cutmix(u["strong_1"], partner["strong_1"], u["box_1"])))
+    label = ref_cutmix(u["mask"], partner["mask"], u["box_1"])
+    ignore = ref_cutmix(u["ignore_mask"], partner["ignore_mask"], u["box_1"]).clone()
+    ignore[label == 255] = 255  # void pixels are left out like padding
+    expected = ref_unsup(logits_s, label, torch.ones(B_U, H, W), ignore, 0.95)
+    assert close(result.logs["loss_s"], expected)
+    assert close(result.logs["mask_ratio"], 1.0)  # confidence 1 on every pixel that is not void or padding
+    # no network makes pseudo labels: the student's passes are the usual ones, the teacher runs none
+    if teacher == "ema":
+        assert method.teacher.module.calls == []
+    elif mix_source == "separate_batch":
+        assert all(t for _, t, _ in model.calls)  # no eval-mode pass on the partner batch
+
+
 def test_after_step_updates_teacher_only_when_present():
     method = build(FixMatch, "fixmatch")
     assert method.teacher is None and list(method.eval_models()) == ["student"]

@@ -154,3 +154,22 @@ def test_resume_before_first_checkpoint_starts_fresh(tmp_path):
     assert result.iteration == 2
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["iter"] for r in rows if r["type"] == "train"] == [2]  # the stale row was dropped
+
+
+def test_oracle_pseudo_labels_train_end_to_end_and_refuse_scenarios_without_them(tmp_path):
+    """``method.oracle_pseudo_labels`` (a diagnostic): the trainer hands the unlabelled crops'
+    true masks to the method, so every pixel of the weak view counts as confident."""
+    from semiseg.config import DataConfig
+    from semiseg.data.build import build_train_sets
+    from semiseg.errors import ConfigError
+
+    result = semiseg.train(tiny_cfg("method.name=fixmatch", "method.oracle_pseudo_labels=true", "train.iters=2",
+                                    "train.eval_every=2", "train.log_every=1"), out=tmp_path / "oracle", progress=False)
+    rows = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if r["type"] == "train"]
+    assert len(train_rows) == 2 and all(r["mask_ratio"] == 1.0 and r["loss_s"] > 0 for r in train_rows)
+    for dataset in ("acdc", "levir_cd"):
+        with pytest.raises(ConfigError, match=f"'method.oracle_pseudo_labels': not available for data.dataset "
+                                              f"'{dataset}'"):
+            build_train_sets(DataConfig(dataset=dataset, root=str(tmp_path)), num_strong=1, with_unlabeled=True,
+                             unlabeled_masks=True)

@@ -45,6 +45,10 @@ class ConsistencyConfig(MethodConfig):
     # masked cross-entropy (natural images); "dice", the official medical scenario's Dice loss over
     # the confident pixels (semiseg.methods.consistency.unsupervised_dice_loss)
     loss_u: Literal["ce", "dice"] = "ce"
+    # Diagnostic, not a method: the pseudo labels of the unlabelled crops are their true masks
+    # (confidence 1; void counts as padding). Measures self-training with perfect pseudo labels;
+    # the unlabelled images need masks (semiseg.methods.consistency.oracle_target).
+    oracle_pseudo_labels: bool = False
 
 
 class FixMatchConfig(ConsistencyConfig):

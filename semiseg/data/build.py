@@ -10,7 +10,9 @@ The three datasets follow UniMatch's ``SemiDataset`` modes:
   ``{"weak", "strong_1", "box_1", "strong_2", "box_2", "ignore_mask", "id"}`` (only the views
   asked for). ``ignore_mask`` is 255 where the crop padded the image, 0 elsewhere. The masks of
   unlabelled images are never read (UniMatch reads them only to find the padding, marked 254;
-  here a blank mask is padded with 255 instead, which gives the same ignore mask).
+  here a blank mask is padded with 255 instead, which gives the same ignore mask), except by the
+  diagnostic ``method.oracle_pseudo_labels``, which adds the crop's true ``"mask"`` (same draws,
+  so the same crops as without it).
 * :class:`EvalSet` (``val``): the whole image after the base resize, ``{"image", "mask", "id",
   "path"}``.
 
@@ -44,7 +46,9 @@ from semiseg.data.io import (check_same_size, decode_mask, load_or_substitute, l
 from semiseg.data.splits import is_count_or_fraction, resolve_labeled
 from semiseg.data.transforms import (base_resize, crop, cutmix_box, hflip, normalize, resize_scale,
                                      strong_photometric)
-from semiseg.errors import DataError
+from semiseg.errors import ConfigError, DataError
+
+VOID_CARRIED = 254  # void's value while a true unlabelled mask rides through the crop (255 = padding)
 
 
 def _data_cfg(cfg: Union[Config, DataConfig]) -> DataConfig:
@@ -92,13 +96,21 @@ class LabeledSet(Dataset):
 class UnlabeledSet(Dataset):
     """Unlabelled training crops with a weak and ``num_strong`` strong views (UniMatch's ``train_u``)."""
 
-    def __init__(self, samples: list[Sample], data_cfg: DataConfig, num_strong: int = 2, tags=None):
+    def __init__(self, samples: list[Sample], data_cfg: DataConfig, num_strong: int = 2, tags=None,
+                 with_masks: bool = False):
         if num_strong not in (0, 1, 2):
             raise ValueError(f"num_strong must be 0, 1 or 2, got {num_strong}")
         self.samples = samples
         self.cfg = data_cfg
         self.num_strong = num_strong
         self.tags = tags  # a semiseg.data.tags.TagSource: adds "tags" (tags file, else the mask)
+        # with_masks: the diagnostic method.oracle_pseudo_labels, which reads the true masks
+        self.with_masks = with_masks
+        if with_masks:
+            unmasked = next((s for s in samples if s.mask is None), None)
+            if unmasked is not None:
+                raise DataError(f"key 'method.oracle_pseudo_labels': needs the masks of the unlabelled images; "
+                                f"{unmasked.image} has none")
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -108,14 +120,25 @@ class UnlabeledSet(Dataset):
 
     def _load(self, sample: Sample) -> dict:
         cfg = self.cfg
-        img, _ = base_resize(read_image(sample.image), None, cfg.resize)
+        if self.with_masks:  # void becomes VOID_CARRIED so that padding alone is 255 after the crop
+            img, carried = base_resize(*load_pair(sample.image, sample.mask, sample.label_map), cfg.resize)
+            carried = carried.point(lambda v: VOID_CARRIED if v == IGNORE_INDEX else v)
+        else:
+            img, _ = base_resize(read_image(sample.image), None, cfg.resize)
+            carried = Image.new("L", img.size, 0)
         # The ignore mask rides through the geometry like a label map: 0 on image pixels,
-        # 255 where the crop pads.
-        img, ignore_mask = resize_scale(img, Image.new("L", img.size, 0), cfg.scale_range)
-        img, ignore_mask = crop(img, ignore_mask, cfg.crop_size, ignore_value=IGNORE_INDEX)
-        img, ignore_mask = hflip(img, ignore_mask)
+        # 255 where the crop pads (with_masks: the true mask, void carried as VOID_CARRIED).
+        img, carried = resize_scale(img, carried, cfg.scale_range)
+        img, carried = crop(img, carried, cfg.crop_size, ignore_value=IGNORE_INDEX)
+        img, carried = hflip(img, carried)
 
         out = {"id": sample.id}
+        if self.with_masks:
+            labels = np.array(carried, dtype=np.int64)
+            out["mask"] = torch.from_numpy(np.where(labels == VOID_CARRIED, IGNORE_INDEX, labels))
+            ignore_mask = Image.fromarray(np.where(labels == IGNORE_INDEX, IGNORE_INDEX, 0).astype(np.uint8))
+        else:
+            ignore_mask = carried
         for k in range(1, self.num_strong + 1):  # per view: photometric draw, then its box (UniMatch's order)
             out[f"strong_{k}"], _ = normalize(strong_photometric(img), None, cfg.mean, cfg.std)
             out[f"box_{k}"] = cutmix_box(cfg.crop_size, p=0.5)
@@ -165,8 +188,10 @@ def repeat_to_length(samples: list[Sample], length: int, seed: int = 0) -> list[
 
 
 def build_train_sets(cfg: Union[Config, DataConfig], num_strong: int, with_unlabeled: bool,
-                     strong_labeled: bool = False) -> TrainSets:
-    """The labelled set and (``with_unlabeled``) the unlabelled set of ``data.train_split``.
+                     strong_labeled: bool = False, unlabeled_masks: bool = False) -> TrainSets:
+    """The labelled set and (``with_unlabeled``) the unlabelled set of ``data.train_split``;
+    ``unlabeled_masks``: the unlabelled crops carry their true masks (``"mask"``), for the
+    diagnostic ``method.oracle_pseudo_labels`` (natural-image datasets only).
 
     When there is an unlabelled set larger than the labelled one, the labelled list is repeated
     to its length (:func:`repeat_to_length`); labelled images are never dropped (UniMatch
@@ -176,6 +201,9 @@ def build_train_sets(cfg: Union[Config, DataConfig], num_strong: int, with_unlab
 
     data = _data_cfg(cfg)
     info = dataset_info(data)
+    if unlabeled_masks and (data.dataset == "acdc" or data.dataset in CHANGE_DATASETS):
+        raise ConfigError(f"key 'method.oracle_pseudo_labels': not available for data.dataset "
+                          f"'{data.dataset}' (natural-image datasets only)")
     labeled, unlabeled = resolve_labeled(data, list_samples(data, data.train_split))
     if data.dataset == "acdc":  # HDF5 slices, one channel, the medical pipeline (semiseg.data.acdc)
         from semiseg.data.acdc import ACDCLabeledSet, ACDCUnlabeledSet
@@ -195,7 +223,8 @@ def build_train_sets(cfg: Union[Config, DataConfig], num_strong: int, with_unlab
     if data.extra_labels:
         labeled, unlabeled = add_extra_labels(labeled, unlabeled, data.extra_labels, info.num_classes)
     tags = build_tag_source(data, info)
-    unlabeled_set = UnlabeledSet(unlabeled, data, num_strong, tags=tags) if with_unlabeled and unlabeled else None
+    unlabeled_set = (UnlabeledSet(unlabeled, data, num_strong, tags=tags, with_masks=unlabeled_masks)
+                     if with_unlabeled and unlabeled else None)
     if unlabeled_set is not None and len(unlabeled) > len(labeled):
         labeled = repeat_to_length(labeled, len(unlabeled), data.split_seed)
     return TrainSets(LabeledSet(labeled, data, strong=strong_labeled, tags=tags), unlabeled_set, info)

@@ -216,7 +216,7 @@ class Trainer:
 
         m = self.method
         sets = build_train_sets(cfg, num_strong=m.num_strong_views, with_unlabeled=m.uses_unlabeled,
-                                strong_labeled=m.strong_labeled)
+                                strong_labeled=m.strong_labeled, unlabeled_masks=m.unlabeled_masks)
         self.val_set = build_eval_set(cfg, cfg.data.val_split)
         r, w = self.dist.rank, self.dist.world_size
         workers = cfg.data.workers

@@ -270,6 +270,9 @@ class AllSparkUniMatch(AllSparkMixin, UniMatch):
     strong_labeled = False
 
     def __init__(self, cfg: Config, model: nn.Module, num_classes: int, ignore_index: int = 255):
+        if cfg.method.oracle_pseudo_labels:  # the memory groups by predictions, not by the pseudo labels
+            raise ConfigError("key 'method.oracle_pseudo_labels': not available for allspark_unimatch "
+                              "(fixmatch, unimatch and unimatch_v2 only)")
         check_equal_batches(cfg, "allspark_unimatch")
         attach_neck(cfg, model, num_classes)  # before UniMatch's __init__, so an EMA teacher copies the neck
         choose_logit_resize(cfg, model, align_corners=True)  # UniMatch's forward

@@ -80,6 +80,7 @@ class Method(nn.Module):
     uses_unlabeled: ClassVar[bool] = False  # the trainer builds an unlabelled loader
     num_strong_views: ClassVar[int] = 0  # strong views per unlabelled image (0, 1 or 2)
     strong_labeled: ClassVar[bool] = False  # photometric strong augmentation on labelled images
+    unlabeled_masks: ClassVar[bool] = False  # the unlabelled crops carry their true masks (diagnostics)
 
     def __init__(self, cfg: Config, model: nn.Module, num_classes: int, ignore_index: int = 255):
         super().__init__()

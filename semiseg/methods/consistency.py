@@ -86,6 +86,18 @@ def pseudo_target(logits: torch.Tensor, ignore_mask: torch.Tensor, tags: Optiona
 
 
 @torch.no_grad()
+def oracle_target(unlabeled: dict) -> PseudoTarget:
+    """``method.oracle_pseudo_labels``: the unlabelled crops' true masks as pseudo labels, with
+    confidence 1, void (255 in ``"mask"``) ignored like padding. A diagnostic: it measures what
+    the recipe gives when every pseudo label is right."""
+    mask = unlabeled["mask"]
+    void = mask == IGNORE_INDEX
+    ignore = torch.where(void, torch.full_like(unlabeled["ignore_mask"], IGNORE_INDEX), unlabeled["ignore_mask"])
+    return PseudoTarget(mask.masked_fill(void, 0), torch.ones(mask.shape, dtype=torch.float32, device=mask.device),
+                        ignore)
+
+
+@torch.no_grad()
 def predict_eval(model: nn.Module, image: torch.Tensor, ignore_mask: torch.Tensor,
                  autocast: Callable = nullcontext, tags: Optional[torch.Tensor] = None) -> PseudoTarget:
     """Pseudo labels from an eval-mode, no-grad pass (BatchNorm running statistics, no dropout),
@@ -180,6 +192,8 @@ class ConsistencyMethod(Method):
         super().__init__(cfg, model, num_classes, ignore_index)
         self.teacher: Optional[EMATeacher] = EMATeacher(model) if self.uses_teacher else None
         self.use_tags = getattr(self.mcfg, "use_tags", False)
+        self.oracle = getattr(self.mcfg, "oracle_pseudo_labels", False)
+        self.unlabeled_masks = self.oracle
         if self.use_tags and getattr(cfg.data, "tags", None) is None:
             raise ConfigError("key 'method.use_tags': needs image tags; set data.tags to 'masks' or a tags file")
 
@@ -215,7 +229,9 @@ class ConsistencyMethod(Method):
         """(weak target, CutMix partner's target). The weak target comes from the teacher when
         there is one, else from the student's weak-view logits; the partner's is the separate
         batch's (``partner``) or, in-batch, the weak target reversed."""
-        if self.teacher is not None:
+        if self.oracle:
+            target_w = oracle_target(unlabeled)
+        elif self.teacher is not None:
             target_w = self.teacher_target(unlabeled, ctx)
         else:
             target_w = self.weak_target(weak_logits, unlabeled)
@@ -264,6 +280,8 @@ class ConsistencyMethod(Method):
         if self.mcfg.mix_source != "separate_batch":
             return None
         mix = batch.unlabeled_mix
+        if self.oracle:
+            return oracle_target(mix)
         return predict_eval(self.pseudo_labeler, mix["weak"], mix["ignore_mask"], ctx.autocast, self.tags_of(mix))
 
     def loss_u(self, logits: torch.Tensor, target: PseudoTarget) -> torch.Tensor:
