@@ -139,6 +139,18 @@ def test_unlabeled_true_masks_follow_the_same_crops_with_void_apart_from_padding
         UnlabeledSet(unmasked, cfg, with_masks=True)
 
 
+def test_strong_views_follow_the_data_keys_of_the_photometric_augmentation(colour_coded, folder_config):
+    cfg = folder_config(colour_coded, crop_size=24, strong_jitter_p=0.0, strong_grayscale_p=0.0, strong_blur_p=0.0)
+    seed_all(0)
+    item = UnlabeledSet(list_samples(cfg, "train"), cfg, num_strong=2)[0]
+    assert torch.equal(item["strong_1"], item["weak"]) and torch.equal(item["strong_2"], item["weak"])
+    gray = folder_config(colour_coded, crop_size=24, strong_jitter_p=0.0, strong_grayscale_p=1.0, strong_blur_p=0.0)
+    seed_all(0)
+    image = LabeledSet(list_samples(gray, "train"), gray, strong=True)[0]["image"]
+    rgb = to_uint8(image)
+    assert (rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all()
+
+
 def test_eval_set_returns_whole_resized_images(colour_coded, folder_config):
     cfg = folder_config(colour_coded, resize=(20, 15))
     item = build_eval_set(cfg, "val")[0]

@@ -142,6 +142,33 @@ def test_strong_photometric_keeps_geometry_and_blur_is_optional():
     assert blur(img, p=0.0) is img
 
 
+def test_strong_photometric_keys_default_to_unimatch_and_each_can_be_switched_off():
+    from PIL import ImageFilter
+
+    from semiseg.config import DataConfig
+    from semiseg.errors import ConfigError
+
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (24, 32, 3), dtype=np.uint8))
+
+    def views(cfg, n=12):
+        random.seed(3), np.random.seed(3), torch.manual_seed(3)
+        return [np.asarray(strong_photometric(img, cfg)) for _ in range(n)]
+
+    assert all(np.array_equal(a, b) for a, b in zip(views(None), views(DataConfig())))  # the same draws
+    assert all(np.array_equal(v, np.asarray(img)) for v in views(
+        DataConfig(strong_jitter_p=0, strong_grayscale_p=0, strong_blur_p=0)))
+    gray = views(DataConfig(strong_jitter_p=0, strong_grayscale_p=1, strong_blur_p=0), n=3)
+    assert all((v[..., 0] == v[..., 1]).all() and (v[..., 1] == v[..., 2]).all() for v in gray)
+    blurred = views(DataConfig(strong_jitter_p=0, strong_grayscale_p=0, strong_blur_p=1,
+                               strong_blur_sigma=(1.5, 1.5)), n=2)
+    expected = np.asarray(img.filter(ImageFilter.GaussianBlur(radius=1.5)))
+    assert all(np.array_equal(v, expected) for v in blurred)
+    with pytest.raises(ConfigError, match=r"data.strong_blur_sigma.*expected 0 < min <= max, got \[2.0, 1.0\]"):
+        from semiseg.config import load_config
+
+        load_config(None, ["data.strong_blur_sigma=[2.0,1.0]"])
+
+
 @pytest.mark.parametrize("p", [0.0, 0.5, 1.0])
 def test_cutmix_box_statistics(p):
     size, n = 64, 1500

@@ -61,6 +61,14 @@ class DataConfig(Section):
     mean: Optional[tuple[float, float, float]] = None
     std: Optional[tuple[float, float, float]] = None
     workers: int = Field(2, ge=0)
+    # The strong views' photometric augmentation (UniMatch's values by default): colour jitter with
+    # probability strong_jitter_p, grayscale strong_grayscale_p, Gaussian blur strong_blur_p with
+    # sigma ~ U(strong_blur_sigma) pixels. A blur's sigma is relative to the image's resolution:
+    # UniMatch's range was set for crops of 321-801 pixels.
+    strong_jitter_p: float = Field(0.8, ge=0.0, le=1.0)
+    strong_grayscale_p: float = Field(0.2, ge=0.0, le=1.0)
+    strong_blur_p: float = Field(0.5, ge=0.0, le=1.0)
+    strong_blur_sigma: tuple[float, float] = (0.1, 2.0)
     synthetic: SyntheticConfig = SyntheticConfig()
     # Image-level tags (semiseg.data.tags): None = no tags; "masks" = derived from the masks;
     # else a CSV/JSON tags file (under the data root, or from the working directory).
@@ -97,6 +105,13 @@ class DataConfig(Section):
     @field_validator("scale_range")
     @classmethod
     def _check_scale(cls, v):
+        if not 0 < v[0] <= v[1]:
+            raise ValueError(f"expected 0 < min <= max, got {list(v)}")
+        return v
+
+    @field_validator("strong_blur_sigma")
+    @classmethod
+    def _check_blur_sigma(cls, v):
         if not 0 < v[0] <= v[1]:
             raise ValueError(f"expected 0 < min <= max, got {list(v)}")
         return v

@@ -85,7 +85,7 @@ class LabeledSet(Dataset):
         img, mask = crop(img, mask, cfg.crop_size, ignore_value=IGNORE_INDEX)
         img, mask = hflip(img, mask)
         if self.strong:
-            img = strong_photometric(img)
+            img = strong_photometric(img, cfg)
         image, mask = normalize(img, mask, cfg.mean, cfg.std)
         out = {"image": image, "mask": mask, "id": sample.id}
         if tags is not None:
@@ -140,7 +140,7 @@ class UnlabeledSet(Dataset):
         else:
             ignore_mask = carried
         for k in range(1, self.num_strong + 1):  # per view: photometric draw, then its box (UniMatch's order)
-            out[f"strong_{k}"], _ = normalize(strong_photometric(img), None, cfg.mean, cfg.std)
+            out[f"strong_{k}"], _ = normalize(strong_photometric(img, cfg), None, cfg.mean, cfg.std)
             out[f"box_{k}"] = cutmix_box(cfg.crop_size, p=0.5)
         out["weak"], out["ignore_mask"] = normalize(img, ignore_mask, cfg.mean, cfg.std)
         if self.tags is not None:

@@ -95,21 +95,26 @@ def color_jitter(img: Image.Image, p: float = 0.8) -> Image.Image:
     return _COLOR_JITTER(img) if random.random() < p else img
 
 
-def random_grayscale(img: Image.Image) -> Image.Image:
-    """Gray (kept as 3 channels) with probability 0.2."""
-    return _GRAYSCALE(img)
+def random_grayscale(img: Image.Image, p: float = 0.2) -> Image.Image:
+    """Gray (kept as 3 channels) with probability ``p`` (torchvision's ``RandomGrayscale`` draw)."""
+    return _GRAYSCALE(img) if p == 0.2 else T.RandomGrayscale(p=p)(img)
 
 
-def blur(img: Image.Image, p: float = 0.5) -> Image.Image:
-    """PIL Gaussian blur with sigma ~ U(0.1, 2.0), applied with probability ``p``."""
+def blur(img: Image.Image, p: float = 0.5, sigma: tuple[float, float] = (0.1, 2.0)) -> Image.Image:
+    """PIL Gaussian blur with sigma ~ U(``sigma``), applied with probability ``p``."""
     if random.random() < p:
-        return img.filter(ImageFilter.GaussianBlur(radius=np.random.uniform(0.1, 2.0)))
+        return img.filter(ImageFilter.GaussianBlur(radius=np.random.uniform(*sigma)))
     return img
 
 
-def strong_photometric(img: Image.Image) -> Image.Image:
-    """One strong view: colour jitter (p=0.8), grayscale (p=0.2), blur (p=0.5), in UniMatch's order."""
-    return blur(random_grayscale(color_jitter(img)))
+def strong_photometric(img: Image.Image, cfg=None) -> Image.Image:
+    """One strong view: colour jitter (p=0.8), grayscale (p=0.2), blur (p=0.5), in UniMatch's order.
+    ``cfg`` (a DataConfig) may change the probabilities and the blur's sigma range
+    (``data.strong_jitter_p``, ``strong_grayscale_p``, ``strong_blur_p``, ``strong_blur_sigma``)."""
+    if cfg is None:
+        return blur(random_grayscale(color_jitter(img)))
+    return blur(random_grayscale(color_jitter(img, cfg.strong_jitter_p), cfg.strong_grayscale_p),
+                cfg.strong_blur_p, cfg.strong_blur_sigma)
 
 
 def cutmix_box(size: int, p: float = 0.5, size_min: float = 0.02, size_max: float = 0.4,
