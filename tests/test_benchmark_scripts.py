@@ -311,6 +311,21 @@ def test_render_v2_matrix_means_seeds_and_keeps_variants_out():
     assert log.count("\n| 2026-11-30") == len(rows) and "99.00" in log
 
 
+def test_render_v2_compares_a_variant_with_supervised_under_the_same_budget():
+    import render_v2
+
+    rows = [_row("supervised", "1_16", 0, 40.0), _row("supervised", "1_16", 0, 45.0, variant=["train.iters=2400"]),
+            _row("fixmatch", "1_16", 0, 41.0, variant=["train.iters=2400"]),
+            _row("fixmatch", "1_16", 0, 42.0, variant=["method.oracle_pseudo_labels=true", "data.strong_blur_p=0"]),
+            _row("fixmatch", "1_16", 1, 39.0, variant=["train.iters=2400"])]  # no supervised seed-1 run at 2400
+    variants = render_v2.matrix(rows).split("Variants")[1]
+    assert "| supervised | `train.iters=2400` | 1_16 | 0 | 45.00 | +5.00 (40.00) |" in variants
+    assert "| fixmatch | `train.iters=2400` | 1_16 | 0 | 41.00 | -4.00 (45.00, with `train.iters=2400`) |" in variants
+    assert ("| fixmatch | `method.oracle_pseudo_labels=true`, `data.strong_blur_p=0` | 1_16 | 0 | 42.00 | "
+            "+2.00 (40.00) |") in variants
+    assert "| fixmatch | `train.iters=2400` | 1_16 | 1 | 39.00 | – |" in variants
+
+
 def test_render_v2_missing_lists_the_commands_of_the_empty_cells_and_seeds():
     import render_v2
 
