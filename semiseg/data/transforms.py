@@ -87,7 +87,6 @@ def normalize(img: Image.Image, mask: Mask = None, mean=IMAGENET_MEAN, std=IMAGE
 # Strong (photometric) augmentation, UniMatch's recipe for the strong views
 
 _COLOR_JITTER = T.ColorJitter(0.5, 0.5, 0.5, 0.25)
-_GRAYSCALE = T.RandomGrayscale(p=0.2)
 
 
 def color_jitter(img: Image.Image, p: float = 0.8) -> Image.Image:
@@ -97,7 +96,7 @@ def color_jitter(img: Image.Image, p: float = 0.8) -> Image.Image:
 
 def random_grayscale(img: Image.Image, p: float = 0.2) -> Image.Image:
     """Gray (kept as 3 channels) with probability ``p`` (torchvision's ``RandomGrayscale`` draw)."""
-    return _GRAYSCALE(img) if p == 0.2 else T.RandomGrayscale(p=p)(img)
+    return T.RandomGrayscale(p=p)(img)
 
 
 def blur(img: Image.Image, p: float = 0.5, sigma: tuple[float, float] = (0.1, 2.0)) -> Image.Image:
