@@ -102,16 +102,9 @@ class DataConfig(Section):
             return int(s)
         return s  # a split-file path, checked when the data is built
 
-    @field_validator("scale_range")
+    @field_validator("scale_range", "strong_blur_sigma")
     @classmethod
-    def _check_scale(cls, v):
-        if not 0 < v[0] <= v[1]:
-            raise ValueError(f"expected 0 < min <= max, got {list(v)}")
-        return v
-
-    @field_validator("strong_blur_sigma")
-    @classmethod
-    def _check_blur_sigma(cls, v):
+    def _check_range(cls, v):
         if not 0 < v[0] <= v[1]:
             raise ValueError(f"expected 0 < min <= max, got {list(v)}")
         return v

@@ -193,13 +193,17 @@ class ConsistencyMethod(Method):
         self.teacher: Optional[EMATeacher] = EMATeacher(model) if self.uses_teacher else None
         self.use_tags = getattr(self.mcfg, "use_tags", False)
         self.oracle = getattr(self.mcfg, "oracle_pseudo_labels", False)
-        self.unlabeled_masks = self.oracle
         if self.use_tags and getattr(cfg.data, "tags", None) is None:
             raise ConfigError("key 'method.use_tags': needs image tags; set data.tags to 'masks' or a tags file")
 
     @property
     def uses_teacher(self) -> bool:
         return getattr(self.mcfg, "teacher", "none") == "ema"
+
+    @property
+    def unlabeled_masks(self) -> bool:
+        """The oracle pseudo labels are the unlabelled crops' true masks: the data layer adds them."""
+        return self.oracle
 
     @property
     def needs_mix_batch(self) -> bool:
