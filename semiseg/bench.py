@@ -18,6 +18,7 @@ ranks, ``train.grad_clip``, optimiser step, BatchNorm averaging, ``after_step``)
 
 from __future__ import annotations
 
+import itertools
 import json
 import resource
 import sys
@@ -75,7 +76,11 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
 
 
-def run_bench(cfg: Config, steps: int = 10, warmup: int = 3, loader_batches: int = 10) -> dict:
+def run_bench(cfg: Config, steps: int = 10, warmup: int = 3, loader_batches: int = 10,
+              fixed_batch: bool = False) -> dict:
+    """Time ``steps`` training steps after ``warmup`` ones. ``fixed_batch``: every step takes the
+    first batch of each stream again (still moved to the device each step), so the time is the
+    step's computation alone, whatever the data loader's speed."""
     from semiseg.engine.precision import set_threads
     from semiseg.engine.trainer import Trainer
 
@@ -86,6 +91,8 @@ def run_bench(cfg: Config, steps: int = 10, warmup: int = 3, loader_batches: int
     trainer.build()
     device = trainer.device
     streams = {k: s.iterate_from(0) for k, s in trainer.streams.items()}
+    if fixed_batch:
+        streams = {k: itertools.repeat(next(it)) for k, it in streams.items()}
     images_per_step = sum(s.sampler.batch_size for s in trainer.streams.values())
 
     def step(i: int):
@@ -121,7 +128,7 @@ def run_bench(cfg: Config, steps: int = 10, warmup: int = 3, loader_batches: int
         "images_per_step": images_per_step, "precision": trainer.precision,
         "channels_last": cfg.train.channels_last, "compile": cfg.train.compile,
         "device": str(device), "threads": torch.get_num_threads(),
-        "steps": steps, "sec_per_step": sec, "images_per_sec": images_per_step / sec,
+        "steps": steps, "fixed_batch": fixed_batch, "sec_per_step": sec, "images_per_sec": images_per_step / sec,
         "peak_memory_mb": peak_memory_mb(device), "flops_per_step": flops,
         "achieved_tflops": achieved / 1e12, "matmul_peak_tflops": peak / 1e12, "mfu": achieved / peak,
         "loader_images_per_sec": loader_ips, "workers": cfg.data.workers,
@@ -142,8 +149,8 @@ def format_bench(r: dict) -> str:
     ])
 
 
-def main(cfg: Config, steps: int, warmup: int, as_json: bool) -> int:
-    r = run_bench(cfg, steps=steps, warmup=warmup)
+def main(cfg: Config, steps: int, warmup: int, as_json: bool, fixed_batch: bool = False) -> int:
+    r = run_bench(cfg, steps=steps, warmup=warmup, fixed_batch=fixed_batch)
     print(json.dumps(r) if as_json else format_bench(r))
     sys.stdout.flush()
     return 0

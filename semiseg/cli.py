@@ -411,7 +411,7 @@ def cmd_bench(args) -> int:
     cfg = load_config(args.config, args.overrides)  # a config error is reported before torch loads
     from semiseg.bench import main as bench_main
 
-    return bench_main(cfg, args.steps, args.warmup, args.json)
+    return bench_main(cfg, args.steps, args.warmup, args.json, args.fixed_batch)
 
 
 def cmd_demo(args) -> int:
@@ -507,6 +507,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--fixed-batch", action="store_true",
+                   help="reuse the first batch every step: the step's computation alone, without the data loader")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("demo", help="train on the built-in synthetic data and compare methods")

@@ -73,3 +73,27 @@ def test_flop_count_of_a_grouped_convolution_backward_is_its_own_groups_work():
         for needs_input_grad, passes in ((True, 3), (False, 2)):
             x = torch.randn(8, 64, 32, 32, requires_grad=needs_input_grad)
             assert count_flops(lambda: conv(x).sum().backward()) == passes * forward, (groups, needs_input_grad)
+
+
+def test_fixed_batch_takes_one_batch_per_stream_for_every_step(monkeypatch):
+    """``--fixed-batch`` times the step without the loader: each stream is read once, and every
+    warm-up, counted and timed step reuses that batch; without it each step reads a new one."""
+    from semiseg.engine import sampling
+
+    pulled = {}
+    real = sampling.Stream.iterate_from
+
+    def counting(self, iteration):
+        for batch in real(self, iteration):
+            pulled[iteration] = pulled.get(iteration, 0) + 1
+            yield batch
+
+    monkeypatch.setattr(sampling.Stream, "iterate_from", counting)
+    cfg = load_config("synthetic", TINY + ["method.name=fixmatch"])
+    r = run_bench(cfg, steps=2, warmup=1, loader_batches=1, fixed_batch=True)
+    assert r["fixed_batch"] is True
+    assert pulled[0] == 2  # the labelled and the unlabelled stream, once each
+    pulled.clear()
+    r = run_bench(cfg, steps=2, warmup=1, loader_batches=1)
+    assert r["fixed_batch"] is False
+    assert pulled[0] == 2 * 4  # warm-up, FLOP count and two timed steps, for each stream

@@ -383,3 +383,25 @@ def test_scenario_demo_appends_one_row_per_method_and_seed_with_the_scenarios_sc
         evals = [json.loads(x) for x in (runs / "metrics.jsonl").read_text().splitlines() if '"eval"' in x]
         main_score = "mDice" if scenario == "medical" else "changed_iou"
         assert r[main_score] == round(evals[-1][main_score], 2)
+
+
+def test_unimatch_v2_gpu_cells_are_valid_configs_of_the_named_recipes():
+    """The GPU row's cells load: crop 518 (a multiple of 14 for the ViT), 4 + 4 images, the
+    synthetic data in place of Pascal, random weights, and each cell's method and model."""
+    import argparse
+
+    import unimatch_v2_gpu as G
+
+    from semiseg.config import load_config
+
+    args = argparse.Namespace(crop=518, batch=4, image_size=512, num_train=48, labeled=16, workers=8, overrides=[])
+    expected = {"v2-vit": ("unimatch_v2", "vit_small_patch14_dinov2", "dpt", "adamw"),
+                "v1-r101": ("unimatch", "resnet101", "deeplabv3plus", "sgd"),
+                "v2-r101": ("unimatch_v2", "resnet101", "deeplabv3plus", "adamw")}
+    assert set(G.CELLS) == set(expected)
+    for name, (config, extra) in G.CELLS.items():
+        for precision in ("fp32", "bf16"):
+            cfg = load_config(config, G.cell_overrides(args, extra, precision))
+            assert (cfg.method.name, cfg.model.encoder, cfg.model.head, cfg.train.optimizer) == expected[name]
+            assert (cfg.data.dataset, cfg.data.crop_size, cfg.train.batch_size) == ("synthetic", 518, 4)
+            assert cfg.model.pretrained is False and cfg.train.precision == precision
