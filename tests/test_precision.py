@@ -59,7 +59,7 @@ def test_trainer_forward_runs_in_the_chosen_precision(tmp_path, precision, dtype
     assert trainer.precision == precision
     model = trainer.method.model
     with trainer.autocast():
-        out = model(torch.randn(2, 3, 32, 32))
+        out = model(torch.randn(2, 3, 32, 32, device=trainer.device))
     assert out.dtype == dtype
     assert all(p.dtype == torch.float32 for p in model.parameters())  # master weights stay fp32
 
@@ -77,3 +77,41 @@ def test_channels_last_converts_weights_and_batches(tmp_path, channels_last):
     assert batch["image"].is_contiguous(memory_format=torch.channels_last) == channels_last
     assert batch["mask"].is_contiguous()
 
+
+
+@pytest.fixture
+def restore_determinism():
+    """Put PyTorch's global determinism switches and ``CUBLAS_WORKSPACE_CONFIG`` back after a
+    test that sets them; the test starts without the variable."""
+    import os
+
+    state = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic)
+    cublas = os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+    yield os.environ
+    torch.use_deterministic_algorithms(state[0], warn_only=state[1])
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = state[2], state[3]
+    os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+    if cublas is not None:
+        os.environ["CUBLAS_WORKSPACE_CONFIG"] = cublas
+
+
+def test_deterministic_is_strict_on_the_cpu(restore_determinism):
+    P.set_deterministic(torch.device("cpu"))
+    assert torch.are_deterministic_algorithms_enabled()
+    assert not torch.is_deterministic_algorithms_warn_only_enabled()
+    assert "CUBLAS_WORKSPACE_CONFIG" not in restore_determinism
+
+
+def test_deterministic_on_cuda_warns_for_kernels_without_a_deterministic_version(restore_determinism):
+    """On CUDA the summed cross-entropy (``nll_loss2d`` forward) has no deterministic kernel: strict
+    mode stopped every run at its first loss (seen on an H200). The mode warns there instead, with
+    deterministic cuDNN and cuBLAS's workspace setting."""
+    P.set_deterministic(torch.device("cuda", 0))
+    assert torch.are_deterministic_algorithms_enabled()
+    assert torch.is_deterministic_algorithms_warn_only_enabled()
+    assert restore_determinism["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+    restore_determinism["CUBLAS_WORKSPACE_CONFIG"] = ":16:8"
+    P.set_deterministic(torch.device("cuda", 0))
+    assert restore_determinism["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"  # a user's own setting stays

@@ -76,7 +76,7 @@ def test_init_from_copies_weights_with_fresh_optimizer(run, tmp_path):
     best, _ = weights(run.run_dir, "best")
     own = trainer.method.state_dict()
     for k, v in best.items():
-        assert torch.equal(own[k[len("model."):]], v)
+        assert torch.equal(own[k[len("model."):]].cpu(), v)
     assert not trainer.optimizer.state  # fresh momentum buffers
 
 

@@ -205,7 +205,7 @@ class TrainConfig(Section):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on a CPU with native bf16, else fp32
     channels_last: bool = True  # measured faster or equal for supervised, FixMatch, UniMatch on the CPU (BENCHMARKS.md)
     compile: bool = False
-    deterministic: bool = False
+    deterministic: bool = False  # strict on the CPU; on CUDA warns for kernels without a deterministic version
     nonfinite: Literal["skip", "stop"] = "skip"
     max_nonfinite: int = Field(10, ge=1)  # with "skip": stop after this many consecutive skips
     grad_clip: Optional[float] = Field(None, gt=0)

@@ -28,7 +28,7 @@ from semiseg.engine.checkpoint import (CheckpointManager, LoopState, TrainingChe
                                        load_init_weights)
 from semiseg.engine.logging import MetricsLogger, SkippedFiles, TrainLog, read_metrics, to_float
 from semiseg.engine.optim import build_optimizer, poly_lr, set_lr
-from semiseg.engine.precision import autocast_factory, resolve_precision, set_threads, to_device
+from semiseg.engine.precision import autocast_factory, resolve_precision, set_deterministic, set_threads, to_device
 from semiseg.engine.sampling import Stream
 from semiseg.engine.signals import StopRequest
 from semiseg.engine.validation import Validation, summary
@@ -192,7 +192,7 @@ class Trainer:
 
         cfg, tc = self.cfg, self.cfg.train
         if tc.deterministic:
-            torch.use_deterministic_algorithms(True, warn_only=False)
+            set_deterministic(self.device)
         seed_everything(tc.seed + self.dist.rank)
 
         self.info = dataset_info(cfg.data)
