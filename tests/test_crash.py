@@ -40,7 +40,7 @@ BASE = [
     "data.synthetic.image_size=48", "data.crop_size=32", "data.labeled=8", "data.workers=0",
     "model.encoder=test_resnet", "model.decoder_channels=8", "train.batch_size=2",
     f"train.iters={ITERS}", "train.eval_every=6", "train.log_every=1", "train.lr=0.01",
-    "train.checkpoint_every=1", "train.keep_last=2", "train.deterministic=true",
+    "train.checkpoint_every=1", "train.keep_last=2", "train.deterministic=true", "train.device=cpu",
     "method.name=fixmatch", "method.teacher=ema",
 ]
 TIMING = {"sec_per_iter"}

@@ -326,9 +326,10 @@ def test_unimatch_v2_training_resumes_exactly(tmp_path):
     from semiseg.engine.checkpoint import load_checkpoint
     from semiseg.engine.trainer import Trainer
 
-    full = Trainer(load_config(None, TINY), tmp_path / "full", progress=False).fit()
-    Trainer(load_config(None, TINY), tmp_path / "cut", progress=False).fit(stop_after=2)
-    resumed = Trainer(load_config(None, TINY), tmp_path / "cut", resume=True, progress=False).fit()
+    cfg = lambda: load_config(None, TINY + ["train.device=cpu"])  # bit-exact resumption is the CPU's  # noqa: E731
+    full = Trainer(cfg(), tmp_path / "full", progress=False).fit()
+    Trainer(cfg(), tmp_path / "cut", progress=False).fit(stop_after=2)
+    resumed = Trainer(cfg(), tmp_path / "cut", resume=True, progress=False).fit()
     a, _ = load_checkpoint(full.run_dir / "checkpoints" / "last.safetensors")
     b, _ = load_checkpoint(resumed.run_dir / "checkpoints" / "last.safetensors")
     assert any(k.startswith("model.teacher.") for k in a) and a.keys() == b.keys()
