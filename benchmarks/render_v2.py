@@ -35,6 +35,7 @@ ROWS = [  # (method key in the results, label)
     ("pct", "PCT stage one, tags on the unlabelled images"),
     ("pct:stage2", "PCT stage two (masks + stage-one pseudo labels)"),
     ("allspark", "AllSpark (neck on the deepest feature)"),
+    ("allspark_unimatch", "AllSpark + UniMatch (the neck in UniMatch's recipe)"),
 ]
 SPLITS = [("1_16", "1/16: 23 labels"), ("1_8", "1/8: 46 labels")]
 

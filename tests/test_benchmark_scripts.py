@@ -341,7 +341,7 @@ def test_render_v2_missing_lists_the_commands_of_the_empty_cells_and_seeds():
     assert "python benchmarks/camvid_v2.py --method pct --split 1_16 --seed 1  # about 99 min per run so far" in todo
     assert todo[-2:] == [f"python benchmarks/camvid_v2.py --method supervised --split all --seed {s}  # about 10 min "
                          "per run so far" for s in (0, 1)]
-    assert len(todo) == 8 * 2 * 2 + 2 - 3  # every method x split x seed and the ceiling's two, less the three run
+    assert len(todo) == 9 * 2 * 2 + 2 - 3  # every method x split x seed and the ceiling's two, less the three run
 
 
 def test_render_v2_replaces_only_between_its_markers():
