@@ -1,9 +1,10 @@
 """Where and how a run computes: CPU threads, the concrete precision of ``train.precision:
 auto``, the autocast context it implies, and batches moved to the device (channels-last when
-asked). Set up by the trainer; ``semiseg bench`` and ``report`` set their threads here too."""
+asked), and `train.deterministic`. Set up by the trainer; ``semiseg bench`` and ``report`` set their threads here too."""
 
 from __future__ import annotations
 
+import os
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Optional
@@ -31,8 +32,6 @@ def set_deterministic(device: torch.device) -> None:
     adaptive average pooling): strict mode would stop at the first loss. There the mode is
     ``warn_only=True``: deterministic cuDNN and cuBLAS (``CUBLAS_WORKSPACE_CONFIG=:4096:8``,
     unless already set, as cuBLAS asks) and a warning naming each kernel that is not."""
-    import os
-
     if device.type == "cuda":
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
