@@ -1,6 +1,7 @@
 """Where and how a run computes: CPU threads, the concrete precision of ``train.precision:
-auto``, the autocast context it implies, and batches moved to the device (channels-last when
-asked), and `train.deterministic`. Set up by the trainer; ``semiseg bench`` and ``report`` set their threads here too."""
+auto``, the autocast context it implies, batches moved to the device (channels-last when asked)
+and ``train.deterministic``. Set up by the trainer; ``semiseg bench`` and ``report`` set their
+threads here too."""
 
 from __future__ import annotations
 
