@@ -38,6 +38,9 @@ sys.path.insert(0, str(REPO))
 # $SEMISEG_V2_RESULTS moves the results file out of the checkout (a queue of runs on a worktree)
 RESULTS = Path(os.environ.get("SEMISEG_V2_RESULTS", REPO / "benchmarks" / "results" / "camvid_v2.jsonl"))
 SPLITS = ("1_16", "1_8", "1_4", "1_2", "all")
+# the protocol computes in fp32 on every CPU: ``train.precision: auto`` would pick bf16 on a CPU
+# with AVX-512 BF16 and make its rows incomparable with those of an AVX2 machine
+PROTOCOL = ["train.precision=fp32"]
 
 # method -> (config, overrides). The schedules of the memory-bank method are scaled from the
 # official 2000/1000/2000 iterations of a 40k-150k-iteration run to this 800-iteration budget.
@@ -191,7 +194,8 @@ def main(argv=None) -> int:
         raise SystemExit("--split all is the supervised ceiling: every training image is labelled")
     config, method_overrides = METHODS[args.method]
     config = args.config or config
-    overrides = [*method_overrides, *split_overrides(args.split, root), f"train.seed={args.seed}", *args.overrides]
+    overrides = [*method_overrides, *PROTOCOL, *split_overrides(args.split, root), f"train.seed={args.seed}",
+                 *args.overrides]
     command = (f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else "") + \
         "python benchmarks/camvid_v2.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     variant = [*([f"--config {args.config}"] if args.config else []), *args.overrides]
@@ -209,7 +213,7 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         subprocess.run([sys.executable, "-m", "semiseg", "pseudo-label", str(out), "--split", "unlabeled",
                         "--out", str(labels)], check=True, cwd=REPO)
-        stage2 = [*split_overrides(args.split, root), f"train.seed={args.seed}", f"data.extra_labels={labels}",
+        stage2 = [*PROTOCOL, *split_overrides(args.split, root), f"train.seed={args.seed}", f"data.extra_labels={labels}",
                   *args.overrides]
         row2 = train_row("pct", args.split, args.seed, config, stage2, out.with_name(out.name + "-stage2"), command,
                          variant, stage="stage2")

@@ -236,15 +236,16 @@ def test_camvid_v2_appends_one_json_line_per_run(tmp_path):
     results = tmp_path / "v2.jsonl"
     args = ["--method", "supervised", "--split", "1_8", "--seed", "3", "--config", str(config), "--data-root",
             str(root), "--runs", str(tmp_path / "runs"), "--results", str(results),
-            "--set", "train.iters=2", "--set", "train.precision=fp32"]
+            "--set", "train.iters=2"]
     assert camvid_v2.main(args) == 0
     row = json.loads(results.read_text())
     assert (row["method"], row["split"], row["seed"], row["iters"]) == ("supervised", "1_8", 3, 2)
-    assert row["variant"] == [f"--config {config}", "train.iters=2", "train.precision=fp32"]
+    assert row["variant"] == [f"--config {config}", "train.iters=2"]
+    assert "train.precision=fp32" in row["overrides"]  # the protocol's, on a bf16 CPU as on an AVX2 one
     assert len(row["per_class_iou"]) == 3 and row["network"] == "student"
     assert row["machine"]["threads"] >= 1 and "python benchmarks/camvid_v2.py --method supervised" in row["command"]
     saved = (Path(row["run_dir"]) / "config.yaml").read_text()
-    assert "splits/1_8/labeled.txt" in saved and "seed: 3" in saved
+    assert "splits/1_8/labeled.txt" in saved and "seed: 3" in saved and "precision: fp32" in saved
     with pytest.raises(SystemExit, match="--split all is the supervised ceiling"):
         camvid_v2.main(["--method", "unimatch", "--split", "all", "--data-root", str(root)])
     with pytest.raises(SystemExit, match=r"--data-root .*: not a CamVid folder with splits/"):
