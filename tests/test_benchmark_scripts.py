@@ -306,7 +306,12 @@ def test_render_v2_matrix_means_seeds_and_keeps_variants_out():
     assert lines["| *Ceiling: supervised on all 367 masks*"].count("60.00 (seed 0 only)") == 2
     gains = text.split("Gain over supervised")[1]
     assert "| UniMatch | – | +6.50 (2 seeds) |" in gains and "| FixMatch | – | – |" in gains
-    assert "| UniMatch | 2.00 |" in text.split("Seconds per step")[1]  # (1 + 3) / 2, protocol runs only
+    assert "| UniMatch | 2.00 | 10.0 min | 2 | 1 | CPU (AVX2) |" in text.split("Seconds per step")[1]  # (1 + 3) / 2
+    other = {**_row("unimatch", "1_16", 0, 40.0, sps=7.0), "machine": {"cpu": "Xeon", "isa": "AVX-512 BF16",
+                                                                     "threads": 1, "affinity": [0], "torch": "2"}}
+    timing = render_v2.matrix(rows + [other]).split("Seconds per step")[1]  # one line per CPU kind
+    assert "| UniMatch | 2.00 | 10.0 min | 2 | 1 | CPU (AVX2) |" in timing
+    assert "| UniMatch | 7.00 | 10.0 min | 1 | 1 | Xeon (AVX-512 BF16) |" in timing
     assert "| unimatch | `method.conf_thresh=0.7` | 1_8 | 0 | 99.00 | +59.00 (40.00) |" in text.split("Variants")[1]
     log = render_v2.log(rows)
     assert log.count("\n| 2026-11-30") == len(rows) and "99.00" in log
