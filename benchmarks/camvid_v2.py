@@ -93,7 +93,13 @@ def as_recorded(path) -> str:
     return os.path.relpath(resolved, REPO) if beside else str(path)
 
 
-PATH_KEYS = ("data.root=", "data.extra_labels=")  # overrides whose value is a path
+PATH_KEYS = ("data.root=", "data.extra_labels=", "train.init_from=")  # overrides whose value is a path
+
+
+def recorded_overrides(overrides: list[str]) -> list[str]:
+    """``overrides`` as the results file records them: path values through :func:`as_recorded`."""
+    return [o.split("=", 1)[0] + "=" + as_recorded(o.split("=", 1)[1]) if o.startswith(PATH_KEYS) else o
+            for o in overrides]
 
 
 def read_metrics(run_dir: Path) -> tuple[list[float], dict[str, dict], float]:
@@ -150,8 +156,7 @@ def train_row(method: str, split: str, seed: int, config: str, overrides: list[s
         "per_class_iou": [round(x, 2) for x in last[reported]["per_class_iou"]],
         "sec_per_step": round(sum(steps) / max(1, len(steps)), 3), "wall_min": round(state["wall_s"] / 60, 1),
         "iters": result.iteration, "config": config,
-        "overrides": [o.split("=", 1)[0] + "=" + as_recorded(o.split("=", 1)[1]) if o.startswith(PATH_KEYS) else o
-                      for o in overrides],
+        "overrides": recorded_overrides(overrides),
         "run_dir": as_recorded(out),
         "machine": machine(), "command": command,
         "variant": variant,  # another config or extra overrides: listed in the log, kept out of the matrix

@@ -367,6 +367,10 @@ def test_camvid_v2_records_paths_beside_the_project_relative_to_it(tmp_path):
     assert camvid_v2.as_recorded(repo.parent / "shared" / "data" / "camvid") == "../shared/data/camvid"
     assert camvid_v2.as_recorded(repo / "runs" / "bench-v2" / "supervised-1_8-s0") == "runs/bench-v2/supervised-1_8-s0"
     assert camvid_v2.as_recorded(tmp_path / "camvid") == str(tmp_path / "camvid")  # elsewhere: as given
+    start = repo / "runs" / "bench-v2" / "supervised-1_16-s0"
+    assert camvid_v2.recorded_overrides([f"data.root={repo.parent / 'shared' / 'data' / 'camvid'}",
+                                         f"train.init_from={start}", "train.iters=400"]) == [
+        "data.root=../shared/data/camvid", "train.init_from=runs/bench-v2/supervised-1_16-s0", "train.iters=400"]
 
 
 @pytest.mark.parametrize("scenario,keys", [
