@@ -182,9 +182,12 @@ def missing(rows: list[dict], seeds=(0, 1)) -> list[str]:
     with seeds 0 and 1, the ceiling included), each with the wall time its method took so far."""
     cells = protocol_runs(rows)
     walls: dict[str, list[float]] = {}
+    whole: dict[str, list[float]] = {}  # a two-stage method's stage-two rows count the whole run
     for r in rows:
         if not r.get("variant"):
-            walls.setdefault(r["method"].split(":")[0], []).append(r["wall_min"])
+            method, _, stage = r["method"].partition(":")
+            (whole if stage else walls).setdefault(method, []).append(r["wall_min"])
+    walls.update(whole)
     todo = []
     wanted = [(key, split) for key, _ in ROWS if key != "pct:stage2" for split, _ in SPLITS] + [("supervised", "all")]
     for key, split in wanted:
