@@ -102,6 +102,34 @@ def recorded_overrides(overrides: list[str]) -> list[str]:
             for o in overrides]
 
 
+PATH_OPTIONS = ("--config", "--data-root", "--runs")  # options whose value is a path
+
+
+def recorded_command(argv: list[str]) -> str:
+    """The command line as a row records it: the values of :data:`PATH_OPTIONS` and of path
+    overrides through :func:`as_recorded`, and ``--results`` left out (where the row is written does
+    not change the run), so that a row names no machine's layout."""
+    out, args = [], list(argv)
+    while args:
+        a = args.pop(0)
+        name, eq, value = a.partition("=")
+        if name == "--results":
+            if not eq and args:
+                args.pop(0)
+            continue
+        if name in PATH_OPTIONS or name == "--set":
+            if not eq:
+                out.append(a)
+                if not args:
+                    break
+                value = args.pop(0)
+            recorded = as_recorded(value) if name in PATH_OPTIONS else recorded_overrides([value])[0]
+            out.append(f"{name}={recorded}" if eq else recorded)
+            continue
+        out.append(a)
+    return "python benchmarks/camvid_v2.py " + " ".join(shlex.quote(a) for a in out)
+
+
 def read_metrics(run_dir: Path) -> tuple[list[float], dict[str, dict], float]:
     """(seconds per step of each logging window after the first, last eval per network, best mIoU
     of the first network)."""
@@ -202,8 +230,8 @@ def main(argv=None) -> int:
     overrides = [*method_overrides, *PROTOCOL, *split_overrides(args.split, root), f"train.seed={args.seed}",
                  *args.overrides]
     command = (f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else "") + \
-        "python benchmarks/camvid_v2.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
-    variant = [*([f"--config {args.config}"] if args.config else []), *args.overrides]
+        recorded_command(argv if argv is not None else sys.argv[1:])
+    variant = [*([f"--config {as_recorded(args.config)}"] if args.config else []), *recorded_overrides(args.overrides)]
     tag = f"{args.method}-{args.split}-s{args.seed}" + ("-variant" if variant else "")
     out = Path(args.runs) / tag
     if out.exists():  # never train into an earlier run

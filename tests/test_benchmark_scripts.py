@@ -372,6 +372,15 @@ def test_camvid_v2_records_paths_beside_the_project_relative_to_it(tmp_path):
     assert camvid_v2.recorded_overrides([f"data.root={repo.parent / 'shared' / 'data' / 'camvid'}",
                                          f"train.init_from={start}", "train.iters=400"]) == [
         "data.root=../shared/data/camvid", "train.init_from=runs/bench-v2/supervised-1_16-s0", "train.iters=400"]
+    # the command a row records names no machine's layout either, and leaves out where the row went
+    assert camvid_v2.recorded_command(
+        ["--method", "fixmatch", "--set", f"train.init_from={start}", f"--set=train.init_from={start}",
+         "--data-root", str(repo.parent / "shared" / "data" / "camvid"), f"--runs={repo / 'runs' / 'x'}",
+         "--results", str(tmp_path / "r.jsonl"), f"--results={tmp_path / 'r.jsonl'}", "--set", "train.iters=400",
+         "--config", str(tmp_path / "my config.yaml")]) == (
+        "python benchmarks/camvid_v2.py --method fixmatch --set train.init_from=runs/bench-v2/supervised-1_16-s0"
+        " --set=train.init_from=runs/bench-v2/supervised-1_16-s0 --data-root ../shared/data/camvid --runs=runs/x"
+        f" --set train.iters=400 --config '{tmp_path / 'my config.yaml'}'")
 
 
 @pytest.mark.parametrize("scenario,keys", [
