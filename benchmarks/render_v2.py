@@ -140,13 +140,20 @@ def matrix(rows: list[dict]) -> str:
         label = label or "Supervised, all 367 masks"
         by_cpu: dict[str, list[dict]] = {}
         for r in runs:  # a mean over two CPU kinds would describe neither
-            by_cpu.setdefault(f"{r['machine']['cpu']} ({r['machine']['isa']})", []).append(r)
+            by_cpu.setdefault(cpu_kind(r["machine"]), []).append(r)
         for cpu, group in sorted(by_cpu.items()):
             sps = sum(r["sec_per_step"] for r in group) / len(group)
             wall = sum(r["wall_min"] for r in group) / len(group)
             threads = sorted({r["machine"]["threads"] for r in group})
             out.append(f"| {label} | {sps:.2f} | {wall:.1f} min | {len(group)} | {', '.join(map(str, threads))} | {cpu} |")
     return "\n".join(out)
+
+
+def cpu_kind(m: dict) -> str:
+    """A row's CPU as the tables name it: "AMD EPYC family 26 model 2 (AVX-512 BF16)"; rows made
+    before family and model were recorded give the name and ISA only."""
+    generation = f" family {m['cpu_family']} model {m['cpu_model']}" if m.get("cpu_family") else ""
+    return f"{m['cpu']}{generation} ({m['isa']})"
 
 
 def log(rows: list[dict]) -> str:
@@ -164,7 +171,7 @@ def log(rows: list[dict]) -> str:
         pinned = f"{m['threads']} ({','.join(map(str, affinity))})" if affinity else str(m["threads"])
         per_class = " ".join(f"{x:.1f}" for x in r["per_class_iou"])
         out.append(f"| {r['date']} | {r['method']} | {r['split']} | {r['seed']} | {r['mIoU']:.2f} | {r['best_mIoU']:.2f} | "
-                   f"{others} | {r['sec_per_step']:.2f} | {r['wall_min']:.1f} min | {pinned} | {m['cpu']}, {m['isa']}, "
+                   f"{others} | {r['sec_per_step']:.2f} | {r['wall_min']:.1f} min | {pinned} | {cpu_kind(m)}, "
                    f"torch {m['torch']} | {per_class} | `{r['command']}` |")
     return "\n".join(out) + "\n"
 

@@ -317,6 +317,27 @@ def test_render_v2_matrix_means_seeds_and_keeps_variants_out():
     assert log.count("\n| 2026-11-30") == len(rows) and "99.00" in log
 
 
+def test_camvid_v2_reads_cpu_family_and_model_and_render_keeps_generations_apart():
+    import camvid_v2
+    import render_v2
+
+    info = ("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel\t\t: 2\n"
+            "model name\t: AMD EPYC\nflags\t\t: fpu avx2 avx512f avx512_bf16\n\n"
+            "processor\t: 1\ncpu family\t: 99\nmodel\t\t: 99\nmodel name\t: other\nflags\t\t: avx2\n")
+    assert camvid_v2.cpu_fields(info) == {"cpu": "AMD EPYC", "isa": "AVX-512 BF16", "cpu_family": "26",
+                                          "cpu_model": "2"}
+    assert camvid_v2.cpu_fields("") == {"cpu": "unknown CPU", "isa": "?", "cpu_family": None, "cpu_model": None}
+    zen = {"cpu": "AMD EPYC", "isa": "AVX-512 BF16", "threads": 1, "affinity": [0], "torch": "2"}
+    rows = [{**_row("fixmatch", "1_8", 0, 40.0, sps=2.0), "machine": {**zen, "cpu_family": "25", "cpu_model": "17"}},
+            {**_row("fixmatch", "1_8", 1, 41.0, sps=1.0), "machine": {**zen, "cpu_family": "26", "cpu_model": "2"}},
+            {**_row("fixmatch", "1_16", 0, 30.0, sps=5.0), "machine": zen}]  # recorded before family and model
+    timing = render_v2.matrix(rows).split("Seconds per step")[1]
+    assert "| FixMatch | 2.00 | 10.0 min | 1 | 1 | AMD EPYC family 25 model 17 (AVX-512 BF16) |" in timing
+    assert "| FixMatch | 1.00 | 10.0 min | 1 | 1 | AMD EPYC family 26 model 2 (AVX-512 BF16) |" in timing
+    assert "| FixMatch | 5.00 | 10.0 min | 1 | 1 | AMD EPYC (AVX-512 BF16) |" in timing
+    assert "| 1 (0) | AMD EPYC family 26 model 2 (AVX-512 BF16), torch 2 |" in render_v2.log(rows)
+
+
 def test_render_v2_compares_a_variant_with_supervised_under_the_same_budget():
     import render_v2
 
