@@ -1,9 +1,15 @@
 #!/usr/bin/env python
-"""The scenario demos, measured: supervised against UniMatch on generated data, several seeds.
+"""The demos, measured: supervised against semi-supervised methods on generated data, several seeds.
 
+    python benchmarks/scenario_demo.py --scenario natural --seeds 0,1 --methods supervised,meanteacher
     python benchmarks/scenario_demo.py --scenario medical --seeds 0,1
     python benchmarks/scenario_demo.py --scenario change --seeds 0,1
 
+``natural``: the setting of ``semiseg demo`` (``configs/synthetic.yaml``: the built-in
+procedural shapes-and-textures data, its labelled images, 60 validation images, mIoU), with
+``--set KEY=VALUE`` overrides applied to every method's config -- the way candidate demo
+settings (another encoder, another count of masks, another budget) are measured before one
+becomes the demo's.
 ``medical``: the setting of ``semiseg demo --scenario medical`` (:func:`semiseg.demo.medical_config`:
 ``configs/acdc.yaml`` scaled down, one labelled case of the generated ACDC-layout data, 3D Dice
 on its 8 val + test volumes). ``change``: the setting of ``semiseg demo --scenario change``
@@ -15,7 +21,8 @@ what it does on hearts or cities.
 Each (method, seed) appends one JSON line to ``benchmarks/results/scenarios.jsonl``: the
 scenario's scores (medical: mDice and per-class Dice; change: changed-class IoU, F1, precision,
 recall, overall accuracy, unchanged IoU), iterations, wall time, the machine, the thread count,
-the date and the command.
+the date and the command; ``natural`` rows also carry mIoU, per-class IoU, the mIoU of every
+scheduled evaluation (``evals``) and the overrides (``set``).
 """
 
 from __future__ import annotations
@@ -35,7 +42,8 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from camvid_v2 import machine  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results" / "scenarios.jsonl"
-SCORES = {"medical": ("mDice", "per_class_dice"),
+SCORES = {"natural": ("mIoU", "per_class_iou"),
+          "medical": ("mDice", "per_class_dice"),
           "change": ("changed_iou", "f1", "precision", "recall", "overall_acc", "unchanged_iou")}
 
 
@@ -46,21 +54,40 @@ def scores(scenario: str, metrics: dict) -> dict:
     return {k: r(metrics[k]) for k in SCORES[scenario]}
 
 
+def run_tag(overrides: list[str]) -> str:
+    """A run folder's suffix naming its overrides, so that two settings never share a folder."""
+    return "".join("-" + o.replace("/", "_").replace("=", "_") for o in overrides)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--scenario", choices=("medical", "change"), default="medical")
+    p.add_argument("--scenario", choices=("natural", "medical", "change"), default="medical")
     p.add_argument("--seeds", default="0,1")
     p.add_argument("--methods", default="supervised,unimatch")
     p.add_argument("--iters", type=int, default=None, help="default: the demo's")
     p.add_argument("--runs", default=str(REPO / "runs" / "scenario-demo"))
     p.add_argument("--results", default=str(RESULTS))
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="natural only: a config override for every method's run (repeatable)")
     args = p.parse_args(argv)
+    if args.overrides and args.scenario != "natural":
+        p.error("--set applies to --scenario natural only (the other scenarios' settings are the demo's)")
 
     from semiseg import demo
+    from semiseg.config import load_config
+    from semiseg.engine.logging import read_metrics
     from semiseg.engine.trainer import Trainer
 
     runs = Path(args.runs)
-    if args.scenario == "medical":
+    tag = run_tag(args.overrides)
+    if args.scenario == "natural":
+        root = None
+        iters = args.iters or load_config(demo.packaged_config("synthetic"), args.overrides).train.iters
+
+        def make_config(method, root, iters, seed):
+            return load_config(demo.packaged_config("synthetic"), [
+                *args.overrides, f"method.name={method}", f"train.iters={iters}", f"train.seed={seed}"])
+    elif args.scenario == "medical":
         from semiseg.data.acdc_synthetic import ensure_acdc_synthetic
 
         root, make_config = ensure_acdc_synthetic(runs / "acdc-data"), demo.medical_config
@@ -74,9 +101,16 @@ def main(argv=None) -> int:
         for method in args.methods.split(","):
             cfg = make_config(method, root, iters, seed=seed)
             t0 = time.perf_counter()
-            result = Trainer(cfg, runs / f"{args.scenario}-{method}-s{seed}", progress=False).fit()
+            run_dir = runs / f"{args.scenario}-{method}-s{seed}{tag}"
+            trainer = Trainer(cfg, run_dir, progress=False)
+            result = trainer.fit()
             row = {"scenario": args.scenario, "data": "generated", "method": method, "seed": seed,
-                   **scores(args.scenario, result.metrics), "iters": iters, "wall_min": round((time.perf_counter() - t0) / 60, 1), "machine": machine(),
+                   **scores(args.scenario, result.metrics), "iters": iters,
+                   "precision": trainer.precision,
+                   **({"set": args.overrides, "evals": {str(r["iter"]): round(r["mIoU"], 2) for r in read_metrics(run_dir)
+                                                        if r.get("type") == "eval" and "mIoU" in r}}
+                      if args.scenario == "natural" else {}),
+                   "wall_min": round((time.perf_counter() - t0) / 60, 1), "machine": machine(),
                    "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                    "command": "python benchmarks/scenario_demo.py " + shlex.join(sys.argv[1:] if argv is None else argv)}
             Path(args.results).parent.mkdir(parents=True, exist_ok=True)
