@@ -22,7 +22,7 @@ Each (method, seed) appends one JSON line to ``benchmarks/results/scenarios.json
 scenario's scores (medical: mDice and per-class Dice; change: changed-class IoU, F1, precision,
 recall, overall accuracy, unchanged IoU), iterations, wall time, the machine, the thread count,
 the date and the command; ``natural`` rows also carry mIoU, per-class IoU, the mIoU of every
-scheduled evaluation (``evals``) and the overrides (``set``).
+scheduled evaluation (``evals``), each network's last (``networks``) and the overrides (``set``).
 """
 
 from __future__ import annotations
@@ -54,6 +54,18 @@ def scores(scenario: str, metrics: dict) -> dict:
     return {k: r(metrics[k]) for k in SCORES[scenario]}
 
 
+def evaluations(metrics: list[dict]) -> dict:
+    """``evals``: the mIoU of every scheduled evaluation of the network the method reports (the
+    first one each evaluation scores, the one ``semiseg demo`` shows); ``networks``: the last
+    evaluation's mIoU of each network (student and teacher, for methods with both)."""
+    rows = [r for r in metrics if r.get("type") == "eval" and "mIoU" in r]
+    if not rows:
+        return {"evals": {}, "networks": {}}
+    reported, last = rows[0].get("model"), rows[-1]["iter"]
+    return {"evals": {str(r["iter"]): round(r["mIoU"], 2) for r in rows if r.get("model") == reported},
+            "networks": {r.get("model") or "model": round(r["mIoU"], 2) for r in rows if r["iter"] == last}}
+
+
 def run_tag(overrides: list[str]) -> str:
     """A run folder's suffix naming its overrides, so that two settings never share a folder."""
     return "".join("-" + o.replace("/", "_").replace("=", "_") for o in overrides)
@@ -81,12 +93,13 @@ def main(argv=None) -> int:
     runs = Path(args.runs)
     tag = run_tag(args.overrides)
     if args.scenario == "natural":
-        root = None
-        iters = args.iters or load_config(demo.packaged_config("synthetic"), args.overrides).train.iters
+        root, iters = None, args.iters
 
         def make_config(method, root, iters, seed):
+            # method.name first: an override may set a key of that method
             return load_config(demo.packaged_config("synthetic"), [
-                *args.overrides, f"method.name={method}", f"train.iters={iters}", f"train.seed={seed}"])
+                f"method.name={method}", *args.overrides, f"train.seed={seed}",
+                *([f"train.iters={iters}"] if iters else [])])
     elif args.scenario == "medical":
         from semiseg.data.acdc_synthetic import ensure_acdc_synthetic
 
@@ -105,11 +118,9 @@ def main(argv=None) -> int:
             trainer = Trainer(cfg, run_dir, progress=False)
             result = trainer.fit()
             row = {"scenario": args.scenario, "data": "generated", "method": method, "seed": seed,
-                   **scores(args.scenario, result.metrics), "iters": iters,
+                   **scores(args.scenario, result.metrics), "iters": cfg.train.iters,
                    "precision": trainer.precision,
-                   **({"set": args.overrides, "evals": {str(r["iter"]): round(r["mIoU"], 2) for r in read_metrics(run_dir)
-                                                        if r.get("type") == "eval" and "mIoU" in r}}
-                      if args.scenario == "natural" else {}),
+                   **({"set": args.overrides, **evaluations(read_metrics(run_dir))} if args.scenario == "natural" else {}),
                    "wall_min": round((time.perf_counter() - t0) / 60, 1), "machine": machine(),
                    "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                    "command": "python benchmarks/scenario_demo.py " + shlex.join(sys.argv[1:] if argv is None else argv)}
