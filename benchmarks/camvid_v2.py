@@ -116,15 +116,15 @@ def recorded_overrides(overrides: list[str]) -> list[str]:
 PATH_OPTIONS = ("--config", "--data-root", "--runs")  # options whose value is a path
 
 
-def recorded_command(argv: list[str]) -> str:
-    """The command line as a row records it: the values of :data:`PATH_OPTIONS` and of path
-    overrides through :func:`as_recorded`, and ``--results`` left out (where the row is written does
-    not change the run), so that a row names no machine's layout."""
+def recorded_command(argv: list[str], script: str = "benchmarks/camvid_v2.py", drop=("--results",)) -> str:
+    """The command line of ``script`` as a row records it: the values of :data:`PATH_OPTIONS` and
+    of path overrides through :func:`as_recorded`, and the options ``drop`` left out (where the row
+    is written does not change the run), so that a row names no machine's layout."""
     out, args = [], list(argv)
     while args:
         a = args.pop(0)
         name, eq, value = a.partition("=")
-        if name == "--results":
+        if name in drop:
             if not eq and args:
                 args.pop(0)
             continue
@@ -138,7 +138,7 @@ def recorded_command(argv: list[str]) -> str:
             out.append(f"{name}={recorded}" if eq else recorded)
             continue
         out.append(a)
-    return "python benchmarks/camvid_v2.py " + " ".join(shlex.quote(a) for a in out)
+    return f"python {script} " + " ".join(shlex.quote(a) for a in out)
 
 
 def read_metrics(run_dir: Path) -> tuple[list[float], dict[str, dict], float]:

@@ -5,11 +5,11 @@
     python benchmarks/scenario_demo.py --scenario medical --seeds 0,1
     python benchmarks/scenario_demo.py --scenario change --seeds 0,1
 
-``natural``: the setting of ``semiseg demo`` (``configs/synthetic.yaml``: the built-in
-procedural shapes-and-textures data, its labelled images, 60 validation images, mIoU), with
-``--set KEY=VALUE`` overrides applied to every method's config -- the way candidate demo
-settings (another encoder, another count of masks, another budget) are measured before one
-becomes the demo's.
+``natural``: the setting of ``semiseg demo`` (``configs/demo.yaml``: the built-in procedural
+shapes-and-textures data, 8 labelled images, the packaged ImageNet-pretrained Lite0, 60
+validation images, mIoU), or ``--config NAME`` (a packaged config: ``synthetic`` is resnet18 from
+scratch with 16 masks), with ``--set KEY=VALUE`` overrides applied to every method's config --
+the way candidate demo settings are measured before one becomes the demo's.
 ``medical``: the setting of ``semiseg demo --scenario medical`` (:func:`semiseg.demo.medical_config`:
 ``configs/acdc.yaml`` scaled down, one labelled case of the generated ACDC-layout data, 3D Dice
 on its 8 val + test volumes). ``change``: the setting of ``semiseg demo --scenario change``
@@ -22,14 +22,14 @@ Each (method, seed) appends one JSON line to ``benchmarks/results/scenarios.json
 scenario's scores (medical: mDice and per-class Dice; change: changed-class IoU, F1, precision,
 recall, overall accuracy, unchanged IoU), iterations, wall time, the machine, the thread count,
 the date and the command; ``natural`` rows also carry mIoU, per-class IoU, the mIoU of every
-scheduled evaluation (``evals``), each network's last (``networks``) and the overrides (``set``).
+scheduled evaluation (``evals``), each network's last (``networks``), the config and the
+overrides (``set``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
 import time
 from datetime import datetime, timezone
@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from camvid_v2 import machine  # noqa: E402
+from camvid_v2 import machine, recorded_command  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results" / "scenarios.jsonl"
 SCORES = {"natural": ("mIoU", "per_class_iou"),
@@ -79,11 +79,12 @@ def main(argv=None) -> int:
     p.add_argument("--iters", type=int, default=None, help="default: the demo's")
     p.add_argument("--runs", default=str(REPO / "runs" / "scenario-demo"))
     p.add_argument("--results", default=str(RESULTS))
+    p.add_argument("--config", default="demo", help="natural only: the packaged config (default: the demo's)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="natural only: a config override for every method's run (repeatable)")
     args = p.parse_args(argv)
-    if args.overrides and args.scenario != "natural":
-        p.error("--set applies to --scenario natural only (the other scenarios' settings are the demo's)")
+    if (args.overrides or args.config != "demo") and args.scenario != "natural":
+        p.error("--set and --config apply to --scenario natural only (the other scenarios' settings are the demo's)")
 
     from semiseg import demo
     from semiseg.config import load_config
@@ -91,13 +92,13 @@ def main(argv=None) -> int:
     from semiseg.engine.trainer import Trainer
 
     runs = Path(args.runs)
-    tag = run_tag(args.overrides)
+    tag = ("" if args.config == "demo" else f"-{args.config}") + run_tag(args.overrides)
     if args.scenario == "natural":
         root, iters = None, args.iters
 
         def make_config(method, root, iters, seed):
             # method.name first: an override may set a key of that method
-            return load_config(demo.packaged_config("synthetic"), [
+            return load_config(demo.packaged_config(args.config), [
                 f"method.name={method}", *args.overrides, f"train.seed={seed}",
                 *([f"train.iters={iters}"] if iters else [])])
     elif args.scenario == "medical":
@@ -120,10 +121,12 @@ def main(argv=None) -> int:
             row = {"scenario": args.scenario, "data": "generated", "method": method, "seed": seed,
                    **scores(args.scenario, result.metrics), "iters": cfg.train.iters,
                    "precision": trainer.precision,
-                   **({"set": args.overrides, **evaluations(read_metrics(run_dir))} if args.scenario == "natural" else {}),
+                   **({"config": args.config, "set": args.overrides, **evaluations(read_metrics(run_dir))} if args.scenario == "natural" else {}),
                    "wall_min": round((time.perf_counter() - t0) / 60, 1), "machine": machine(),
                    "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                   "command": "python benchmarks/scenario_demo.py " + shlex.join(sys.argv[1:] if argv is None else argv)}
+                   # where the runs and rows go does not change them: left out, so no machine's layout shows
+                   "command": recorded_command(sys.argv[1:] if argv is None else argv, "benchmarks/scenario_demo.py",
+                                               drop=("--runs", "--results"))}
             Path(args.results).parent.mkdir(parents=True, exist_ok=True)
             with open(args.results, "a") as f:
                 f.write(json.dumps(row) + "\n")

@@ -417,7 +417,8 @@ def cmd_bench(args) -> int:
 def cmd_demo(args) -> int:
     from semiseg.demo import run_demo
 
-    return run_demo(out=args.out, iters=args.iters, methods=args.methods.split(","), scenario=args.scenario)
+    return run_demo(out=args.out, iters=args.iters, methods=args.methods.split(",") if args.methods else None,
+                    scenario=args.scenario)
 
 
 def cmd_report(args) -> int:
@@ -514,7 +515,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="train on the built-in synthetic data and compare methods")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--iters", type=int, default=None)
-    p.add_argument("--methods", default="supervised,unimatch")
+    p.add_argument("--methods", default=None,
+                   help="comma-separated methods to compare (default: supervised,fixmatch; with --scenario "
+                        "medical or change: supervised,unimatch)")
     p.add_argument("--scenario", choices=("natural", "medical", "change"), default="natural",
                    help="medical: UniMatch's ACDC scenario (UNet, Dice losses, 3D Dice) on generated h5 volumes "
                         "(default out: runs/demo-medical); change: UniMatch's remote-sensing change detection "

@@ -427,27 +427,32 @@ def test_scenario_demo_appends_one_row_per_method_and_seed_with_the_scenarios_sc
 
 
 def test_scenario_demo_natural_measures_the_demo_setting_with_overrides_and_keeps_settings_apart(tmp_path, monkeypatch):
-    """``--scenario natural`` trains ``configs/synthetic.yaml`` with the ``--set`` overrides (a
-    method's own keys included); its rows carry mIoU (the last evaluation's), every evaluation,
-    the overrides, the iterations and the precision that ran; another setting trains in another
-    folder; ``--set`` with another scenario is refused."""
+    """``--scenario natural`` trains ``configs/demo.yaml`` (or ``--config``) with the ``--set``
+    overrides (a method's own keys included); its rows carry mIoU (the last evaluation's), every
+    evaluation, the config, the overrides, the iterations and the precision that ran; another
+    setting trains in another folder; ``--set`` or ``--config`` with another scenario is refused."""
     from scenario_demo import main
 
     monkeypatch.setenv("SEMISEG_CACHE", str(tmp_path / "cache"))
     results, runs = tmp_path / "rows.jsonl", tmp_path / "runs"
     small = ["--set", "data.synthetic.num_train=6", "--set", "data.synthetic.num_val=2", "--set", "data.labeled=2",
              "--set", "train.batch_size=2", "--set", "train.eval_every=1", "--set", "train.iters=2",
-             "--set", "model.encoder=test_resnet"]
+             "--set", "model.encoder=test_resnet", "--set", "model.pretrained=false"]
     base = ["--scenario", "natural", "--seeds", "0", "--runs", str(runs), "--results", str(results)]
     assert main(base + ["--methods", "supervised"] + small) == 0
-    assert main(base + ["--methods", "supervised"] + small + ["--set", "train.lr=0.001"]) == 0
+    assert main(base + ["--methods", "supervised", "--config", "synthetic"] + small + ["--set", "train.lr=0.001"]) == 0
     assert main(base + ["--methods", "meanteacher"] + small + ["--set", "method.rampup_iters=1"]) == 0
     rows = [json.loads(line) for line in results.read_text().splitlines()]
     assert [(r["scenario"], r["method"], r["iters"], r["precision"] in ("fp32", "bf16")) for r in rows] == \
         [("natural", "supervised", 2, True)] * 2 + [("natural", "meanteacher", 2, True)]
     assert [r["set"] for r in rows] == [small[1::2], small[1::2] + ["train.lr=0.001"],
                                         small[1::2] + ["method.rampup_iters=1"]]
-    folders = [f"natural-{r['method']}-s0-" + "-".join(o.replace("=", "_") for o in r["set"]) for r in rows]
+    assert [r["config"] for r in rows] == ["demo", "synthetic", "demo"]
+    # the command names neither where the runs nor where the rows went
+    assert rows[1]["command"] == ("python benchmarks/scenario_demo.py --scenario natural --seeds 0 --methods supervised "
+                                  "--config synthetic " + " ".join(small) + " --set train.lr=0.001")
+    folders = [f"natural-{r['method']}-s0-" + ("synthetic-" if r["config"] == "synthetic" else "")
+               + "-".join(o.replace("=", "_") for o in r["set"]) for r in rows]
     assert sorted(d.name for d in runs.iterdir()) == sorted(folders)
     for r, folder in zip(rows, folders):
         evals = [json.loads(x) for x in (runs / folder / "metrics.jsonl").read_text().splitlines() if '"eval"' in x]
@@ -456,8 +461,9 @@ def test_scenario_demo_natural_measures_the_demo_setting_with_overrides_and_keep
         assert r["mIoU"] == round(shown[-1]["mIoU"], 2) and len(r["per_class_iou"]) == 6
         assert r["networks"] == {e["model"]: round(e["mIoU"], 2) for e in evals if e["iter"] == 2}
     assert list(rows[2]["networks"]) == ["student", "teacher"]
-    with pytest.raises(SystemExit):
-        main(["--scenario", "medical", "--set", "train.lr=0.1", "--results", str(results)])
+    for other in (["--set", "train.lr=0.1"], ["--config", "synthetic"]):
+        with pytest.raises(SystemExit):
+            main(["--scenario", "medical", *other, "--results", str(results)])
 
 
 def test_unimatch_v2_gpu_cells_are_valid_configs_of_the_named_recipes():

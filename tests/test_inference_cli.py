@@ -139,3 +139,38 @@ def test_a_second_demo_reuses_the_finished_runs_and_a_new_setting_gets_new_folde
     assert rc == 0 and f"training a new one in {out / 'supervised-2'}" in third
     assert (out / "supervised" / "config.yaml").read_text() == before
     assert load_config(out / "supervised-2" / "config.yaml").train.iters == 3
+
+
+def test_the_demo_compares_supervised_and_fixmatch_from_the_pretrained_encoder_and_scenarios_keep_unimatch(
+        tmp_path, monkeypatch, capsys):
+    """``semiseg demo`` trains ``configs/demo.yaml`` (8 masks of the synthetic data, the packaged
+    ImageNet-pretrained Lite0) for supervised and FixMatch, and prints the gain from the two
+    scores; ``--methods`` replaces the pair; the medical and change demos keep supervised and
+    UniMatch."""
+    from types import SimpleNamespace
+
+    import semiseg.demo as demo
+    from semiseg.cli import main
+
+    trained, scores = [], {"supervised": 25.0, "fixmatch": 27.5, "unimatch_v2": 26.0}
+
+    def fake_run(cfg, run_dir):
+        trained.append((cfg.method.name, cfg.model.encoder, cfg.model.pretrained, cfg.data.labeled,
+                        cfg.data.dataset, cfg.train.iters, run_dir.name))
+        return SimpleNamespace(metrics={"mIoU": scores[cfg.method.name]}, run_dir=run_dir)
+
+    monkeypatch.setattr(demo, "demo_run", fake_run)
+    assert main(["demo", "--out", str(tmp_path / "d")]) == 0
+    assert trained == [(m, "tf_efficientnet_lite0", True, 8, "synthetic", 300, m) for m in ("supervised", "fixmatch")]
+    assert "gain of fixmatch over supervised: +2.50 mIoU" in capsys.readouterr().out
+    trained.clear()
+    assert main(["demo", "--out", str(tmp_path / "d"), "--methods", "supervised,unimatch_v2", "--iters", "5"]) == 0
+    assert [(t[0], t[5]) for t in trained] == [("supervised", 5), ("unimatch_v2", 5)]
+    assert "gain of unimatch_v2 over supervised: +1.00 mIoU" in capsys.readouterr().out
+
+    for scenario in ("medical", "change"):
+        seen = []
+        monkeypatch.setattr(demo, f"run_{scenario}_demo", lambda out, iters, methods: seen.append(methods) or 0)
+        assert main(["demo", "--scenario", scenario]) == 0
+        assert main(["demo", "--scenario", scenario, "--methods", "supervised,fixmatch"]) == 0
+        assert seen == [("supervised", "unimatch"), ["supervised", "fixmatch"]]
