@@ -75,7 +75,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--scenario", choices=("natural", "medical", "change"), default="medical")
     p.add_argument("--seeds", default="0,1")
-    p.add_argument("--methods", default="supervised,unimatch")
+    p.add_argument("--methods", default=None,
+                   help="default: the demo's (natural: supervised,fixmatch; medical, change: supervised,unimatch)")
     p.add_argument("--iters", type=int, default=None, help="default: the demo's")
     p.add_argument("--runs", default=str(REPO / "runs" / "scenario-demo"))
     p.add_argument("--results", default=str(RESULTS))
@@ -112,7 +113,8 @@ def main(argv=None) -> int:
         root, make_config = ensure_change_synthetic(runs / "levir-data"), demo.change_config
         iters = args.iters or demo.CHANGE_ITERS
     for seed in (int(s) for s in args.seeds.split(",")):
-        for method in args.methods.split(","):
+        for method in (args.methods.split(",") if args.methods
+                       else demo.DEMO_METHODS if args.scenario == "natural" else demo.SCENARIO_METHODS):
             cfg = make_config(method, root, iters, seed=seed)
             t0 = time.perf_counter()
             run_dir = runs / f"{args.scenario}-{method}-s{seed}{tag}"
