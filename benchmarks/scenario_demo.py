@@ -22,8 +22,9 @@ Each (method, seed) appends one JSON line to ``benchmarks/results/scenarios.json
 scenario's scores (medical: mDice and per-class Dice; change: changed-class IoU, F1, precision,
 recall, overall accuracy, unchanged IoU), iterations, wall time, the machine, the thread count,
 the date and the command; ``natural`` rows also carry mIoU, per-class IoU, the mIoU of every
-scheduled evaluation (``evals``), each network's last (``networks``), the config and the
-overrides (``set``).
+scheduled evaluation (``evals``), each network's last (``networks``), the config, the
+overrides (``set``) and, with the demo's config, the demo's schedule for the method
+(``schedule``: :data:`semiseg.demo.DEMO_SCHEDULES`, applied before ``--set``).
 """
 
 from __future__ import annotations
@@ -97,11 +98,20 @@ def main(argv=None) -> int:
     if args.scenario == "natural":
         root, iters = None, args.iters
 
-        def make_config(method, root, iters, seed):
+        def given(method):
             # method.name first: an override may set a key of that method
+            return [f"method.name={method}", *args.overrides, *([f"train.iters={iters}"] if iters else [])]
+
+        def schedule(method):
+            # the demo's own: Mean Teacher's and the memory bank's schedules scaled to the run's length
+            if args.config != "demo":
+                return []
+            return demo.demo_schedule(method, load_config(demo.packaged_config("demo"), given(method)).train.iters)
+
+        def make_config(method, root, iters, seed):
+            # --set wins over the schedule
             return load_config(demo.packaged_config(args.config), [
-                f"method.name={method}", *args.overrides, f"train.seed={seed}",
-                *([f"train.iters={iters}"] if iters else [])])
+                f"method.name={method}", *schedule(method), *given(method)[1:], f"train.seed={seed}"])
     elif args.scenario == "medical":
         from semiseg.data.acdc_synthetic import ensure_acdc_synthetic
 
@@ -123,7 +133,8 @@ def main(argv=None) -> int:
             row = {"scenario": args.scenario, "data": "generated", "method": method, "seed": seed,
                    **scores(args.scenario, result.metrics), "iters": cfg.train.iters,
                    "precision": trainer.precision,
-                   **({"config": args.config, "set": args.overrides, **evaluations(read_metrics(run_dir))} if args.scenario == "natural" else {}),
+                   **({"config": args.config, "set": args.overrides, "schedule": schedule(method),
+                       **evaluations(read_metrics(run_dir))} if args.scenario == "natural" else {}),
                    "wall_min": round((time.perf_counter() - t0) / 60, 1), "machine": machine(),
                    "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                    # where the runs and rows go does not change them: left out, so no machine's layout shows

@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
@@ -441,13 +442,17 @@ def test_scenario_demo_natural_measures_the_demo_setting_with_overrides_and_keep
     base = ["--scenario", "natural", "--seeds", "0", "--runs", str(runs), "--results", str(results)]
     assert main(base + ["--methods", "supervised"] + small) == 0
     assert main(base + ["--methods", "supervised", "--config", "synthetic"] + small + ["--set", "train.lr=0.001"]) == 0
-    assert main(base + ["--methods", "meanteacher"] + small + ["--set", "method.rampup_iters=1"]) == 0
+    assert main(base + ["--methods", "meanteacher"] + small + ["--set", "method.rampup_iters=5"]) == 0
     rows = [json.loads(line) for line in results.read_text().splitlines()]
     assert [(r["scenario"], r["method"], r["iters"], r["precision"] in ("fp32", "bf16")) for r in rows] == \
         [("natural", "supervised", 2, True)] * 2 + [("natural", "meanteacher", 2, True)]
     assert [r["set"] for r in rows] == [small[1::2], small[1::2] + ["train.lr=0.001"],
-                                        small[1::2] + ["method.rampup_iters=1"]]
+                                        small[1::2] + ["method.rampup_iters=5"]]
     assert [r["config"] for r in rows] == ["demo", "synthetic", "demo"]
+    # the demo's schedule for Mean Teacher, scaled to the 2 iterations, applied before --set (which wins)
+    assert [r["schedule"] for r in rows] == [[], [], ["method.rampup_iters=1"]]
+    assert yaml.safe_load((runs / ("natural-meanteacher-s0-" + "-".join(o.replace("=", "_") for o in rows[2]["set"]))
+                           / "config.yaml").read_text())["method"]["rampup_iters"] == 5
     # the command names neither where the runs nor where the rows went
     assert rows[1]["command"] == ("python benchmarks/scenario_demo.py --scenario natural --seeds 0 --methods supervised "
                                   "--config synthetic " + " ".join(small) + " --set train.lr=0.001")
@@ -461,6 +466,12 @@ def test_scenario_demo_natural_measures_the_demo_setting_with_overrides_and_keep
         assert r["mIoU"] == round(shown[-1]["mIoU"], 2) and len(r["per_class_iou"]) == 6
         assert r["networks"] == {e["model"]: round(e["mIoU"], 2) for e in evals if e["iter"] == 2}
     assert list(rows[2]["networks"]) == ["student", "teacher"]
+    assert main(base + ["--methods", "meanteacher", "--iters", "6"] + small) == 0
+    last = json.loads(results.read_text().splitlines()[-1])
+    assert (last["iters"], last["schedule"]) == (6, ["method.rampup_iters=2"])
+    trained = yaml.safe_load((runs / ("natural-meanteacher-s0-" + "-".join(o.replace("=", "_") for o in small[1::2]))
+                              / "config.yaml").read_text())
+    assert (trained["method"]["rampup_iters"], trained["train"]["iters"]) == (2, 6)
     for other in (["--set", "train.lr=0.1"], ["--config", "synthetic"]):
         with pytest.raises(SystemExit):
             main(["--scenario", "medical", *other, "--results", str(results)])

@@ -168,6 +168,20 @@ def test_the_demo_compares_supervised_and_fixmatch_from_the_pretrained_encoder_a
     assert [(t[0], t[5]) for t in trained] == [("supervised", 5), ("unimatch_v2", 5)]
     assert "gain of unimatch_v2 over supervised: +1.00 mIoU" in capsys.readouterr().out
 
+    # Mean Teacher's ramp-up and the memory bank's schedule follow the demo's length
+    schedules = {}
+    monkeypatch.setattr(demo, "demo_run", lambda cfg, run_dir: schedules.update({cfg.method.name: cfg.method})
+                        or SimpleNamespace(metrics={"mIoU": 20.0}, run_dir=run_dir))
+    assert main(["demo", "--out", str(tmp_path / "d"), "--methods", "meanteacher,contrastive_memory,fixmatch"]) == 0
+    assert schedules["meanteacher"].rampup_iters == 100
+    cm = schedules["contrastive_memory"]
+    assert (cm.rampup_iters, cm.memory_start_iter, cm.contrastive_start_iter) == (40, 20, 40)
+    schedules.clear()
+    assert main(["demo", "--out", str(tmp_path / "e"), "--methods", "meanteacher,contrastive_memory", "--iters", "30"]) == 0
+    assert schedules["meanteacher"].rampup_iters == 10
+    assert (schedules["contrastive_memory"].memory_start_iter, schedules["contrastive_memory"].contrastive_start_iter) == (2, 4)
+    capsys.readouterr()
+
     for scenario in ("medical", "change"):
         seen = []
         monkeypatch.setattr(demo, f"run_{scenario}_demo", lambda out, iters, methods: seen.append(methods) or 0)
