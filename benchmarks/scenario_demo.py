@@ -98,20 +98,12 @@ def main(argv=None) -> int:
     if args.scenario == "natural":
         root, iters = None, args.iters
 
-        def given(method):
-            # method.name first: an override may set a key of that method
-            return [f"method.name={method}", *args.overrides, *([f"train.iters={iters}"] if iters else [])]
-
-        def schedule(method):
-            # the demo's own: Mean Teacher's and the memory bank's schedules scaled to the run's length
-            if args.config != "demo":
-                return []
-            return demo.demo_schedule(method, load_config(demo.packaged_config("demo"), given(method)).train.iters)
-
         def make_config(method, root, iters, seed):
-            # --set wins over the schedule
-            return load_config(demo.packaged_config(args.config), [
-                f"method.name={method}", *schedule(method), *given(method)[1:], f"train.seed={seed}"])
+            overrides = [*args.overrides, f"train.seed={seed}", *([f"train.iters={iters}"] if iters else [])]
+            if args.config == "demo":  # the demo's own, with its schedule for the method (--set wins)
+                return demo.demo_config(method, overrides)
+            # method.name first: an override may set a key of that method
+            return load_config(demo.packaged_config(args.config), [f"method.name={method}", *overrides])
     elif args.scenario == "medical":
         from semiseg.data.acdc_synthetic import ensure_acdc_synthetic
 
@@ -133,7 +125,8 @@ def main(argv=None) -> int:
             row = {"scenario": args.scenario, "data": "generated", "method": method, "seed": seed,
                    **scores(args.scenario, result.metrics), "iters": cfg.train.iters,
                    "precision": trainer.precision,
-                   **({"config": args.config, "set": args.overrides, "schedule": schedule(method),
+                   **({"config": args.config, "set": args.overrides,
+                       "schedule": demo.demo_schedule(method, cfg.train.iters) if args.config == "demo" else [],
                        **evaluations(read_metrics(run_dir))} if args.scenario == "natural" else {}),
                    "wall_min": round((time.perf_counter() - t0) / 60, 1), "machine": machine(),
                    "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),

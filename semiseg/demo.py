@@ -167,6 +167,16 @@ def demo_schedule(method: str, iters: int) -> list[str]:
     return [f"method.{key}={round(fraction * iters)}" for key, fraction in DEMO_SCHEDULES.get(method, {}).items()]
 
 
+def demo_config(method: str, overrides=()):
+    """``configs/demo.yaml`` for ``method`` with ``overrides``, and the method's schedule scaled to
+    the run's iterations (:func:`demo_schedule`), placed before ``overrides`` so that they win."""
+    given = [f"method.name={method}", *overrides]  # method.name first: an override may set its keys
+    if method not in DEMO_SCHEDULES:
+        return load_config(packaged_config("demo"), given)
+    schedule = demo_schedule(method, load_config(packaged_config("demo"), given).train.iters)
+    return load_config(packaged_config("demo"), [given[0], *schedule, *given[1:]])
+
+
 def run_demo(out: str | Path = "runs/demo", iters: int | None = None,
              methods=None, scenario: str = "natural") -> int:
     """One demo: ``methods`` side by side (default :data:`DEMO_METHODS`, or
@@ -181,13 +191,7 @@ def run_demo(out: str | Path = "runs/demo", iters: int | None = None,
     out = Path(out)
     rows = []
     for method in methods:
-        overrides = [f"method.name={method}"]
-        if iters:
-            overrides.append(f"train.iters={iters}")
-            overrides.append(f"train.eval_every={iters}")
-        cfg = load_config(packaged_config("demo"), overrides)
-        if method in DEMO_SCHEDULES:
-            cfg = load_config(packaged_config("demo"), overrides + demo_schedule(method, cfg.train.iters))
+        cfg = demo_config(method, [f"train.iters={iters}", f"train.eval_every={iters}"] if iters else [])
         print(f"\n== {method}: {cfg.data.labeled} labelled images, {cfg.train.iters} iterations ==")
         t0 = time.perf_counter()
         result = demo_run(cfg, out / method)
