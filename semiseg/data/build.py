@@ -204,6 +204,10 @@ def build_train_sets(cfg: Union[Config, DataConfig], num_strong: int, with_unlab
     if unlabeled_masks and (data.dataset == "acdc" or data.dataset in CHANGE_DATASETS):
         raise ConfigError(f"key 'method.oracle_pseudo_labels': not available for data.dataset "
                           f"'{data.dataset}' (natural-image datasets only)")
+    if data.dataset == "acdc":  # h5py missing: one line here, not a traceback from a loader worker
+        from semiseg.data.acdc import require_h5py
+
+        require_h5py()
     labeled, unlabeled = resolve_labeled(data, list_samples(data, data.train_split))
     if data.dataset == "acdc":  # HDF5 slices, one channel, the medical pipeline (semiseg.data.acdc)
         from semiseg.data.acdc import ACDCLabeledSet, ACDCUnlabeledSet
@@ -260,11 +264,12 @@ def build_eval_set(cfg: Union[Config, DataConfig], split: str = "val") -> EvalSe
     """Every image of ``split`` with its mask, for scoring (ACDC: every volume of ``split``,
     an :class:`~semiseg.data.acdc.ACDCVolumeSet`)."""
     data = _data_cfg(cfg)
-    samples = list_samples(data, split)
     if data.dataset == "acdc":  # whole volumes, scored in 3D (semiseg.engine.evaluator)
-        from semiseg.data.acdc import ACDCVolumeSet
+        from semiseg.data.acdc import ACDCVolumeSet, require_h5py
 
-        return ACDCVolumeSet(samples)
+        require_h5py()  # before any worker reads a volume
+        return ACDCVolumeSet(list_samples(data, split))
+    samples = list_samples(data, split)
     unmasked = next((s for s in samples if s.mask is None), None)
     if unmasked is not None:
         raise DataError(f"image {unmasked.image} of split '{split}' has no mask: every evaluation image needs one")
