@@ -418,7 +418,7 @@ def cmd_demo(args) -> int:
     from semiseg.demo import run_demo
 
     return run_demo(out=args.out, iters=args.iters, methods=args.methods.split(",") if args.methods else None,
-                    scenario=args.scenario)
+                    scenario=args.scenario, data_root=args.data_root)
 
 
 def cmd_report(args) -> int:
@@ -523,6 +523,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default out: runs/demo-medical); change: UniMatch's remote-sensing change detection "
                         "(siamese DeepLabV3+, changed IoU) on generated LEVIR-CD-layout pairs (default out: "
                         "runs/demo-change)")
+    p.add_argument("--data-root", default=None,
+                   help="with --scenario medical: the real ACDC folder (data/slices/*.h5, data/*.h5; e.g. "
+                        "../shared/data/acdc) instead of generated volumes; needs h5py ('semiseg[medical]')")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("pseudo-label", help="pct stage two: write tag-restricted pseudo-label PNGs")

@@ -78,17 +78,57 @@ def medical_config(method: str, root: Path, iters: int, seed: int = 0):
                          model=dict(unet_channels=[8, 16, 32, 64, 128]))
 
 
-def run_medical_demo(out: str | Path = "runs/demo-medical", iters: int | None = None,
-                     methods=("supervised", "unimatch")) -> int:
-    """Supervised and UniMatch side by side on generated ACDC-layout data; prints Dice per class."""
-    from semiseg.data.acdc_synthetic import ensure_acdc_synthetic
+# --scenario medical --data-root: the real ACDC folder (../shared/data/acdc's layout). The
+# ACDC-CPU protocol's optimiser (AdamW at 1e-3; the official SGD at 0.01 had not started to
+# segment at 300 iterations, BENCHMARKS.md, ACDC-CPU) on the demo's small network and slices.
+MEDICAL_REAL_ITERS = 600
+MEDICAL_REAL_KEYS = dict(optimizer="adamw", lr=0.001)
 
+
+def real_medical_config(method: str, root: Path, iters: int, seed: int = 0):
+    """The medical demo on the real ACDC at ``root``: the 1-case split, the 20 validation volumes,
+    the demo's network and slices, the ACDC-CPU protocol's optimiser, fp32."""
+    cfg = scaled_recipe("acdc", method, root, iters, seed,
+                        data=dict(labeled="splits/acdc/1/labeled.txt", unlabeled="splits/acdc/1/unlabeled.txt",
+                                  val_split="val"),
+                        model=dict(unet_channels=[8, 16, 32, 64, 128]))
+    raw = cfg.to_dict()
+    raw["train"].update(precision="fp32", **MEDICAL_REAL_KEYS)
+    return load_config(raw)
+
+
+def check_acdc_root(root: Path) -> Path:
+    """``root`` if it holds the ACDC layout (``data/slices/*.h5``); a one-line error otherwise."""
+    from semiseg.errors import DataError
+
+    if not (root / "data" / "slices").is_dir() or not any((root / "data" / "slices").glob("*.h5")):
+        raise DataError(f"--data-root {root}: no data/slices/*.h5 there: expected the ACDC folder of "
+                        "SSL4MIS/UniMatch (data/slices/*.h5 training slices, data/*.h5 volumes)")
+    return root
+
+
+def run_medical_demo(out: str | Path = "runs/demo-medical", iters: int | None = None,
+                     methods=("supervised", "unimatch"), data_root: str | Path | None = None) -> int:
+    """Supervised and UniMatch side by side on ACDC: the real folder ``data_root`` when given,
+    else generated ACDC-layout data; prints Dice per class and the gain."""
     out = Path(out)
-    root = ensure_acdc_synthetic(out / "acdc-data")
-    print(f"generated ACDC-layout data: {root} (data/*.h5 volumes, data/slices/*.h5, splits/acdc/)")
-    iters = iters or MEDICAL_ITERS
-    rows = train_side_by_side(methods, lambda method: medical_config(method, root, iters), out, "1 labelled case")
-    print("\nmethod         mDice     RV    Myo     LV    time   run directory (8 volumes, 3D Dice)")
+    if data_root is not None:
+        from semiseg.data.acdc import require_h5py
+
+        require_h5py()
+        root = check_acdc_root(Path(data_root))
+        print(f"real ACDC: {root} (1 labelled case; the 20 validation volumes scored in 3D)")
+        iters = iters or MEDICAL_REAL_ITERS
+        config_of, volumes = (lambda method: real_medical_config(method, root, iters)), "20 volumes"
+    else:
+        from semiseg.data.acdc_synthetic import ensure_acdc_synthetic
+
+        root = ensure_acdc_synthetic(out / "acdc-data")
+        print(f"generated ACDC-layout data: {root} (data/*.h5 volumes, data/slices/*.h5, splits/acdc/)")
+        iters = iters or MEDICAL_ITERS
+        config_of, volumes = (lambda method: medical_config(method, root, iters)), "8 volumes"
+    rows = train_side_by_side(methods, config_of, out, "1 labelled case")
+    print(f"\nmethod         mDice     RV    Myo     LV    time   run directory ({volumes}, 3D Dice)")
     for method, m, secs, run_dir in rows:
         rv, myo, lv = (m.get("per_class_dice") or [None, float("nan"), float("nan"), float("nan")])[1:]
         print(f"{method:<12} {m.get('mDice', float('nan')):6.2f} {rv:6.2f} {myo:6.2f} {lv:6.2f} {secs:6.0f}s   {run_dir}")
@@ -98,8 +138,9 @@ def run_medical_demo(out: str | Path = "runs/demo-medical", iters: int | None = 
             print(f"gain of {method} over supervised: {m.get('mDice', float('nan')) - base:+.2f} mDice with the same "
                   "labelled case (one seed, a short run)")
     print("\nnext:\n"
-          f"  semiseg eval {rows[0][3]} --split test --json\n"
-          "  semiseg train configs/acdc.yaml --set data.root=PATH/TO/ACDC   # the real data, official recipe")
+          f"  semiseg eval {rows[0][3]} --split {'val' if data_root is not None else 'test'} --json\n"
+          "  python benchmarks/acdc_cpu.py --method unimatch --cases 1   # the ACDC-CPU protocol (about an hour)\n"
+          "  semiseg train configs/acdc.yaml --set data.root=PATH/TO/ACDC   # the official recipe (a GPU)")
     return 0
 
 
@@ -178,12 +219,17 @@ def demo_config(method: str, overrides=()):
 
 
 def run_demo(out: str | Path = "runs/demo", iters: int | None = None,
-             methods=None, scenario: str = "natural") -> int:
+             methods=None, scenario: str = "natural", data_root: str | Path | None = None) -> int:
     """One demo: ``methods`` side by side (default :data:`DEMO_METHODS`, or
-    :data:`SCENARIO_METHODS` for ``medical`` and ``change``), printing each score and the gain."""
+    :data:`SCENARIO_METHODS` for ``medical`` and ``change``), printing each score and the gain.
+    ``data_root``: the real ACDC folder, for ``medical`` only."""
+    from semiseg.errors import ConfigError
+
+    if data_root is not None and scenario != "medical":
+        raise ConfigError(f"--data-root is the real ACDC folder of --scenario medical, not of --scenario {scenario}")
     if scenario == "medical":
         return run_medical_demo(out if str(out) != "runs/demo" else "runs/demo-medical", iters,
-                                methods or SCENARIO_METHODS)
+                                methods or SCENARIO_METHODS, data_root)
     if scenario == "change":
         return run_change_demo(out if str(out) != "runs/demo" else "runs/demo-change", iters,
                                methods or SCENARIO_METHODS)

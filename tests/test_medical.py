@@ -615,6 +615,40 @@ def test_medical_demo_trains_both_methods_and_prints_dice(acdc_root, tmp_path, m
     assert "gain of unimatch over supervised" in out and "mDice" in out
 
 
+
+def test_medical_demo_on_a_real_folder_trains_on_it_with_the_protocols_optimiser(acdc_root, tmp_path, monkeypatch,
+                                                                                 capsys):
+    """``--data-root``: the folder given (here a generated one in the real layout) instead of
+    generated volumes, the 1-case split scored on val, AdamW at 1e-3 in fp32 (the ACDC-CPU
+    protocol's optimiser); a folder without slices, or --data-root with another scenario, is
+    refused with one line."""
+    from semiseg import demo
+    from semiseg.cli import main
+
+    cfg = demo.real_medical_config("unimatch", acdc_root, 600)
+    assert (cfg.data.root, cfg.data.val_split, cfg.data.labeled) == (str(acdc_root), "val", "splits/acdc/1/labeled.txt")
+    assert (cfg.train.optimizer, cfg.train.lr, cfg.train.precision, cfg.method.loss_u) == ("adamw", 0.001, "fp32", "dice")
+    original = demo.real_medical_config
+
+    def tiny(method, root, iters):
+        c = original(method, root, iters)
+        c.data.crop_size, c.model.unet_channels, c.train.batch_size, c.train.threads = 16, [4, 4, 4, 4, 4], 2, 1
+        return c
+
+    monkeypatch.setattr(demo, "real_medical_config", tiny)
+    monkeypatch.setattr("semiseg.data.acdc_synthetic.ensure_acdc_synthetic",
+                        lambda root: pytest.fail("generated data with --data-root"))
+    assert main(["demo", "--scenario", "medical", "--data-root", str(acdc_root), "--iters", "1",
+                 "--out", str(tmp_path / "demo")]) == 0
+    out = capsys.readouterr().out
+    assert f"real ACDC: {acdc_root}" in out and "gain of unimatch over supervised" in out and "--split val" in out
+    assert (tmp_path / "demo" / "unimatch" / "config.yaml").read_text().count("optimizer: adamw") == 1
+    assert main(["demo", "--scenario", "medical", "--data-root", str(tmp_path), "--out", str(tmp_path / "d2")]) != 0
+    err = capsys.readouterr().err.strip()
+    assert f"--data-root {tmp_path}: no data/slices/*.h5 there" in err and "\n" not in err
+    assert main(["demo", "--scenario", "change", "--data-root", str(acdc_root)]) != 0
+    assert "--data-root is the real ACDC folder of --scenario medical" in capsys.readouterr().err
+
 def test_hd95_equals_hand_computed_values():
     pytest.importorskip("scipy")
     from semiseg.config.schema import EvalConfig
@@ -636,3 +670,17 @@ def test_hd95_equals_hand_computed_values():
     res = evaluate(Oracle(), VolumeSet([vol]), EvalConfig(hd95=True), 4, crop_size=8, progress=False)
     assert res["per_class_hd95"] == [None, 0.0, 0.0, 0.0] and res["mHD95"] == 0.0
     assert "mHD95" not in evaluate(Oracle(), VolumeSet([vol]), EvalConfig(), 4, crop_size=8, progress=False)
+
+
+def test_train_without_h5py_stops_with_one_line_before_any_worker(acdc_root, monkeypatch, tmp_path, capsys):
+    """h5py missing: `semiseg train` on acdc exits non-zero with the install hint on one line
+    (before, the ImportError surfaced inside a loader worker as a traceback)."""
+    from semiseg.cli import main
+
+    monkeypatch.setitem(sys.modules, "h5py", None)
+    rc = main(["train", "acdc", "--set", f"data.root={acdc_root}", "--set", "data.workers=2",
+               "--set", "data.crop_size=32",
+               "--set", "train.iters=1", "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip()
+    assert rc != 0
+    assert err.count("\n") == 0 and "pip install 'semiseg[medical]'" in err and "Traceback" not in err
