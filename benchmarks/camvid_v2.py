@@ -141,9 +141,9 @@ def recorded_command(argv: list[str], script: str = "benchmarks/camvid_v2.py", d
     return f"python {script} " + " ".join(shlex.quote(a) for a in out)
 
 
-def read_metrics(run_dir: Path) -> tuple[list[float], dict[str, dict], float]:
-    """(seconds per step of each logging window after the first, last eval per network, best mIoU
-    of the first network)."""
+def read_metrics(run_dir: Path, metric: str = "mIoU") -> tuple[list[float], dict[str, dict], float]:
+    """(seconds per step of each logging window after the first, last eval per network, best
+    ``metric`` of the first network)."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     steps = [r["sec_per_iter"] for r in rows if r.get("type") == "train" and "sec_per_iter" in r]
     evals = [r for r in rows if r.get("type") == "eval"]
@@ -151,7 +151,7 @@ def read_metrics(run_dir: Path) -> tuple[list[float], dict[str, dict], float]:
     for r in evals:
         last[r["model"]] = r
     first = evals[0]["model"] if evals else None
-    best = max((r["mIoU"] for r in evals if r["model"] == first), default=float("nan"))
+    best = max((r[metric] for r in evals if r["model"] == first), default=float("nan"))
     return steps[1:] or steps, last, best
 
 
@@ -159,11 +159,15 @@ STATE = "benchmark.json"  # in a run directory: which row the run makes, and its
 
 
 def train_row(method: str, split: str, seed: int, config: str, overrides: list[str], out: Path,
-              command: str, variant: list[str], stage: str = "", resume: bool = False) -> Optional[dict]:
+              command: str, variant: list[str], stage: str = "", resume: bool = False,
+              protocol: str = "camvid-cpu-v2", metric: str = "mIoU", per_class: str = "per_class_iou",
+              script: str = "benchmarks/camvid_v2.py") -> Optional[dict]:
     """Train (or, with ``resume``, continue) the run in ``out`` and return its row; None when a
     stop signal (SIGTERM, Ctrl-C) cut it short: its checkpoint is saved, its wall time so far is
     kept in ``out/benchmark.json``, and ``--resume out`` finishes it. The trainer's resume is
-    exact (tested bit for bit), so a row made in several segments is the row of one run."""
+    exact (tested bit for bit), so a row made in several segments is the row of one run.
+    ``protocol``, ``metric`` and ``per_class`` name the row's protocol, its score (an eval
+    row's key) and per-class list; ``script`` is the runner the resume hint names."""
     import semiseg
 
     state_file = out / STATE
@@ -181,18 +185,18 @@ def train_row(method: str, split: str, seed: int, config: str, overrides: list[s
     state["segments"] += 1
     state_file.write_text(json.dumps(state, indent=1) + "\n")
     if result.stopped_early:
-        print(f"stopped at iteration {result.iteration}; finish it with: python benchmarks/camvid_v2.py "
+        print(f"stopped at iteration {result.iteration}; finish it with: python {script} "
               f"--resume {as_recorded(out)}", file=sys.stderr)
         return None
-    steps, last, best = read_metrics(out)
-    networks = {name: round(r["mIoU"], 2) for name, r in last.items()}
+    steps, last, best = read_metrics(out, metric)
+    networks = {name: round(r[metric], 2) for name, r in last.items()}
     reported = next(iter(last))  # the network eval.model "auto" scores: the method's default
     row = {
-        "protocol": "camvid-cpu-v2", "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "protocol": protocol, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "method": method + (f":{stage}" if stage else ""), "split": split, "seed": seed,
-        "mIoU": round(result.metrics.get("mIoU", last[reported]["mIoU"]), 2), "network": reported,
-        "networks": networks, "best_mIoU": round(best, 2),
-        "per_class_iou": [round(x, 2) for x in last[reported]["per_class_iou"]],
+        metric: round(result.metrics.get(metric, last[reported][metric]), 2), "network": reported,
+        "networks": networks, f"best_{metric}": round(best, 2),
+        per_class: [None if x is None else round(x, 2) for x in last[reported][per_class]],
         "sec_per_step": round(sum(steps) / max(1, len(steps)), 3), "wall_min": round(state["wall_s"] / 60, 1),
         "iters": result.iteration, "config": config,
         "overrides": recorded_overrides(overrides),
@@ -209,7 +213,8 @@ def append(row: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a") as f:
         f.write(json.dumps(row) + "\n")
-    print(json.dumps({k: row[k] for k in ("method", "split", "seed", "mIoU", "sec_per_step", "wall_min")}))
+    print(json.dumps({k: row[k] for k in ("method", "split", "seed", "mIoU", "mDice", "sec_per_step", "wall_min")
+                      if k in row}))
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,209 @@
+#!/usr/bin/env python
+"""ACDC-CPU protocol (BENCHMARKS.md, "ACDC-CPU"): train one method on the 1- or 3-case split of
+the real ACDC cardiac MRI with one seed, score the 20 validation volumes in 3D (mean Dice over
+RV, Myo and LV, as ``semiseg eval`` does) and append the row to ``benchmarks/results/acdc_cpu.jsonl``.
+
+    python benchmarks/acdc_cpu.py --method supervised --cases 1 --seed 0
+    python benchmarks/acdc_cpu.py --method supervised --cases all --seed 0   # the ceiling: 1312 slices
+    python benchmarks/acdc_cpu.py --method unimatch --cases 1 --seed 0
+    python benchmarks/acdc_cpu.py --table                                    # the matrix, as markdown
+    python benchmarks/acdc_cpu.py --resume runs/bench-acdc/unimatch-1-s0     # finish a stopped run
+
+The recipe is UniMatch's medical one (``configs/acdc.yaml``: the official 2D UNet from scratch,
+(CE + Dice) / 2 on the labelled slices, Dice on the confident unlabelled pixels, threshold 0.95,
+CutMix partners from a separate batch, 12 + 12 slices a step; supervised 24), scaled to a 2-core
+CPU by :data:`PROTOCOL`, chosen by measurement (BENCHMARKS.md, ACDC-CPU, "why these numbers"):
+
+* ``data.crop_size=128`` instead of 256: a quarter of the pixels (UniMatch: 297.6 GFLOP a step);
+  slices are resized to 128 for prediction and the logits back to the label's size to score;
+* ``train.iters=1200``: UniMatch at 2.23 s/step on 2 quiet threads of an AMD EPYC family 25
+  model 17 (``semiseg bench --fixed-batch``) is 45 minutes of steps;
+* AdamW at lr 1e-3 instead of SGD at 0.01: on the 1-case split SGD's UNet scored 13.46 / 4.61
+  mDice at iterations 150 / 300, AdamW 32.28 / 29.03 (BENCHMARKS.md, ACDC-CPU);
+* fp32 on every CPU, as CamVid-CPU v2, so rows of AVX2 and AVX-512 BF16 machines compare.
+
+Each row holds the final mDice of the network the method reports (and its other networks), the
+per-class Dice, the best mDice on the way, seconds per step, wall time, the machine and the exact
+command. A run stopped by SIGTERM or Ctrl-C keeps its checkpoint; ``--resume`` finishes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from datetime import datetime
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from camvid_v2 import REPO, STATE, append, recorded_command, recorded_overrides, train_row  # noqa: E402
+
+RESULTS = Path(os.environ.get("SEMISEG_ACDC_RESULTS", REPO / "benchmarks" / "results" / "acdc_cpu.jsonl"))
+CASES = ("1", "3", "7", "all")
+ITERS = 1200
+PROTOCOL = ["data.crop_size=128", f"train.iters={ITERS}", "train.eval_every=200", "train.precision=fp32",
+            "train.optimizer=adamw", "train.lr=0.001"]
+
+# method -> (config, overrides). Mean Teacher's sigmoid ramp-up spans the first third of the run
+# (without one its consistency at full weight from the first step collapses the student).
+METHODS: dict[str, tuple[str, list[str]]] = {
+    "supervised": ("acdc_supervised", []),
+    "fixmatch": ("acdc", ["method.name=fixmatch"]),
+    "unimatch": ("acdc", []),
+    "unimatch_v2": ("acdc", ["method.name=unimatch_v2"]),
+    "meanteacher": ("acdc", ["method.name=meanteacher", f"method.rampup_iters={ITERS // 3}"]),
+}
+# keys of configs/acdc.yaml's UniMatch section that another method does not have
+NOT_KEYS = {"meanteacher": ["method.loss_u", "method.conf_thresh"]}
+PROTOCOL_NAME = "acdc-cpu"
+FOREGROUND = ("RV", "Myo", "LV")
+
+
+def split_overrides(cases: str, root: Path) -> list[str]:
+    if cases == "all":
+        return [f"data.root={root}", "data.labeled=null", "data.unlabeled=null"]
+    return [f"data.root={root}", f"data.labeled=splits/acdc/{cases}/labeled.txt",
+            f"data.unlabeled=splits/acdc/{cases}/unlabeled.txt"]
+
+
+def method_config(method: str):
+    """The config of ``method`` (a built-in name, or the parsed config without the keys the
+    method lacks, :data:`NOT_KEYS`) and its overrides."""
+    config, overrides = METHODS[method]
+    if method not in NOT_KEYS:
+        return config, overrides
+    import yaml
+
+    from semiseg.config.load import config_file
+
+    raw = yaml.safe_load(config_file(config).read_text())
+    for key in NOT_KEYS[method]:
+        section, name = key.split(".")
+        raw[section].pop(name, None)
+    return raw, overrides
+
+
+# ---------------------------------------------------------------------------------------------
+# The matrix
+
+
+def load_rows(path: Path = RESULTS) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def cells(rows: list[dict]) -> dict[tuple[str, str], list[dict]]:
+    """(method, cases) -> the protocol's rows (no variants), one per seed (the first made)."""
+    out: dict[tuple[str, str], dict[int, dict]] = {}
+    for r in rows:
+        if r.get("protocol") != PROTOCOL_NAME or r.get("variant"):
+            continue
+        out.setdefault((r["method"], r["split"]), {}).setdefault(r["seed"], r)
+    return {k: [v[s] for s in sorted(v)] for k, v in out.items()}
+
+
+def gap_recovered(method: float, supervised: float, ceiling: float) -> float:
+    """(method - supervised) / (ceiling - supervised), in percent."""
+    return 100.0 * (method - supervised) / (ceiling - supervised)
+
+
+def mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs)
+
+
+def table(rows: list[dict]) -> str:
+    """The ACDC-CPU matrix as markdown: one row per method and split, mean mDice over the seeds
+    made, each seed, the gain over supervised and the gap recovered (both against the same seeds'
+    mean of supervised and of the ceiling), s/step and wall time."""
+    c = cells(rows)
+    ceiling = c.get(("supervised", "all"))
+    lines = ["| cases | method | mDice (mean) | seeds | vs supervised | gap recovered | RV / Myo / LV | s/step | wall min |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    order = ["supervised", "fixmatch", "unimatch", "unimatch_v2", "meanteacher"]
+    for cases in ("1", "3", "7"):
+        sup = c.get(("supervised", cases))
+        for method in order:
+            got = c.get((method, cases))
+            if not got:
+                continue
+            m = mean([r["mDice"] for r in got])
+            vs = gap = "-"
+            if sup and method != "supervised":
+                s = mean([r["mDice"] for r in sup])
+                vs = f"{m - s:+.2f}"
+                if ceiling:
+                    gap = f"{gap_recovered(m, s, mean([r['mDice'] for r in ceiling])):.0f}%"
+            per = [mean([r["per_class_dice"][k] for r in got]) for k in (1, 2, 3)]
+            lines.append(f"| {cases} | {method} | **{m:.2f}** | " + " / ".join(f"s{r['seed']} {r['mDice']:.2f}" for r in got)
+                         + f" | {vs} | {gap} | " + " / ".join(f"{x:.1f}" for x in per)
+                         + f" | {mean([r['sec_per_step'] for r in got]):.2f} | {mean([r['wall_min'] for r in got]):.1f} |")
+    if ceiling:
+        m = mean([r["mDice"] for r in ceiling])
+        per = [mean([r["per_class_dice"][k] for r in ceiling]) for k in (1, 2, 3)]
+        lines.append(f"| all 1312 slices | supervised (ceiling) | **{m:.2f}** | "
+                     + " / ".join(f"s{r['seed']} {r['mDice']:.2f}" for r in ceiling)
+                     + " | - | 100% | " + " / ".join(f"{x:.1f}" for x in per)
+                     + f" | {mean([r['sec_per_step'] for r in ceiling]):.2f} | {mean([r['wall_min'] for r in ceiling]):.1f} |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--method", choices=sorted(METHODS))
+    p.add_argument("--cases", default="1", choices=CASES, help="labelled cases (official splits); all: the ceiling")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-root", default=str(REPO.parent / "shared" / "data" / "acdc"))
+    p.add_argument("--runs", default=str(REPO / "runs" / "bench-acdc"), help="folder of the run directories")
+    p.add_argument("--set", dest="overrides", action="append", default=[],
+                   help="extra config override, recorded with the row (a variant, not the protocol)")
+    p.add_argument("--results", default=str(RESULTS))
+    p.add_argument("--resume", metavar="RUN_DIR", help="finish a run a stop signal cut short")
+    p.add_argument("--table", action="store_true", help="print the matrix of --results as markdown")
+    args = p.parse_args(argv)
+    if args.table:
+        print(table(load_rows(Path(args.results))))
+        return 0
+    if args.resume:
+        out = Path(args.resume)
+        if not (out / STATE).is_file():
+            raise SystemExit(f"--resume {out}: no {STATE} there: expected a run directory this script started")
+        state = json.loads((out / STATE).read_text())
+        row = train_row(state["method"], state["split"], state["seed"], state["config"], state["overrides"], out,
+                        state["command"], state["variant"], resume=True, **ROW_KEYS)
+        if row is not None:
+            append(row, Path(args.results))
+        return 0
+    if args.method is None:
+        p.error("--method is required (or --resume RUN_DIR, or --table)")
+    if args.method != "supervised" and args.cases == "all":
+        raise SystemExit("--cases all is the supervised ceiling: every training slice is labelled")
+    root = Path(args.data_root)
+    if not (root / "data" / "slices").is_dir():
+        raise SystemExit(f"--data-root {root}: not an ACDC folder with data/slices/ (see ../shared/data/acdc)")
+    config, method_overrides = method_config(args.method)
+    overrides = [*method_overrides, *PROTOCOL, *split_overrides(args.cases, root), f"train.seed={args.seed}",
+                 *args.overrides]
+    command = (f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else "") + \
+        recorded_command(argv if argv is not None else sys.argv[1:], script="benchmarks/acdc_cpu.py")
+    variant = recorded_overrides(args.overrides)
+    out = Path(args.runs) / (f"{args.method}-{args.cases}-s{args.seed}" + ("-variant" if variant else ""))
+    if out.exists():  # never train into an earlier run
+        out = out.with_name(f"{out.name}-{datetime.now():%Y%m%d-%H%M%S}")
+    row = train_row(args.method, args.cases, args.seed, config, overrides, out, command, variant, **ROW_KEYS)
+    if row is not None:
+        if isinstance(config, dict):  # a built-in config less some keys: name it, not its text
+            row["config"] = f"{METHODS[args.method][0]} without {', '.join(NOT_KEYS[args.method])}"
+        append(row, Path(args.results))
+    return 0
+
+
+ROW_KEYS = dict(protocol=PROTOCOL_NAME, metric="mDice", per_class="per_class_dice", script="benchmarks/acdc_cpu.py")
+
+if __name__ == "__main__":
+    sys.exit(main())

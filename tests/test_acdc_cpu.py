@@ -1,0 +1,72 @@
+"""benchmarks/acdc_cpu.py: the ACDC-CPU runner's rows, its table and its refusals, on tiny
+generated ACDC-layout data."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import acdc_cpu  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def acdc_root(tmp_path_factory):
+    pytest.importorskip("h5py")
+    from semiseg.data.acdc_synthetic import generate_acdc
+
+    return generate_acdc(tmp_path_factory.mktemp("acdc"), train_patients=7, val_patients=1, test_patients=1,
+                         slices=3, height=24, width=28, seed=1)
+
+
+TINY = ["--set", "data.crop_size=16", "--set", "train.iters=2", "--set", "train.eval_every=2",
+        "--set", "model.unet_channels=[4,8,8,8,8]", "--set", "data.workers=0", "--set", "train.batch_size=2"]
+
+
+@pytest.mark.parametrize("method", ["supervised", "meanteacher"])
+def test_acdc_cpu_appends_a_row_with_the_protocol_and_the_3d_dice(acdc_root, tmp_path, method):
+    results = tmp_path / "rows.jsonl"
+    assert acdc_cpu.main(["--method", method, "--cases", "1", "--seed", "2", "--data-root", str(acdc_root),
+                          "--runs", str(tmp_path / "runs"), "--results", str(results), *TINY]) == 0
+    row = json.loads(results.read_text())
+    assert (row["protocol"], row["method"], row["split"], row["seed"], row["iters"]) == ("acdc-cpu", method, "1", 2, 2)
+    assert {"train.optimizer=adamw", "train.precision=fp32", "data.crop_size=128"} <= set(row["overrides"])
+    assert row["per_class_dice"][0] is None and len(row["per_class_dice"]) == 4
+    evals = [json.loads(x) for x in (Path(row["run_dir"]) / "metrics.jsonl").read_text().splitlines() if '"eval"' in x]
+    assert row["mDice"] == round(evals[0]["mDice"], 2) and row["network"] == evals[0]["model"]
+    assert "python benchmarks/acdc_cpu.py --method " + method + " --cases 1 --seed 2" in row["command"]
+    saved = (Path(row["run_dir"]) / "config.yaml").read_text()
+    assert "splits/acdc/1/labeled.txt" in saved and "optimizer: adamw" in saved and "crop_size: 16" in saved
+    if method == "meanteacher":  # UniMatch's keys dropped, the ramp-up over the first third
+        assert "loss_u" not in saved and f"rampup_iters: {acdc_cpu.ITERS // 3}" in saved
+        assert row["config"] == "acdc without method.loss_u, method.conf_thresh"
+
+
+def test_acdc_cpu_refuses_a_ceiling_of_another_method_and_a_folder_without_slices(tmp_path):
+    with pytest.raises(SystemExit, match="--cases all is the supervised ceiling"):
+        acdc_cpu.main(["--method", "unimatch", "--cases", "all", "--data-root", str(tmp_path)])
+    (tmp_path / "data" / "slices").mkdir(parents=True)
+    with pytest.raises(SystemExit, match=r"--data-root .*: not an ACDC folder with data/slices/"):
+        acdc_cpu.main(["--method", "supervised", "--data-root", str(tmp_path / "data")])
+
+
+def _row(method, split, seed, dice, per=(None, 1.0, 2.0, 3.0), variant=()):
+    return {"protocol": "acdc-cpu", "method": method, "split": split, "seed": seed, "mDice": dice,
+            "per_class_dice": list(per), "sec_per_step": 1.0, "wall_min": 10.0, "variant": list(variant)}
+
+
+def test_acdc_table_means_seeds_and_measures_the_gap_recovered_against_the_same_budget():
+    rows = [_row("supervised", "1", 0, 20.0), _row("supervised", "1", 1, 30.0),
+            _row("supervised", "all", 0, 85.0), _row("supervised", "all", 1, 75.0),
+            _row("unimatch", "1", 0, 60.0), _row("unimatch", "1", 1, 50.0),
+            _row("unimatch", "1", 2, 99.0, variant=["train.iters=5"]),  # a variant: kept out
+            _row("unimatch", "1", 0, 10.0)]  # a second row of seed 0: the first one counts
+    lines = acdc_cpu.table(rows).splitlines()
+    uni = next(line for line in lines if "| unimatch |" in line)
+    # mean 55 against supervised 25 (+30.00) and the ceiling 80: 30 / 55 = 55%
+    assert "**55.00**" in uni and "s0 60.00 / s1 50.00" in uni and "+30.00" in uni and "| 55% |" in uni
+    assert "99.00" not in acdc_cpu.table(rows)
+    assert any("| supervised (ceiling) | **80.00** |" in line for line in lines)
+    assert acdc_cpu.gap_recovered(50.0, 25.0, 75.0) == 50.0
