@@ -753,3 +753,47 @@ def test_steps_under_bfloat16_autocast_compute_float32_losses():
         assert result.loss.dtype == torch.float32 and torch.isfinite(result.loss)
         result.loss.backward()
         method.after_step(bf16)
+
+
+def test_weak_labels_eval_takes_pseudo_labels_from_an_eval_mode_pass_before_the_training_passes():
+    """``method.weak_labels: eval``: one eval-mode pass of the student over the weak view comes
+    first (BatchNorm running statistics, before this step's training passes move them); the
+    pseudo labels are its argmax, while the training passes stay the official ones."""
+    import copy
+
+    batch = make_batch(seed=5)
+    model = TinySeg(bn=True)
+    with torch.no_grad():
+        model.norm.running_mean.fill_(0.4)
+        model.norm.running_var.fill_(3.0)
+    before = copy.deepcopy(model)
+    method = build(FixMatch, "fixmatch", model=model, conf_thresh=0.6, mix_source="in_batch", weak_labels="eval")
+    method.train()
+    result = method.train_step(batch, ctx())
+    u = batch.unlabeled
+    assert [(k, t, x.shape[0]) for k, t, x in model.calls] == [("forward", False, B_U), ("forward", True, B_L + B_U),
+                                                                ("forward", True, B_U)]
+    assert torch.equal(model.calls[0][2], u["weak"])
+    before.eval()
+    with torch.no_grad():
+        label_w, conf_w = ref_pseudo(before.head(before.features(u["weak"])))
+        before.train()
+        logits_s = before.head(before.features(model.calls[-1][2]))  # train mode: the strong batch's statistics
+        train_label, _ = ref_pseudo(before.head(before.features(torch.cat((batch.labeled["image"], u["weak"]))))[B_L:])
+    assert not torch.equal(label_w, train_label)  # the two modes label differently here
+    box, ignore = u["box_1"], u["ignore_mask"]
+    expected = ref_unsup(logits_s, ref_cutmix(label_w, label_w.flip(0), box), ref_cutmix(conf_w, conf_w.flip(0), box),
+                         ref_cutmix(ignore, ignore.flip(0), box), 0.6)
+    assert close(result.logs["loss_s"], expected)
+    assert close(result.logs["mask_ratio"], ref_ratio(conf_w, ignore, 0.6))
+
+
+@pytest.mark.parametrize("name,keys,source", [("fixmatch", {"teacher": "ema"}, "the EMA teacher"),
+                                               ("unimatch_v2", {}, "the EMA teacher"),
+                                               ("fixmatch", {"oracle_pseudo_labels": True}, "the true masks")])
+def test_weak_labels_eval_is_refused_where_pseudo_labels_come_from_elsewhere(name, keys, source):
+    from semiseg.methods.unimatch_v2 import UniMatchV2
+
+    cls = {"fixmatch": FixMatch, "unimatch_v2": UniMatchV2}[name]
+    with pytest.raises(ConfigError, match=rf"key 'method.weak_labels': .*takes them from {source}"):
+        build(cls, name, weak_labels="eval", **keys)

@@ -49,6 +49,12 @@ class ConsistencyConfig(MethodConfig):
     # (confidence 1; void counts as padding). Measures self-training with perfect pseudo labels;
     # the unlabelled images need masks (semiseg.methods.consistency.oracle_target).
     oracle_pseudo_labels: bool = False
+    # Where the weak view's pseudo labels come from without a teacher: "train", the student's
+    # training-mode weak forward (official: BatchNorm batch statistics of labelled + weak images,
+    # dropout on); "eval", an eval-mode no-grad pass of the student over the weak view made before
+    # the training forwards (running statistics, no dropout), one extra forward a step. Beyond the
+    # papers (semiseg.methods.consistency.ConsistencyMethod.plan_forwards).
+    weak_labels: Literal["train", "eval"] = "train"
 
 
 class FixMatchConfig(ConsistencyConfig):

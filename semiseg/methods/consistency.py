@@ -195,6 +195,14 @@ class ConsistencyMethod(Method):
         self.oracle = getattr(self.mcfg, "oracle_pseudo_labels", False)
         if self.use_tags and getattr(cfg.data, "tags", None) is None:
             raise ConfigError("key 'method.use_tags': needs image tags; set data.tags to 'masks' or a tags file")
+        self.weak_labels_from_eval = getattr(self.mcfg, "weak_labels", "train") == "eval"
+        if self.weak_labels_from_eval and (self.teacher is not None or self.oracle
+                                           or type(self).plan_forwards is not ConsistencyMethod.plan_forwards):
+            raise ConfigError(f"key 'method.weak_labels': 'eval' is for the student's own pseudo labels; "
+                              f"{self.mcfg.name} with these keys takes them from "
+                              + ("the EMA teacher, already in eval mode" if self.teacher is not None else
+                                 "the true masks" if self.oracle else "its own eval-mode pass")
+                              + ": expected weak_labels 'train'")
 
     @property
     def uses_teacher(self) -> bool:
@@ -273,8 +281,14 @@ class ConsistencyMethod(Method):
 
     def plan_forwards(self, batch: Batch, strong_images: Sequence[torch.Tensor], ctx: StepContext) -> ForwardPlan:
         """Called once a step, after the strong views are mixed and before any forward pass:
-        what goes around the training forwards (see :class:`ForwardPlan`). Nothing by default."""
-        return ForwardPlan()
+        what goes around the training forwards (see :class:`ForwardPlan`). Nothing by default;
+        with ``method.weak_labels: eval`` the weak view's logits from an eval-mode, no-grad pass
+        of the student (BatchNorm running statistics, no dropout), made before this step's
+        training forwards update those statistics."""
+        if not self.weak_labels_from_eval:
+            return ForwardPlan()
+        with torch.no_grad(), eval_mode(self.model), ctx.autocast():
+            return ForwardPlan(weak_logits=self.model(batch.unlabeled["weak"]))
 
     def separate_partner_target(self, batch: Batch, ctx: StepContext) -> Optional[PseudoTarget]:
         """With ``separate_batch``: the partner batch's pseudo labels from an eval-mode pass of
