@@ -75,6 +75,20 @@ def test_aspp_rates_follow_output_stride(output_stride, rates):
     assert tuple(dilations) == rates
 
 
+
+def test_model_aspp_rates_replace_the_strides_rates_and_bad_rates_are_refused():
+    from semiseg.config import load_config
+    from semiseg.errors import ConfigError
+
+    head = make(aspp_rates=[1, 2, 3]).decoder
+    assert head.aspp.rates == (1, 2, 3)
+    assert [m.dilation[0] for m in head.aspp.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3)] == [1, 2, 3]
+    with pytest.raises(ConfigError, match="aspp_rates"):
+        load_config({"model": {"aspp_rates": [0, 2, 3]}})
+    with pytest.raises(ConfigError, match="aspp_rates"):
+        load_config({"model": {"aspp_rates": [2, 3]}})
+
+
 def test_heads_follow_official_layout():
     deeplab = DeepLabV3PlusHead([24, 40, 80], [4, 8, 16], num_classes=5, output_stride=16, channels=16)
     assert deeplab.in_index == (0, 2)

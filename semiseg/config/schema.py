@@ -150,6 +150,10 @@ class ModelConfig(Section):
     # Ignored for hierarchical encoders. With a weights file, true needs the file's norm.
     encoder_norm: Optional[bool] = None
     decoder_channels: int = Field(256, ge=8)  # DeepLabV3+ ASPP/decoder width
+    # DeepLabV3+'s three dilated ASPP rates. None: the official ones for the output stride
+    # (6, 12, 18 at 16; semiseg.models.heads.ASPP_RATES). Smaller rates suit small feature maps
+    # (a 128 crop at stride 16 is an 8x8 map, where rates 12 and 18 read only padding off-centre).
+    aspp_rates: Optional[list[int]] = Field(None, min_length=3, max_length=3)
     embed_dim: int = Field(256, ge=8)  # SegFormer head embedding width
     # DPT head (plain ViT encoders, UniMatch V2): the fusion width and the four per-layer
     # projection widths. None: UniMatch V2's table by the encoder's width (384 ViT-S: 64 and
@@ -171,6 +175,13 @@ class ModelConfig(Section):
     def _check_dpt_channels(cls, v):
         if v is not None and any(c < 1 for c in v):
             raise ValueError(f"expected four positive widths, got {v}")
+        return v
+
+    @field_validator("aspp_rates")
+    @classmethod
+    def _check_aspp_rates(cls, v):
+        if v is not None and any(r < 1 for r in v):
+            raise ValueError(f"expected three dilation rates of at least 1, got {v}")
         return v
 
 

@@ -125,7 +125,8 @@ class DeepLabV3PlusHead(nn.Module):
     """
 
     def __init__(self, in_channels: Sequence[int], reductions: Sequence[int], num_classes: int,
-                 output_stride: int, channels: int = 256, dropout: float = 0.0):
+                 output_stride: int, channels: int = 256, dropout: float = 0.0,
+                 rates: Optional[Sequence[int]] = None):
         super().__init__()
         if len(in_channels) != len(reductions) or len(in_channels) < 2:
             raise ValueError(f"expected at least two features with one reduction each, got channels "
@@ -134,7 +135,7 @@ class DeepLabV3PlusHead(nn.Module):
             raise ValueError(f"the deepest feature is at stride {reductions[-1]}, not output_stride {output_stride}")
         self.in_index = (0, len(in_channels) - 1)
         self.reduce = conv_bn_relu(in_channels[0], 48, 1)
-        self.aspp = ASPP(in_channels[-1], channels, aspp_rates(output_stride))
+        self.aspp = ASPP(in_channels[-1], channels, tuple(rates) if rates else aspp_rates(output_stride))
         self.fuse = nn.Sequential(
             conv_bn_relu(channels + 48, channels, 3),
             conv_bn_relu(channels, channels, 3),
@@ -186,7 +187,8 @@ def build_deeplabv3plus(model_cfg, channels: Sequence[int], reductions: Sequence
     rates follow the encoder's deepest stride (``model.output_stride``; a plain ViT's patch size)."""
     return DeepLabV3PlusHead(channels, reductions, num_classes, output_stride=reductions[-1],
                              channels=model_cfg.decoder_channels,
-                             dropout=0.0 if model_cfg.dropout is None else model_cfg.dropout)
+                             dropout=0.0 if model_cfg.dropout is None else model_cfg.dropout,
+                             rates=model_cfg.aspp_rates)
 
 
 @register_head("segformer")
