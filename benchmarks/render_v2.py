@@ -128,24 +128,36 @@ def matrix(rows: list[dict]) -> str:
             change = ", ".join(f"`{v}`" for v in r["variant"])
             out.append(f"| {r['method']} | {change} | {r['split']} | {r['seed']} | {r['mIoU']:.2f} | {against} |")
     out.append("")
-    out.append("Seconds per step and wall time per run (mean over the runs above, one line per CPU kind; "
-               "`threads` = PyTorch threads):")
+    out.append("Seconds per step per CPU kind (mean over the runs above; in brackets the wall time per run and "
+               "the number of runs; one PyTorch thread pinned per core, another run beside it, unless a cell says "
+               "more threads):")
     out.append("")
-    out.append("| method | s/step | wall per run | runs | threads | CPU |")
-    out.append("| --- | --- | --- | --- | --- | --- |")
+    timings: list[tuple[str, dict[str, list[dict]]]] = []
     for key, label in ROWS + [("supervised_all", "")]:
         runs = [r for (m, s), seeds in cells.items() for r in seeds.values()
                 if m == key and s != "all"] if key != "supervised_all" else \
             list((cells.get(("supervised", "all")) or {}).values())
-        label = label or "Supervised, all 367 masks"
         by_cpu: dict[str, list[dict]] = {}
         for r in runs:  # a mean over two CPU kinds would describe neither
             by_cpu.setdefault(cpu_kind(r["machine"]), []).append(r)
-        for cpu, group in sorted(by_cpu.items()):
+        if by_cpu:
+            timings.append((label or "Supervised, all 367 masks", by_cpu))
+    kinds = sorted({cpu for _, by_cpu in timings for cpu in by_cpu})
+    out.append("| method | " + " | ".join(kinds) + " |")
+    out.append("| --- |" + " --- |" * len(kinds))
+    for label, by_cpu in timings:
+        cells_of = []
+        for cpu in kinds:
+            group = by_cpu.get(cpu)
+            if not group:
+                cells_of.append("–")
+                continue
             sps = sum(r["sec_per_step"] for r in group) / len(group)
             wall = sum(r["wall_min"] for r in group) / len(group)
             threads = sorted({r["machine"]["threads"] for r in group})
-            out.append(f"| {label} | {sps:.2f} | {wall:.1f} min | {len(group)} | {', '.join(map(str, threads))} | {cpu} |")
+            more = "" if threads == [1] else f", {'/'.join(map(str, threads))} threads"
+            cells_of.append(f"{sps:.2f} ({wall:.1f} min, {len(group)}{more})")
+        out.append(f"| {label} | " + " | ".join(cells_of) + " |")
     return "\n".join(out)
 
 

@@ -307,12 +307,13 @@ def test_render_v2_matrix_means_seeds_and_keeps_variants_out():
     assert lines["| *Ceiling: supervised on all 367 masks*"].count("60.00 (seed 0 only)") == 2
     gains = text.split("Gain over supervised")[1]
     assert "| UniMatch | – | +6.50 (2 seeds) |" in gains and "| FixMatch | – | – |" in gains
-    assert "| UniMatch | 2.00 | 10.0 min | 2 | 1 | CPU (AVX2) |" in text.split("Seconds per step")[1]  # (1 + 3) / 2
+    assert "| UniMatch | 2.00 (10.0 min, 2) |" in text.split("Seconds per step")[1]  # (1 + 3) / 2
     other = {**_row("unimatch", "1_16", 0, 40.0, sps=7.0), "machine": {"cpu": "Xeon", "isa": "AVX-512 BF16",
-                                                                     "threads": 1, "affinity": [0], "torch": "2"}}
-    timing = render_v2.matrix(rows + [other]).split("Seconds per step")[1]  # one line per CPU kind
-    assert "| UniMatch | 2.00 | 10.0 min | 2 | 1 | CPU (AVX2) |" in timing
-    assert "| UniMatch | 7.00 | 10.0 min | 1 | 1 | Xeon (AVX-512 BF16) |" in timing
+                                                                     "threads": 2, "affinity": [0], "torch": "2"}}
+    timing = render_v2.matrix(rows + [other]).split("Seconds per step")[1]  # one line per method, a column per CPU
+    assert "| method | CPU (AVX2) | Xeon (AVX-512 BF16) |" in timing
+    assert "| UniMatch | 2.00 (10.0 min, 2) | 7.00 (10.0 min, 1, 2 threads) |" in timing
+    assert "| FixMatch | 1.00 (10.0 min, 1) | – |" in timing
     assert "| unimatch | `method.conf_thresh=0.7` | 1_8 | 0 | 99.00 | +59.00 (40.00) |" in text.split("Variants")[1]
     log = render_v2.log(rows)
     assert log.count("\n| 2026-11-30") == len(rows) and "99.00" in log
@@ -333,9 +334,9 @@ def test_camvid_v2_reads_cpu_family_and_model_and_render_keeps_generations_apart
             {**_row("fixmatch", "1_8", 1, 41.0, sps=1.0), "machine": {**zen, "cpu_family": "26", "cpu_model": "2"}},
             {**_row("fixmatch", "1_16", 0, 30.0, sps=5.0), "machine": zen}]  # recorded before family and model
     timing = render_v2.matrix(rows).split("Seconds per step")[1]
-    assert "| FixMatch | 2.00 | 10.0 min | 1 | 1 | AMD EPYC family 25 model 17 (AVX-512 BF16) |" in timing
-    assert "| FixMatch | 1.00 | 10.0 min | 1 | 1 | AMD EPYC family 26 model 2 (AVX-512 BF16) |" in timing
-    assert "| FixMatch | 5.00 | 10.0 min | 1 | 1 | AMD EPYC (AVX-512 BF16) |" in timing
+    assert ("| method | AMD EPYC (AVX-512 BF16) | AMD EPYC family 25 model 17 (AVX-512 BF16) | "
+            "AMD EPYC family 26 model 2 (AVX-512 BF16) |") in timing
+    assert "| FixMatch | 5.00 (10.0 min, 1) | 2.00 (10.0 min, 1) | 1.00 (10.0 min, 1) |" in timing
     assert "| 1 (0) | AMD EPYC family 26 model 2 (AVX-512 BF16), torch 2 |" in render_v2.log(rows)
 
 
