@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -498,3 +499,42 @@ def test_unimatch_v2_gpu_cells_are_valid_configs_of_the_named_recipes():
             assert (cfg.method.name, cfg.model.encoder, cfg.model.head, cfg.train.optimizer) == expected[name]
             assert (cfg.data.dataset, cfg.data.crop_size, cfg.train.batch_size) == ("synthetic", 518, 4)
             assert cfg.model.pretrained is False and cfg.train.precision == precision
+
+
+def test_pseudo_labels_as_trained_score_training_crops_in_both_modes(folder_run, capsys):
+    """``--as-trained``: training crops with their true masks kept aside, labelled in training
+    mode (BatchNorm batch statistics of labelled + weak crops) and in eval mode; threshold 0
+    keeps every scored pixel in both; the running statistics are restored after each batch, so
+    two measurements agree exactly."""
+    from pseudo_label_quality import main, measure_as_trained
+
+    thresholds = [0.0, 0.36, 0.38, 0.4, 0.42, 0.45, 0.5, 0.6, 0.9, 1.01]
+    args = dict(thresholds=thresholds, batches=3, overrides=("data.labeled=2",))
+    out = measure_as_trained(str(folder_run), **args)
+    train, eval_ = out["modes"]["train"], out["modes"]["eval"]
+    assert out["crop_size"] == 16 and out["batch_size"] == 2
+    assert train["gt_pixels"] == eval_["gt_pixels"] and sum(train["gt_pixels"]) > 0
+    for mode in (train, eval_):
+        assert mode["rows"][0]["kept"] == 1.0 and mode["rows"][-1]["kept"] == 0.0
+        assert [sum(r) for r in mode["rows"][0]["confusion_of_kept"]] == mode["gt_pixels"]
+    assert train["rows"][0]["confusion_of_kept"] != eval_["rows"][0]["confusion_of_kept"]  # the modes differ
+    assert measure_as_trained(str(folder_run), **args) == out
+    # eval mode equals the checkpoint's network on the same seeded crops: no batch statistics leaked
+    from semiseg.api import build_method_from_checkpoint
+    from semiseg.data.build import build_train_sets
+    from semiseg.engine.sampling import Stream
+
+    cfg, method, _ = build_method_from_checkpoint(str(folder_run), ["data.labeled=2"])
+    net = method.inference_model("auto").eval()
+    crops = Stream(build_train_sets(cfg, 0, True, unlabeled_masks=True).unlabeled, 2, 1).iterate_from(0)
+    confusion = torch.zeros(len(thresholds), 3, 3, dtype=torch.long)
+    with torch.no_grad():
+        for _, u in zip(range(3), crops):
+            conf, label = net(u["weak"]).softmax(1).max(1)
+            for i, t in enumerate(thresholds):
+                keep = (u["mask"] != 255) & (conf >= t)
+                confusion[i] += torch.bincount(u["mask"][keep] * 3 + label[keep], minlength=9).view(3, 3)
+    assert confusion.tolist() == [r["confusion_of_kept"] for r in eval_["rows"]]
+    assert len({sum(map(sum, r["confusion_of_kept"])) for r in eval_["rows"]}) >= 3  # the thresholds select
+    with pytest.raises(SystemExit, match="its config has no unlabelled images"):  # every image of the run is labelled
+        main([str(folder_run), "--as-trained", "1", "--thresholds", "0,0.95"])
