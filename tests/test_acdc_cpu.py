@@ -25,7 +25,7 @@ TINY = ["--set", "data.crop_size=16", "--set", "train.iters=2", "--set", "train.
         "--set", "model.unet_channels=[4,8,8,8,8]", "--set", "data.workers=0", "--set", "train.batch_size=2"]
 
 
-@pytest.mark.parametrize("method", ["supervised", "meanteacher"])
+@pytest.mark.parametrize("method", ["supervised", "fixmatch", "unimatch", "unimatch_v2", "meanteacher"])
 def test_acdc_cpu_appends_a_row_with_the_protocol_and_the_3d_dice(acdc_root, tmp_path, method):
     results = tmp_path / "rows.jsonl"
     assert acdc_cpu.main(["--method", method, "--cases", "1", "--seed", "2", "--data-root", str(acdc_root),
