@@ -797,3 +797,73 @@ def test_weak_labels_eval_is_refused_where_pseudo_labels_come_from_elsewhere(nam
     cls = {"fixmatch": FixMatch, "unimatch_v2": UniMatchV2}[name]
     with pytest.raises(ConfigError, match=rf"key 'method.weak_labels': .*takes them from {source}"):
         build(cls, name, weak_labels="eval", **keys)
+
+
+# ---------------------------------------------------------------------------------------------
+# FreeMatch's self-adaptive thresholds (method.adaptive_thresh: freematch)
+
+
+def test_self_adaptive_thresholds_update_equals_hand_computed_values():
+    from semiseg.methods.consistency import SelfAdaptiveThresholds, confident_pixels
+
+    sat = SelfAdaptiveThresholds(3, momentum=0.5)
+    assert torch.allclose(sat.thresholds(), torch.full((3,), 1 / 3))  # both start at 1 / K
+    probs = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.6, 0.3], [0.2, 0.2, 0.6]]).T.reshape(1, 3, 1, 3)
+    ignore = torch.tensor([[[0, 0, 255]]])  # the third pixel is padding: left out of the means
+    sat.update(probs, ignore)
+    # valid pixels: mean max 0.65, class means (0.4, 0.4, 0.2); m = 0.5 from 1/3
+    assert close(sat.global_conf, 0.5 / 3 + 0.5 * 0.65)
+    assert torch.allclose(sat.class_prob, torch.tensor([0.5 / 3 + 0.2, 0.5 / 3 + 0.2, 0.5 / 3 + 0.1]))
+    g = 0.5 / 3 + 0.325
+    assert torch.allclose(sat.thresholds(), torch.tensor([g, g, (0.5 / 3 + 0.1) / (0.5 / 3 + 0.2) * g]))
+    assert set(dict(sat.named_buffers())) == {"global_conf", "class_prob"}  # checkpointed with the method
+    # a pixel teaches when its confidence reaches its own pseudo label's threshold
+    target = PseudoTarget(torch.tensor([[[0, 2, 2]]]), torch.tensor([[[0.45, 0.36, 0.35]]]), torch.zeros(1, 1, 3).long())
+    assert confident_pixels(target, sat.thresholds()).tolist() == [[[False, True, False]]]
+
+
+def ref_unsup_classwise(logits, label, conf, ignore, thresholds):
+    total, valid = 0.0, 0
+    for b in range(logits.shape[0]):
+        for i in range(H):
+            for j in range(W):
+                if ignore[b, i, j] == 255:
+                    continue
+                valid += 1
+                if conf[b, i, j] >= thresholds[int(label[b, i, j])]:
+                    total += nll(logits[b, :, i, j], label[b, i, j])
+    return total / valid
+
+
+def test_fixmatch_with_freematch_thresholds_equals_hand_computed_loss():
+    """The step updates the thresholds with this batch's weak softmax first, then each pixel of
+    the mixed target teaches when its confidence reaches its own class's threshold."""
+    batch = make_batch(seed=6)
+    method = build(FixMatch, "fixmatch", mix_source="in_batch", adaptive_thresh="freematch", adaptive_momentum=0.25)
+    method.train()
+    result = method.train_step(batch, ctx())
+    model, u = method.model, batch.unlabeled
+    with torch.no_grad():
+        logits_w = model.head(model.features(u["weak"]))
+        logits_s = model.head(model.features(model.calls[-1][2]))
+    label_w, conf_w = ref_pseudo(logits_w)
+    p = logits_w.double().softmax(1)
+    valid = [(b, i, j) for b in range(B_U) for i in range(H) for j in range(W) if u["ignore_mask"][b, i, j] != 255]
+    mean_max = sum(float(p[b, :, i, j].max()) for b, i, j in valid) / len(valid)
+    mean_class = [sum(float(p[b, c, i, j]) for b, i, j in valid) / len(valid) for c in range(K)]
+    tau = 0.25 / K + 0.75 * mean_max
+    ptilde = [0.25 / K + 0.75 * x for x in mean_class]
+    thresholds = [x / max(ptilde) * tau for x in ptilde]
+    assert torch.allclose(method.adaptive.thresholds().double(), torch.tensor(thresholds, dtype=torch.float64))
+    box, ignore = u["box_1"], u["ignore_mask"]
+    expected = ref_unsup_classwise(logits_s, ref_cutmix(label_w, label_w.flip(0), box),
+                                   ref_cutmix(conf_w, conf_w.flip(0), box), ref_cutmix(ignore, ignore.flip(0), box),
+                                   thresholds)
+    assert close(result.logs["loss_s"], expected)
+    kept = sum(1 for b, i, j in valid if conf_w[b, i, j] >= thresholds[int(label_w[b, i, j])])
+    assert 0 < kept < len(valid) and close(result.logs["mask_ratio"], kept / len(valid))
+    state = method.state_dict()
+    assert torch.equal(state["adaptive.class_prob"], method.adaptive.class_prob)  # resumed with the checkpoint
+    fresh = build(FixMatch, "fixmatch", mix_source="in_batch", adaptive_thresh="freematch")
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh.adaptive.thresholds(), method.adaptive.thresholds())

@@ -55,6 +55,11 @@ class ConsistencyConfig(MethodConfig):
     # the training forwards (running statistics, no dropout), one extra forward a step. Beyond the
     # papers (semiseg.methods.consistency.ConsistencyMethod.plan_forwards).
     weak_labels: Literal["train", "eval"] = "train"
+    # "freematch": FreeMatch's self-adaptive class thresholds (Wang et al., ICLR 2023) replace
+    # conf_thresh, which is then not read: classes the network rarely predicts get lower
+    # thresholds. Beyond the UniMatch papers (semiseg.methods.consistency.SelfAdaptiveThresholds).
+    adaptive_thresh: Literal["none", "freematch"] = "none"
+    adaptive_momentum: float = Field(0.999, ge=0.0, lt=1.0)  # FreeMatch's EMA momentum (official 0.999)
 
 
 class FixMatchConfig(ConsistencyConfig):

@@ -25,7 +25,7 @@ class tags (``data.tags``, see :mod:`semiseg.data.tags`), the weak-view pseudo l
 batch and of the CutMix partner, from the student or the EMA teacher -- come from the softmax
 restricted to the image's tags (the class-aware softmax of Wang et al., PR 2022,
 :mod:`semiseg.methods.cce`): an untagged class is never a pseudo label, and the confidence is the
-restricted softmax's. :meth:`ConsistencyMethod.weak_target`, :meth:`~ConsistencyMethod.teacher_target`
+restricted softmax's. :meth:`ConsistencyMethod.weak_target`, :meth:`~ConsistencyMethod.weak_and_partner_targets`
 and :meth:`~ConsistencyMethod.separate_partner_target` pass each batch's ``tags`` to
 :func:`pseudo_target` (FixMatch, UniMatch, AllSpark-UniMatch).
 """
@@ -79,10 +79,59 @@ def pseudo_target(logits: torch.Tensor, ignore_mask: torch.Tensor, tags: Optiona
     """Pseudo labels from weak-view logits ``(B,K,H,W)`` (detached, softmax in float32).
 
     With ``tags`` ``(B,K)`` the softmax is restricted to each image's tagged classes."""
+    return pseudo_target_from_probs(weak_probs(logits, tags), ignore_mask)
+
+
+@torch.no_grad()
+def weak_probs(logits: torch.Tensor, tags: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The softmax (float32, detached) that pseudo labels come from, restricted to ``tags``."""
     logits = logits.detach().float()
     if tags is not None:
         logits = restrict_logits(logits, tags)
-    return pseudo_target_from_probs(logits.softmax(dim=1), ignore_mask)
+    return logits.softmax(dim=1)
+
+
+class SelfAdaptiveThresholds(nn.Module):
+    """``method.adaptive_thresh: freematch``: FreeMatch's self-adaptive thresholds (Wang et al.,
+    "FreeMatch: Self-adaptive Thresholding for Semi-supervised Learning", ICLR 2023), per pixel.
+    Each step, over the non-padding pixels of the weak view's softmax ``p``::
+
+        tau      <- m tau + (1 - m) mean_pixels max_c p(c)          the global threshold
+        ptilde   <- m ptilde + (1 - m) mean_pixels p                 (K,) the class expectations
+        tau(c)    = ptilde(c) / max_c ptilde(c) * tau                the class threshold
+
+    both starting at ``1 / K`` and updated before the step's masks are drawn (official USB
+    ``FreeMatchThresholingHook``); a pixel teaches when its confidence reaches the threshold of its
+    pseudo label. Classes the network rarely predicts get lower thresholds, so their confident
+    pixels still teach. ``method.conf_thresh`` is not read. Under ``torchrun`` the batch means
+    are averaged over the ranks, so every rank holds the same thresholds. The state is buffers:
+    checkpointed and resumed with the method."""
+
+    def __init__(self, num_classes: int, momentum: float):
+        super().__init__()
+        self.momentum = momentum
+        self.register_buffer("global_conf", torch.tensor(1.0 / num_classes))
+        self.register_buffer("class_prob", torch.full((num_classes,), 1.0 / num_classes))
+
+    @torch.no_grad()
+    def update(self, probs: torch.Tensor, ignore_mask: torch.Tensor) -> None:
+        p = probs.float().permute(0, 2, 3, 1)[ignore_mask != IGNORE_INDEX]  # (pixels, K)
+        stats = torch.cat((p.max(dim=1).values.mean().view(1), p.mean(dim=0))) if p.numel() else None
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            if stats is None:  # a rank whose crops are all padding still joins the reduction
+                stats = torch.cat((self.global_conf.view(1), self.class_prob))
+            torch.distributed.all_reduce(stats)
+            stats /= torch.distributed.get_world_size()
+        if stats is None:
+            return
+        stats = stats.to(self.class_prob.device)
+        m = self.momentum
+        self.global_conf.mul_(m).add_(stats[0], alpha=1 - m)
+        self.class_prob.mul_(m).add_(stats[1:], alpha=1 - m)
+
+    def thresholds(self) -> torch.Tensor:
+        """``(K,)``: the threshold of each class."""
+        return self.class_prob / self.class_prob.max() * self.global_conf
 
 
 @torch.no_grad()
@@ -108,8 +157,12 @@ def predict_eval(model: nn.Module, image: torch.Tensor, ignore_mask: torch.Tenso
     return pseudo_target(logits, ignore_mask, tags)
 
 
-def confident_pixels(target: PseudoTarget, conf_thresh: float) -> torch.Tensor:
-    """``(confidence >= conf_thresh) & (ignore_mask != 255)``: the pixels that teach."""
+def confident_pixels(target: PseudoTarget, conf_thresh: Union[float, torch.Tensor]) -> torch.Tensor:
+    """``(confidence >= conf_thresh) & (ignore_mask != 255)``: the pixels that teach.
+    ``conf_thresh`` is a number, or a ``(K,)`` tensor of per-class thresholds against which each
+    pixel's confidence is compared at its pseudo label (:class:`SelfAdaptiveThresholds`)."""
+    if torch.is_tensor(conf_thresh) and conf_thresh.ndim == 1:
+        conf_thresh = conf_thresh.to(target.confidence.device)[target.pseudo_label]
     return (target.confidence >= conf_thresh) & (target.ignore_mask != IGNORE_INDEX)
 
 
@@ -195,6 +248,9 @@ class ConsistencyMethod(Method):
         self.oracle = getattr(self.mcfg, "oracle_pseudo_labels", False)
         if self.use_tags and getattr(cfg.data, "tags", None) is None:
             raise ConfigError("key 'method.use_tags': needs image tags; set data.tags to 'masks' or a tags file")
+        self.adaptive: Optional[SelfAdaptiveThresholds] = (
+            SelfAdaptiveThresholds(num_classes, self.mcfg.adaptive_momentum)
+            if getattr(self.mcfg, "adaptive_thresh", "none") == "freematch" else None)
         self.weak_labels_from_eval = getattr(self.mcfg, "weak_labels", "train") == "eval"
         if self.weak_labels_from_eval and (self.teacher is not None or self.oracle
                                            or type(self).plan_forwards is not ConsistencyMethod.plan_forwards):
@@ -230,10 +286,17 @@ class ConsistencyMethod(Method):
         """Pseudo target of an unlabelled batch from the student's weak-view logits."""
         return pseudo_target(logits, unlabeled["ignore_mask"], self.tags_of(unlabeled))
 
-    def teacher_target(self, unlabeled: dict, ctx: StepContext) -> PseudoTarget:
-        """Pseudo target of an unlabelled batch's weak view from the EMA teacher (eval mode, no grad)."""
-        return predict_eval(self.teacher, unlabeled["weak"], unlabeled["ignore_mask"], ctx.autocast,
-                            self.tags_of(unlabeled))
+    @torch.no_grad()
+    def teacher_logits(self, unlabeled: dict, ctx: StepContext) -> torch.Tensor:
+        """The EMA teacher's logits of an unlabelled batch's weak view (eval mode, no grad)."""
+        with eval_mode(self.teacher), ctx.autocast():
+            return self.teacher(unlabeled["weak"])
+
+    @property
+    def conf_threshold(self) -> Union[float, torch.Tensor]:
+        """What a pseudo label's confidence must reach to teach: ``method.conf_thresh``, or with
+        ``method.adaptive_thresh: freematch`` the ``(K,)`` class thresholds of this step."""
+        return self.adaptive.thresholds() if self.adaptive is not None else self.mcfg.conf_thresh
 
     def weak_and_partner_targets(self, weak_logits: Optional[torch.Tensor], unlabeled: dict,
                                  partner: Optional[PseudoTarget], ctx: StepContext
@@ -243,10 +306,12 @@ class ConsistencyMethod(Method):
         batch's (``partner``) or, in-batch, the weak target reversed."""
         if self.oracle:
             target_w = oracle_target(unlabeled)
-        elif self.teacher is not None:
-            target_w = self.teacher_target(unlabeled, ctx)
         else:
+            if self.teacher is not None:
+                weak_logits = self.teacher_logits(unlabeled, ctx)
             target_w = self.weak_target(weak_logits, unlabeled)
+            if self.adaptive is not None:  # this step's thresholds include this batch (FreeMatch)
+                self.adaptive.update(weak_probs(weak_logits, self.tags_of(unlabeled)), unlabeled["ignore_mask"])
         return target_w, partner if partner is not None else target_w.flip()
 
     def partner_of(self, batch: Batch, own: T, of_mix_batch: Callable[[dict], T]) -> T:
@@ -307,7 +372,7 @@ class ConsistencyMethod(Method):
         ``method.conf_thresh``: :func:`unsupervised_loss` (cross-entropy), or with ``method.loss_u:
         dice`` (the official medical scenario) :func:`unsupervised_dice_loss`."""
         dice = getattr(self.mcfg, "loss_u", "ce") == "dice"
-        return (unsupervised_dice_loss if dice else unsupervised_loss)(logits, target, self.mcfg.conf_thresh)
+        return (unsupervised_dice_loss if dice else unsupervised_loss)(logits, target, self.conf_threshold)
 
     @torch.no_grad()
     def after_step(self, ctx: StepContext) -> None:

@@ -69,5 +69,5 @@ class FixMatch(ConsistencyMethod):
         loss = (cfg.weight_x * loss_x + cfg.weight_s * loss_s) / 2.0
 
         logs = {"loss_x": loss_x.detach(), "loss_s": loss_s.detach(),
-                "mask_ratio": mask_ratio(target_w, cfg.conf_thresh), **plan.logs}
+                "mask_ratio": mask_ratio(target_w, self.conf_threshold), **plan.logs}
         return StepResult(loss, logs)

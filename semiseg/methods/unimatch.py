@@ -128,6 +128,6 @@ class UniMatch(ConsistencyMethod):
             logs["loss_fp"] = loss_fp.detach()
         loss = loss / 2.0
 
-        logs["mask_ratio"] = mask_ratio(target_w, cfg.conf_thresh)
+        logs["mask_ratio"] = mask_ratio(target_w, self.conf_threshold)
         logs.update(plan.logs)
         return StepResult(loss, logs)

@@ -85,5 +85,5 @@ class UniMatchV2(ConsistencyMethod):
         loss = (cfg.weight_x * loss_x + cfg.weight_s * loss_s) / 2.0
 
         logs = {"loss_x": loss_x.detach(), "loss_s": loss_s.detach(), "loss_s1": losses_s[0].detach(),
-                "loss_s2": losses_s[1].detach(), "mask_ratio": mask_ratio(target_w, cfg.conf_thresh)}
+                "loss_s2": losses_s[1].detach(), "mask_ratio": mask_ratio(target_w, self.conf_threshold)}
         return StepResult(loss, logs)
