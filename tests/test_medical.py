@@ -179,6 +179,24 @@ def test_labelled_slices_get_geometry_only_and_strong_views_keep_the_weak_geomet
     assert u["box_1"].shape == (16, 16) and set(u["box_1"].unique().tolist()) <= {0, 1}
 
 
+
+@pytest.mark.parametrize("seed", range(6))
+def test_unlabelled_masks_on_request_follow_the_weak_views_geometry(tmp_path, seed):
+    """``with_masks`` (the oracle and ``pseudo_label_quality --as-trained``): the slice's label
+    comes back as ``"mask"`` under the weak view's rotation, flip and zoom. The image here is its
+    label / 3, so the weak view (8-bit) must read back as the mask pixel for pixel."""
+    rng = np.random.default_rng(seed)
+    label = rng.integers(0, 4, (20, 24)).astype(np.uint8)
+    path = tmp_path / "s.h5"
+    _write(path, image=label.astype(np.float32) / 3, label=label)
+    from semiseg.data.datasets import Sample
+
+    random.seed(seed)
+    u = A.ACDCUnlabeledSet([Sample(image=path, mask=None, id="s")], 16, num_strong=1, with_masks=True)[0]
+    assert u["mask"].shape == (16, 16) and u["mask"].dtype == torch.long
+    assert torch.equal(torch.round(u["weak"][0] * 3).long(), u["mask"])
+    assert "mask" not in A.ACDCUnlabeledSet([Sample(image=path, mask=None, id="s")], 16, num_strong=1)[0]
+
 def test_strong_intensity_changes_values_not_geometry():
     from PIL import Image
 

@@ -191,20 +191,25 @@ class ACDCLabeledSet(_SliceSet):
 
 class ACDCUnlabeledSet(_SliceSet):
     """Unlabelled slices: the weak view and ``num_strong`` strong views with their CutMix boxes.
-    The label is read (the files hold one) but never returned."""
+    The label is read (the files hold one) but returned only with ``with_masks`` (``"mask"``,
+    the weak view's geometry: the diagnostics ``method.oracle_pseudo_labels`` and
+    ``benchmarks/pseudo_label_quality.py --as-trained``)."""
 
-    def __init__(self, samples: list[Sample], crop_size: int, num_strong: int = 2):
+    def __init__(self, samples: list[Sample], crop_size: int, num_strong: int = 2, with_masks: bool = False):
         if num_strong not in (0, 1, 2):
             raise ValueError(f"num_strong must be 0, 1 or 2, got {num_strong}")
         super().__init__(samples, crop_size)
         self.num_strong = num_strong
+        self.with_masks = with_masks
 
     def _load(self, sample: Sample) -> dict:
         img, label = read_h5(sample.image, 2)
-        img, _ = weak_geometry(img, label, self.size, self._rng())
+        img, label = weak_geometry(img, label, self.size, self._rng())
         pil = Image.fromarray((np.clip(img, 0.0, 1.0) * 255).astype(np.uint8))
         out = {"id": sample.id, "weak": _tensor(pil, 1 / 255.0),
                "ignore_mask": torch.zeros(self.size, self.size, dtype=torch.long)}
+        if self.with_masks:
+            out["mask"] = torch.from_numpy(label.astype(np.int64))
         for k in range(1, self.num_strong + 1):  # per view: intensity draw, then its box (official order)
             out[f"strong_{k}"] = _tensor(strong_intensity(pil), 1 / 255.0)
             out[f"box_{k}"] = cutmix_box(self.size, p=0.5)

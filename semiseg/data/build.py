@@ -191,7 +191,7 @@ def build_train_sets(cfg: Union[Config, DataConfig], num_strong: int, with_unlab
                      strong_labeled: bool = False, unlabeled_masks: bool = False) -> TrainSets:
     """The labelled set and (``with_unlabeled``) the unlabelled set of ``data.train_split``;
     ``unlabeled_masks``: the unlabelled crops carry their true masks (``"mask"``), for the
-    diagnostic ``method.oracle_pseudo_labels`` (natural-image datasets only).
+    diagnostic ``method.oracle_pseudo_labels`` (not for change detection).
 
     When there is an unlabelled set larger than the labelled one, the labelled list is repeated
     to its length (:func:`repeat_to_length`); labelled images are never dropped (UniMatch
@@ -201,9 +201,9 @@ def build_train_sets(cfg: Union[Config, DataConfig], num_strong: int, with_unlab
 
     data = _data_cfg(cfg)
     info = dataset_info(data)
-    if unlabeled_masks and (data.dataset == "acdc" or data.dataset in CHANGE_DATASETS):
+    if unlabeled_masks and data.dataset in CHANGE_DATASETS:
         raise ConfigError(f"key 'method.oracle_pseudo_labels': not available for data.dataset "
-                          f"'{data.dataset}' (natural-image datasets only)")
+                          f"'{data.dataset}' (not for change detection)")
     if data.dataset == "acdc":  # h5py missing: one line here, not a traceback from a loader worker
         from semiseg.data.acdc import require_h5py
 
@@ -212,7 +212,7 @@ def build_train_sets(cfg: Union[Config, DataConfig], num_strong: int, with_unlab
     if data.dataset == "acdc":  # HDF5 slices, one channel, the medical pipeline (semiseg.data.acdc)
         from semiseg.data.acdc import ACDCLabeledSet, ACDCUnlabeledSet
 
-        acdc_unlabeled = (ACDCUnlabeledSet(unlabeled, data.crop_size, num_strong)
+        acdc_unlabeled = (ACDCUnlabeledSet(unlabeled, data.crop_size, num_strong, with_masks=unlabeled_masks)
                           if with_unlabeled and unlabeled else None)
         if acdc_unlabeled is not None and len(unlabeled) > len(labeled):
             labeled = repeat_to_length(labeled, len(unlabeled), data.split_seed)
