@@ -7,6 +7,7 @@ RV, Myo and LV, as ``semiseg eval`` does) and append the row to ``benchmarks/res
     python benchmarks/acdc_cpu.py --method supervised --cases all --seed 0   # the ceiling: 1312 slices
     python benchmarks/acdc_cpu.py --method unimatch --cases 1 --seed 0
     python benchmarks/acdc_cpu.py --table                                    # the matrix, as markdown
+    python benchmarks/acdc_cpu.py --render                                   # ... into BENCHMARKS.md
     python benchmarks/acdc_cpu.py --resume runs/bench-acdc/unimatch-1-s0     # finish a stopped run
 
 The recipe is UniMatch's medical one (``configs/acdc.yaml``: the official 2D UNet from scratch,
@@ -140,6 +141,7 @@ def table(rows: list[dict]) -> str:
             lines.append(f"| {cases} | {method} | **{m:.2f}** | " + " / ".join(f"s{r['seed']} {r['mDice']:.2f}" for r in got)
                          + f" | {vs} | {gap} | " + " / ".join(f"{x:.1f}" for x in per)
                          + f" | {mean([r['sec_per_step'] for r in got]):.2f} | {mean([r['wall_min'] for r in got]):.1f} |")
+    ceiling_row = None
     if ceiling:
         m = mean([r["mDice"] for r in ceiling])
         per = [mean([r["per_class_dice"][k] for r in ceiling]) for k in (1, 2, 3)]
@@ -147,7 +149,31 @@ def table(rows: list[dict]) -> str:
                      + " / ".join(f"s{r['seed']} {r['mDice']:.2f}" for r in ceiling)
                      + " | - | 100% | " + " / ".join(f"{x:.1f}" for x in per)
                      + f" | {mean([r['sec_per_step'] for r in ceiling]):.2f} | {mean([r['wall_min'] for r in ceiling]):.1f} |")
+    variants = [r for r in rows if r.get("protocol") == PROTOCOL_NAME and r.get("variant")]
+    if variants:
+        lines += ["", "Variants (one change to the protocol each; not in the matrix), against supervised with the same "
+                  "cases and seed:", "",
+                  "| cases | method | change | seed | mDice | vs supervised | RV / Myo / LV | s/step | wall min |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for r in variants:
+            base = next((b for b in c.get(("supervised", r["split"]), []) if b["seed"] == r["seed"]), None)
+            vs = f"{r['mDice'] - base['mDice']:+.2f} ({base['mDice']:.2f})" if base else "-"
+            change = ", ".join(f"`{v}`" for v in r["variant"])
+            lines.append(f"| {r['split']} | {r['method']} | {change} | {r['seed']} | {r['mDice']:.2f} | {vs} | "
+                         + " / ".join(f"{x:.1f}" for x in r["per_class_dice"][1:])
+                         + f" | {r['sec_per_step']:.2f} | {r['wall_min']:.1f} |")
     return "\n".join(lines)
+
+
+BEGIN, END = "<!-- acdc-cpu matrix: rendered by benchmarks/acdc_cpu.py --render -->", "<!-- end acdc-cpu matrix -->"
+
+
+def render(doc: str, rows: list[dict]) -> str:
+    """``doc`` with the text between :data:`BEGIN` and :data:`END` replaced by :func:`table`."""
+    if BEGIN not in doc or END not in doc:
+        raise SystemExit(f"BENCHMARKS.md has no {BEGIN} ... {END} block to render into")
+    head, rest = doc.split(BEGIN, 1)
+    return head + BEGIN + "\n" + table(rows) + "\n" + END + rest.split(END, 1)[1]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -165,9 +191,24 @@ def main(argv=None) -> int:
     p.add_argument("--results", default=str(RESULTS))
     p.add_argument("--resume", metavar="RUN_DIR", help="finish a run a stop signal cut short")
     p.add_argument("--table", action="store_true", help="print the matrix of --results as markdown")
+    p.add_argument("--render", action="store_true", help="write the matrix into BENCHMARKS.md")
+    p.add_argument("--check", action="store_true", help="exit 1 when BENCHMARKS.md's matrix is not the rendered one")
     args = p.parse_args(argv)
     if args.table:
         print(table(load_rows(Path(args.results))))
+        return 0
+    if args.render or args.check:
+        doc_path = REPO / "BENCHMARKS.md"
+        doc = doc_path.read_text()
+        new = render(doc, load_rows(Path(args.results)))
+        if args.check:
+            if new != doc:
+                print("BENCHMARKS.md's ACDC-CPU matrix is stale: run python benchmarks/acdc_cpu.py --render",
+                      file=sys.stderr)
+                return 1
+            return 0
+        doc_path.write_text(new)
+        print(f"rendered {len(load_rows(Path(args.results)))} ACDC-CPU runs into BENCHMARKS.md")
         return 0
     if args.resume:
         out = Path(args.resume)

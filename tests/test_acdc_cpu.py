@@ -67,6 +67,18 @@ def test_acdc_table_means_seeds_and_measures_the_gap_recovered_against_the_same_
     uni = next(line for line in lines if "| unimatch |" in line)
     # mean 55 against supervised 25 (+30.00) and the ceiling 80: 30 / 55 = 55%
     assert "**55.00**" in uni and "s0 60.00 / s1 50.00" in uni and "+30.00" in uni and "| 55% |" in uni
-    assert "99.00" not in acdc_cpu.table(rows)
+    assert "99.00" not in acdc_cpu.table(rows).split("Variants")[0]
+    variants = acdc_cpu.table(rows + [_row("unimatch", "1", 1, 41.0, variant=["train.init_from=runs/x"])]).split("Variants")[1]
+    assert "| 1 | unimatch | `train.iters=5` | 2 | 99.00 | - |" in variants  # no supervised seed 2
+    assert "| 1 | unimatch | `train.init_from=runs/x` | 1 | 41.00 | +11.00 (30.00) | 1.0 / 2.0 / 3.0 |" in variants
     assert any("| supervised (ceiling) | **80.00** |" in line for line in lines)
     assert acdc_cpu.gap_recovered(50.0, 25.0, 75.0) == 50.0
+
+
+def test_acdc_render_replaces_only_between_its_markers():
+    doc = f"# top\n{acdc_cpu.BEGIN}\nold table\n{acdc_cpu.END}\nbelow\n"
+    out = acdc_cpu.render(doc, [_row("supervised", "1", 0, 20.0)])
+    assert out.startswith("# top\n") and out.endswith(f"{acdc_cpu.END}\nbelow\n") and "old table" not in out
+    assert "| 1 | supervised | **20.00** |" in out and acdc_cpu.render(out, [_row("supervised", "1", 0, 20.0)]) == out
+    with pytest.raises(SystemExit, match="no <!-- acdc-cpu matrix"):
+        acdc_cpu.render("# nothing here\n", [])
