@@ -184,7 +184,7 @@ def test_the_demo_compares_supervised_and_fixmatch_from_the_pretrained_encoder_a
 
     for scenario in ("medical", "change"):
         seen = []
-        monkeypatch.setattr(demo, f"run_{scenario}_demo", lambda out, iters, methods: seen.append(methods) or 0)
+        monkeypatch.setattr(demo, f"run_{scenario}_demo", lambda out, iters, methods, *data_root: seen.append(methods) or 0)
         assert main(["demo", "--scenario", scenario]) == 0
         assert main(["demo", "--scenario", scenario, "--methods", "supervised,fixmatch"]) == 0
         assert seen == [("supervised", "unimatch"), ["supervised", "fixmatch"]]
