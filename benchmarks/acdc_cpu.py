@@ -96,13 +96,31 @@ def load_rows(path: Path = RESULTS) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+WARM = " (warm start)"
+
+
+def warm_override(runs: Path, cases: str, seed: int) -> str:
+    """``--warm-start``: start from the supervised run of the same cases and seed (its best
+    checkpoint, :func:`semiseg.engine.checkpoint.load_init_weights`)."""
+    return f"train.init_from={runs / f'supervised-{cases}-s{seed}'}"
+
+
+def is_warm(row: dict) -> bool:
+    """Whether ``row``'s only change to the protocol is :func:`warm_override`."""
+    v = row.get("variant") or []
+    return (len(v) == 1 and v[0].startswith("train.init_from=")
+            and v[0].rstrip("/").endswith(f"supervised-{row['split']}-s{row['seed']}"))
+
+
 def cells(rows: list[dict]) -> dict[tuple[str, str], list[dict]]:
-    """(method, cases) -> the protocol's rows (no variants), one per seed (the first made)."""
+    """(method, cases) -> the protocol's rows, one per seed (the first made). A warm-started row
+    (:func:`is_warm`) counts as method ``"<method> (warm start)"``; other variants are left out."""
     out: dict[tuple[str, str], dict[int, dict]] = {}
     for r in rows:
-        if r.get("protocol") != PROTOCOL_NAME or r.get("variant"):
+        if r.get("protocol") != PROTOCOL_NAME or (r.get("variant") and not is_warm(r)):
             continue
-        out.setdefault((r["method"], r["split"]), {}).setdefault(r["seed"], r)
+        method = r["method"] + (WARM if r.get("variant") else "")
+        out.setdefault((method, r["split"]), {}).setdefault(r["seed"], r)
     return {k: [v[s] for s in sorted(v)] for k, v in out.items()}
 
 
@@ -115,41 +133,55 @@ def mean(xs: list[float]) -> float:
     return sum(xs) / len(xs)
 
 
+def wall(rows: list[dict]) -> str:
+    """Mean wall minutes of the rows that recorded theirs (a row whose first segment was killed
+    without a stop signal has ``wall_min`` null); "-" when none did."""
+    got = [r["wall_min"] for r in rows if r.get("wall_min") is not None]
+    return f"{mean(got):.1f}" if got else "-"
+
+
 def table(rows: list[dict]) -> str:
     """The ACDC-CPU matrix as markdown: one row per method and split, mean mDice over the seeds
     made, each seed, the gain over supervised and the gap recovered (both against the same seeds'
-    mean of supervised and of the ceiling), s/step and wall time."""
+    mean of supervised and of the ceiling), the gain over supervised trained as many iterations
+    (a warm start's control is ``supervised (warm start)``), s/step and wall time."""
     c = cells(rows)
     ceiling = c.get(("supervised", "all"))
-    lines = ["| cases | method | mDice (mean) | seeds | vs supervised | gap recovered | RV / Myo / LV | s/step | wall min |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    order = ["supervised", "fixmatch", "unimatch", "unimatch_v2", "meanteacher"]
+    lines = ["| cases | method | mDice (mean) | seeds | vs supervised | vs supervised, same iterations | gap recovered "
+             "| RV / Myo / LV | s/step | wall min |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    order = [m + w for w in ("", WARM) for m in ("supervised", "fixmatch", "unimatch", "unimatch_v2", "meanteacher")]
     for cases in ("1", "3", "7"):
-        sup = c.get(("supervised", cases))
+        sup = {r["seed"]: r for r in c.get(("supervised", cases), [])}
+        sup_warm = {r["seed"]: r for r in c.get(("supervised" + WARM, cases), [])}
         for method in order:
             got = c.get((method, cases))
             if not got:
                 continue
             m = mean([r["mDice"] for r in got])
-            vs = gap = "-"
-            if sup and method != "supervised":
-                s = mean([r["mDice"] for r in sup])
+            vs = same = gap = "-"
+            if method != "supervised" and all(r["seed"] in sup for r in got):
+                s = mean([sup[r["seed"]]["mDice"] for r in got])  # supervised of the same seeds
                 vs = f"{m - s:+.2f}"
                 if ceiling:
                     gap = f"{gap_recovered(m, s, mean([r['mDice'] for r in ceiling])):.0f}%"
+            # a warm start trains twice as many iterations: its control is supervised's warm start
+            control = sup_warm if method.endswith(WARM) else sup
+            if not method.startswith("supervised") and all(r["seed"] in control for r in got):
+                same = f"{m - mean([control[r['seed']]['mDice'] for r in got]):+.2f}"
             per = [mean([r["per_class_dice"][k] for r in got]) for k in (1, 2, 3)]
             lines.append(f"| {cases} | {method} | **{m:.2f}** | " + " / ".join(f"s{r['seed']} {r['mDice']:.2f}" for r in got)
-                         + f" | {vs} | {gap} | " + " / ".join(f"{x:.1f}" for x in per)
-                         + f" | {mean([r['sec_per_step'] for r in got]):.2f} | {mean([r['wall_min'] for r in got]):.1f} |")
+                         + f" | {vs} | {same} | {gap} | " + " / ".join(f"{x:.1f}" for x in per)
+                         + f" | {mean([r['sec_per_step'] for r in got]):.2f} | {wall(got)} |")
     ceiling_row = None
     if ceiling:
         m = mean([r["mDice"] for r in ceiling])
         per = [mean([r["per_class_dice"][k] for r in ceiling]) for k in (1, 2, 3)]
         lines.append(f"| all 1312 slices | supervised (ceiling) | **{m:.2f}** | "
                      + " / ".join(f"s{r['seed']} {r['mDice']:.2f}" for r in ceiling)
-                     + " | - | 100% | " + " / ".join(f"{x:.1f}" for x in per)
-                     + f" | {mean([r['sec_per_step'] for r in ceiling]):.2f} | {mean([r['wall_min'] for r in ceiling]):.1f} |")
-    variants = [r for r in rows if r.get("protocol") == PROTOCOL_NAME and r.get("variant")]
+                     + " | - | - | 100% | " + " / ".join(f"{x:.1f}" for x in per)
+                     + f" | {mean([r['sec_per_step'] for r in ceiling]):.2f} | {wall(ceiling)} |")
+    variants = [r for r in rows if r.get("protocol") == PROTOCOL_NAME and r.get("variant") and not is_warm(r)]
     if variants:
         lines += ["", "Variants (one change to the protocol each; not in the matrix), against supervised with the same "
                   "cases and seed:", "",
@@ -161,7 +193,7 @@ def table(rows: list[dict]) -> str:
             change = ", ".join(f"`{v}`" for v in r["variant"])
             lines.append(f"| {r['split']} | {r['method']} | {change} | {r['seed']} | {r['mDice']:.2f} | {vs} | "
                          + " / ".join(f"{x:.1f}" for x in r["per_class_dice"][1:])
-                         + f" | {r['sec_per_step']:.2f} | {r['wall_min']:.1f} |")
+                         + f" | {r['sec_per_step']:.2f} | {wall([r])} |")
     return "\n".join(lines)
 
 
@@ -188,6 +220,9 @@ def main(argv=None) -> int:
     p.add_argument("--runs", default=str(REPO / "runs" / "bench-acdc"), help="folder of the run directories")
     p.add_argument("--set", dest="overrides", action="append", default=[],
                    help="extra config override, recorded with the row (a variant, not the protocol)")
+    p.add_argument("--warm-start", action="store_true",
+                   help="start from the supervised run of the same --cases and --seed under --runs (its best "
+                        "checkpoint); the matrix shows the row as '<method> (warm start)'")
     p.add_argument("--results", default=str(RESULTS))
     p.add_argument("--resume", metavar="RUN_DIR", help="finish a run a stop signal cut short")
     p.add_argument("--table", action="store_true", help="print the matrix of --results as markdown")
@@ -227,6 +262,12 @@ def main(argv=None) -> int:
     root = Path(args.data_root)
     if not (root / "data" / "slices").is_dir():
         raise SystemExit(f"--data-root {root}: not an ACDC folder with data/slices/ (see ../shared/data/acdc)")
+    if args.warm_start:
+        start = Path(args.runs) / f"supervised-{args.cases}-s{args.seed}"
+        if not (start / "checkpoints").is_dir():
+            raise SystemExit(f"--warm-start: no supervised run at {start}: run --method supervised --cases "
+                             f"{args.cases} --seed {args.seed} first")
+        args.overrides.append(warm_override(Path(args.runs), args.cases, args.seed))
     config, method_overrides = method_config(args.method)
     overrides = [*method_overrides, *PROTOCOL, *split_overrides(args.cases, root), f"train.seed={args.seed}",
                  *args.overrides]

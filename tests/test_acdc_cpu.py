@@ -52,6 +52,25 @@ def test_acdc_cpu_refuses_a_ceiling_of_another_method_and_a_folder_without_slice
         acdc_cpu.main(["--method", "supervised", "--data-root", str(tmp_path / "data")])
 
 
+def test_acdc_cpu_warm_start_starts_from_the_supervised_run_of_the_same_cases_and_seed(acdc_root, tmp_path):
+    runs, results = tmp_path / "runs", tmp_path / "rows.jsonl"
+    common = ["--cases", "1", "--seed", "2", "--data-root", str(acdc_root), "--runs", str(runs),
+              "--results", str(results), *TINY]
+    with pytest.raises(SystemExit, match=r"--warm-start: no supervised run at .*supervised-1-s2: run --method supervised"):
+        acdc_cpu.main(["--method", "unimatch", "--warm-start", *common])
+    assert not results.exists()
+    assert acdc_cpu.main(["--method", "supervised", *common]) == 0
+    # TINY's --set makes that run a variant; the protocol's supervised run has the plain name
+    (runs / "supervised-1-s2-variant").rename(runs / "supervised-1-s2")
+    assert acdc_cpu.main(["--method", "unimatch", "--warm-start", *common]) == 0
+    sup, warm = [json.loads(x) for x in results.read_text().splitlines()]
+    assert warm["variant"] == [*sup["variant"], f"train.init_from={runs / 'supervised-1-s2'}"]
+    assert "--warm-start" in warm["command"] and not acdc_cpu.is_warm(sup) and not acdc_cpu.is_warm(warm)  # TINY too
+    assert f"init_from: {runs / 'supervised-1-s2'}" in (Path(warm["run_dir"]) / "config.yaml").read_text()
+    warm, sup = {**warm, "variant": warm["variant"][-1:]}, {**sup, "variant": []}  # as the protocol's rows
+    assert acdc_cpu.is_warm(warm) and ("unimatch (warm start)", "1") in acdc_cpu.cells([sup, warm])
+
+
 def _row(method, split, seed, dice, per=(None, 1.0, 2.0, 3.0), variant=()):
     return {"protocol": "acdc-cpu", "method": method, "split": split, "seed": seed, "mDice": dice,
             "per_class_dice": list(per), "sec_per_step": 1.0, "wall_min": 10.0, "variant": list(variant)}
@@ -82,3 +101,42 @@ def test_acdc_render_replaces_only_between_its_markers():
     assert "| 1 | supervised | **20.00** |" in out and acdc_cpu.render(out, [_row("supervised", "1", 0, 20.0)]) == out
     with pytest.raises(SystemExit, match="no <!-- acdc-cpu matrix"):
         acdc_cpu.render("# nothing here\n", [])
+
+
+def test_acdc_table_shows_warm_starts_as_methods_against_the_same_seeds_supervised():
+    warm = "train.init_from=runs/bench-acdc/supervised-1-s{}"
+    rows = [_row("supervised", "1", 0, 40.0), _row("supervised", "1", 1, 46.0), _row("supervised", "all", 0, 88.0),
+            _row("unimatch", "1", 0, 61.0, variant=[warm.format(0)]),
+            _row("unimatch", "1", 1, 58.0, variant=[warm.format(1)]),
+            _row("supervised", "1", 0, 41.0, variant=[warm.format(0)]),
+            _row("unimatch", "1", 1, 50.0, variant=["train.init_from=runs/bench-acdc/supervised-1-s0"])]  # other seed's
+    text = acdc_cpu.table(rows)
+    matrix, variants = text.split("Variants")
+    uni = next(line for line in matrix.splitlines() if "| unimatch (warm start) |" in line)
+    # mean 59.5 against supervised s0 / s1 43.0 (+16.50); ceiling 88: 16.5 / 45 = 37%
+    assert "**59.50**" in uni and "s0 61.00 / s1 58.00" in uni and "+16.50" in uni and "| 37% |" in uni
+    # the supervised control has seed 0 only: against supervised seed 0 (40), not the mean of both
+    ctl = next(line for line in matrix.splitlines() if "| supervised (warm start) |" in line)
+    assert "**41.00**" in ctl and "+1.00" in ctl
+    assert matrix.index("| supervised (warm start) |") < matrix.index("| unimatch (warm start) |")
+    assert "warm start" not in variants and "| 1 | unimatch | `train.init_from=runs/bench-acdc/supervised-1-s0` | 1 |" in variants
+
+
+def test_acdc_table_measures_a_warm_start_against_supervised_trained_as_many_iterations():
+    warm = ["train.init_from=runs/bench-acdc/supervised-3-s0"]
+    rows = [_row("supervised", "3", 0, 50.0), _row("supervised", "3", 1, 52.0),
+            _row("supervised", "3", 0, 55.0, variant=warm), _row("unimatch", "3", 0, 70.0, variant=warm),
+            _row("unimatch", "3", 1, 60.0, variant=["train.init_from=runs/bench-acdc/supervised-3-s1"]),
+            _row("fixmatch", "3", 0, 51.0)]
+    rows[1]["wall_min"], rows[0]["wall_min"] = None, 30.0  # a row whose wall time was lost
+    lines = acdc_cpu.table(rows).splitlines()
+    assert "| cases | method | mDice (mean) | seeds | vs supervised | vs supervised, same iterations |" in lines[0]
+    sup, ctl, fix, uni = (next(line for line in lines if f"| {m} |" in line)
+                          for m in ("supervised", "supervised (warm start)", "fixmatch", "unimatch (warm start)"))
+    assert sup.endswith("| 1.00 | 30.0 |")  # the mean of the walls recorded
+    assert "| +5.00 | - |" in ctl  # the control has no control
+    assert "| +1.00 | +1.00 |" in fix  # a cold start's control is supervised itself
+    # seeds 0 and 1: supervised 51, but the control has seed 0 only: no same-iterations figure
+    assert "| +14.00 | - |" in uni
+    one = acdc_cpu.table(rows[:4]).splitlines()
+    assert "| +20.00 | +15.00 |" in next(line for line in one if "| unimatch (warm start) |" in line)
