@@ -155,6 +155,12 @@ def read_metrics(run_dir: Path, metric: str = "mIoU") -> tuple[list[float], dict
     return steps[1:] or steps, last, best
 
 
+def evals_of(run_dir: Path, network: str) -> list[dict]:
+    """The eval rows of ``network`` in ``run_dir/metrics.jsonl``, in order."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [r for r in rows if r.get("type") == "eval" and r.get("model") == network]
+
+
 STATE = "benchmark.json"  # in a run directory: which row the run makes, and its wall time so far
 
 
@@ -204,6 +210,9 @@ def train_row(method: str, split: str, seed: int, config: str, overrides: list[s
         "machine": machine(), "command": command,
         "variant": variant,  # another config or extra overrides: listed in the log, kept out of the matrix
     }
+    # the reported network's evaluations on the way: (iteration, score), so a row keeps its curve
+    # when the run directory is gone
+    row["curve"] = [[r["iter"], round(r[metric], 2)] for r in evals_of(out, reported) if metric in r]
     if state["segments"] > 1:  # stopped and resumed: wall_min sums the segments
         row["segments"] = state["segments"]
     return row

@@ -36,6 +36,8 @@ def test_acdc_cpu_appends_a_row_with_the_protocol_and_the_3d_dice(acdc_root, tmp
     assert row["per_class_dice"][0] is None and len(row["per_class_dice"]) == 4
     evals = [json.loads(x) for x in (Path(row["run_dir"]) / "metrics.jsonl").read_text().splitlines() if '"eval"' in x]
     assert row["mDice"] == round(evals[0]["mDice"], 2) and row["network"] == evals[0]["model"]
+    mine = [e for e in evals if e["model"] == row["network"]]
+    assert row["curve"] == [[e["iter"], round(e["mDice"], 2)] for e in mine] and row["curve"][-1] == [2, row["mDice"]]
     assert "python benchmarks/acdc_cpu.py --method " + method + " --cases 1 --seed 2" in row["command"]
     saved = (Path(row["run_dir"]) / "config.yaml").read_text()
     assert "splits/acdc/1/labeled.txt" in saved and "optimizer: adamw" in saved and "crop_size: 16" in saved
