@@ -144,7 +144,8 @@ def table(rows: list[dict]) -> str:
     """The ACDC-CPU matrix as markdown: one row per method and split, mean mDice over the seeds
     made, each seed, the gain over supervised and the gap recovered (both against the same seeds'
     mean of supervised and of the ceiling), the gain over supervised trained as many iterations
-    (a warm start's control is ``supervised (warm start)``), s/step and wall time."""
+    (a warm start's control is ``supervised (warm start)``; over the seeds the control has, named
+    when they are fewer), s/step and wall time."""
     c = cells(rows)
     ceiling = c.get(("supervised", "all"))
     lines = ["| cases | method | mDice (mean) | seeds | vs supervised | vs supervised, same iterations | gap recovered "
@@ -167,8 +168,11 @@ def table(rows: list[dict]) -> str:
                     gap = f"{gap_recovered(m, s, mean([r['mDice'] for r in ceiling])):.0f}%"
             # a warm start trains twice as many iterations: its control is supervised's warm start
             control = sup_warm if method.endswith(WARM) else sup
-            if not method.startswith("supervised") and all(r["seed"] in control for r in got):
-                same = f"{m - mean([control[r['seed']]['mDice'] for r in got]):+.2f}"
+            both = [r for r in got if r["seed"] in control]  # the seeds the control has
+            if not method.startswith("supervised") and both:
+                same = f"{mean([r['mDice'] - control[r['seed']]['mDice'] for r in both]):+.2f}"
+                if len(both) < len(got):
+                    same += " (" + ", ".join(f"s{r['seed']}" for r in both) + ")"
             per = [mean([r["per_class_dice"][k] for r in got]) for k in (1, 2, 3)]
             lines.append(f"| {cases} | {method} | **{m:.2f}** | " + " / ".join(f"s{r['seed']} {r['mDice']:.2f}" for r in got)
                          + f" | {vs} | {same} | {gap} | " + " / ".join(f"{x:.1f}" for x in per)

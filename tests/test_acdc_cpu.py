@@ -138,7 +138,7 @@ def test_acdc_table_measures_a_warm_start_against_supervised_trained_as_many_ite
     assert sup.endswith("| 1.00 | 30.0 |")  # the mean of the walls recorded
     assert "| +5.00 | - |" in ctl  # the control has no control
     assert "| +1.00 | +1.00 |" in fix  # a cold start's control is supervised itself
-    # seeds 0 and 1: supervised 51, but the control has seed 0 only: no same-iterations figure
-    assert "| +14.00 | - |" in uni
+    # seeds 0 and 1 against supervised 51; the control has seed 0 only: 70 - 55, named
+    assert "| +14.00 | +15.00 (s0) |" in uni
     one = acdc_cpu.table(rows[:4]).splitlines()
     assert "| +20.00 | +15.00 |" in next(line for line in one if "| unimatch (warm start) |" in line)
