@@ -22,7 +22,7 @@ from semiseg.errors import DataError, SemisegWarning
 from conftest import as_sets, tiny
 
 # On the CPU: a resumed run equals an uninterrupted one bit for bit there (on CUDA only up to the
-# kernels without a deterministic version, README).
+# kernels without a deterministic version, docs/runs-and-checkpoints.md).
 TINY = tiny("data.synthetic.num_val=4", "train.iters=6", "train.eval_every=3", "method.name=fixmatch",
             "eval.batch_size=2", "train.device=cpu")
 SETS = as_sets(TINY)

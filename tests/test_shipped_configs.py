@@ -104,6 +104,16 @@ OFFICIAL = {
                                                    "model.head": "deeplabv3plus", "model.siamese": True,
                                                    "method.mix_source": "separate_batch"})
        for name, dataset, unlabeled in (("levir", "levir_cd", 6764), ("whu", "whu_cd", 5650))},
+    # their supervised baselines (supervised.py): 16 labelled pairs a step, 80 epochs of the 5% splits'
+    # 356 (LEVIR-CD) and 297 (WHU-CD) labelled pairs
+    **{f"{name}_supervised": {"data.dataset": dataset, "data.crop_size": 256, "data.scale_range": [0.8, 1.2],
+                              "data.val_split": "test", "model.encoder": "resnet50", "model.pretrained": True,
+                              "model.output_stride": 16, "model.head": "deeplabv3plus", "model.siamese": True,
+                              "method.name": "supervised", "train.batch_size": 16, "train.iters": 80 * (labeled // 16),
+                              "train.lr": 0.02, "train.head_lr_mult": 1.0, "train.momentum": 0.9,
+                              "train.weight_decay": 1e-4, "train.poly_power": 0.9, "train.loss": "ce",
+                              "eval.mode": "original"}
+       for name, dataset, labeled in (("levir", "levir_cd", 356), ("whu", "whu_cd", 297))},
     "camvid_v1": {**CAMVID_PROTOCOL, "model.encoder": "resnet18", "model.head": "deeplabv3plus",
                   "model.output_stride": 16},
     # the protocol's data and optimiser, AllSpark's model and official method keys
@@ -146,3 +156,4 @@ def test_official_iteration_counts():
             OFFICIAL["coco"]["train.iters"]) == (91200, 78000, 442710)
     assert OFFICIAL["pascal_unimatch_v2"]["train.iters"] == 60 * 570  # ceil(9118 / 4) // 4 steps an epoch
     assert (OFFICIAL["levir"]["train.iters"], OFFICIAL["whu"]["train.iters"]) == (80 * 845, 80 * 706)
+    assert (OFFICIAL["levir_supervised"]["train.iters"], OFFICIAL["whu_supervised"]["train.iters"]) == (1760, 1440)

@@ -55,7 +55,7 @@ def test_run_directory_contents(run):
 
 
 def test_resume_equals_uninterrupted(tmp_path):
-    cpu = "train.device=cpu"  # bit-exact resumption is the CPU's (README)
+    cpu = "train.device=cpu"  # bit-exact resumption is the CPU's (docs/runs-and-checkpoints.md)
     full = Trainer(tiny_cfg(cpu), tmp_path / "full", progress=False).fit()
     Trainer(tiny_cfg(cpu), tmp_path / "cut", progress=False).fit(stop_after=2)
     _, meta = weights(tmp_path / "cut")

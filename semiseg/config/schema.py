@@ -224,7 +224,7 @@ class TrainConfig(Section):
     # CPU threads of this process (torch.set_num_threads), also used by eval/predict/report of the
     # run. "auto" keeps torch's default (one per core): fastest on a quiet machine. On a machine
     # shared with other jobs, set 1 (or cores / processes): oversubscribed threads wait for
-    # each other and a step gets several times slower (README, "Shared machines and threads").
+    # each other and a step gets several times slower (docs/threads-and-speed.md, "Shared machines and threads").
     threads: Union[Literal["auto"], int] = "auto"
 
     @field_validator("threads")

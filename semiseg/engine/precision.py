@@ -28,7 +28,7 @@ def set_deterministic(device: torch.device) -> None:
 
     On the CPU every kernel a run uses has a deterministic version, so a non-deterministic one is
     an error (``warn_only=False``): a killed and resumed run equals an uninterrupted one bit for
-    bit (README). On CUDA some kernels every segmentation step needs have none in PyTorch (the
+    bit (docs/runs-and-checkpoints.md). On CUDA some kernels every segmentation step needs have none in PyTorch (the
     summed cross-entropy's ``nll_loss2d`` forward, the backward of bilinear upsampling and of
     adaptive average pooling): strict mode would stop at the first loss. There the mode is
     ``warn_only=True``: deterministic cuDNN and cuBLAS (``CUBLAS_WORKSPACE_CONFIG=:4096:8``,
