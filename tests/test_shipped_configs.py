@@ -78,6 +78,11 @@ CAMVID_PROTOCOL = {"data.dataset": "camvid", "data.labeled": "splits/1_8/labeled
                    "train.lr": 0.02, "train.head_lr_mult": 1.0, "train.momentum": 0.9, "train.weight_decay": 1e-4,
                    "train.poly_power": 0.9, "eval.mode": "original"}
 
+# UniMatch's remote-sensing network and data keys, shared by its UniMatch and supervised configs
+CD_MODEL = {"data.scale_range": [0.8, 1.2], "data.val_split": "test", "model.encoder": "resnet50",
+            "model.pretrained": True, "model.output_stride": 16, "model.head": "deeplabv3plus", "model.siamese": True}
+
+
 OFFICIAL = {
     # 1464 labelled, 9118 unlabelled images (splits/pascal/1464)
     "pascal": unimatch_recipe(crop=321, epochs=80, unlabeled=9118, lr=0.001, lr_multi=10.0, conf_thresh=0.95,
@@ -98,17 +103,12 @@ OFFICIAL = {
     # change detection (more-scenarios/remote-sensing): 8 labelled + 8 unlabelled pairs on one GPU, the 5%
     # splits' 6764 (LEVIR-CD) and 5650 (WHU-CD) unlabelled pairs, scored on test.txt
     **{name: unimatch_recipe(crop=256, epochs=80, unlabeled=unlabeled, lr=0.02, lr_multi=1.0, conf_thresh=0.95,
-                             per_gpu=8, gpus=1, **{"data.dataset": dataset, "data.scale_range": [0.8, 1.2],
-                                                   "data.val_split": "test", "model.encoder": "resnet50",
-                                                   "model.pretrained": True, "model.output_stride": 16,
-                                                   "model.head": "deeplabv3plus", "model.siamese": True,
+                             per_gpu=8, gpus=1, **{**CD_MODEL, "data.dataset": dataset,
                                                    "method.mix_source": "separate_batch"})
        for name, dataset, unlabeled in (("levir", "levir_cd", 6764), ("whu", "whu_cd", 5650))},
     # their supervised baselines (supervised.py): 16 labelled pairs a step, 80 epochs of the 5% splits'
     # 356 (LEVIR-CD) and 297 (WHU-CD) labelled pairs
-    **{f"{name}_supervised": {"data.dataset": dataset, "data.crop_size": 256, "data.scale_range": [0.8, 1.2],
-                              "data.val_split": "test", "model.encoder": "resnet50", "model.pretrained": True,
-                              "model.output_stride": 16, "model.head": "deeplabv3plus", "model.siamese": True,
+    **{f"{name}_supervised": {**CD_MODEL, "data.dataset": dataset, "data.crop_size": 256,
                               "method.name": "supervised", "train.batch_size": 16, "train.iters": 80 * (labeled // 16),
                               "train.lr": 0.02, "train.head_lr_mult": 1.0, "train.momentum": 0.9,
                               "train.weight_decay": 1e-4, "train.poly_power": 0.9, "train.loss": "ce",
