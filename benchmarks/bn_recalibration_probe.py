@@ -10,6 +10,12 @@ batches of ``--batch``; a cumulative average, weights untouched). A supervised r
 control: its statistics saw only weakly augmented labelled crops. One Markdown row per state::
 
     python benchmarks/bn_recalibration_probe.py runs/bench-v2/fixmatch-1_16-s0
+    python benchmarks/bn_recalibration_probe.py runs/bench-v2/meanteacher-1_16-s0 --network teacher
+
+``--network`` picks which of the method's networks is scored and recalibrated (``auto``: the one
+its evaluation reports first). An EMA teacher's statistics are the EMA of the student's, which
+saw the strong views, never a batch of clean unlabelled images: recalibrating the teacher is the
+probe for that.
 
 A run directory is read at ``checkpoints/last.safetensors``; pass a checkpoint file to score
 another.
@@ -53,7 +59,7 @@ def recalibrate(network, dataset, batch: int = 8) -> int:
 
 
 def probe(checkpoint: str, split: str = "val", calib: str = "train", batch: int = 8,
-          data_root: str | None = None, progress: bool = False) -> list[dict]:
+          data_root: str | None = None, progress: bool = False, network: str = "auto") -> list[dict]:
     from semiseg.api import build_method_from_checkpoint
     from semiseg.data.build import build_eval_set
     from semiseg.data.datasets import dataset_info
@@ -67,19 +73,21 @@ def probe(checkpoint: str, split: str = "val", calib: str = "train", batch: int 
         path = last
     overrides = [f"data.root={data_root}"] if data_root else []
     cfg, method, meta = build_method_from_checkpoint(path, overrides)
-    network = method.inference_model("auto").eval()
+    name = method.model_name(network)  # a one-line error naming the method's networks otherwise
+    network = method.inference_model(name).eval()
     info = dataset_info(cfg.data)
     scored = build_eval_set(cfg, split)
     eval_cfg = cfg.eval.model_copy(update={"flip": False, "scales": [1.0]})
     rows = []
     r = evaluate(network, scored, eval_cfg, info.num_classes, info.ignore_index, crop_size=cfg.data.crop_size,
                  progress=progress)
-    rows.append({"state": "as trained", "mIoU": r["mIoU"], "pixel_acc": r["pixel_acc"],
+    rows.append({"state": "as trained", "network": name, "mIoU": r["mIoU"], "pixel_acc": r["pixel_acc"],
                  "per_class_iou": r["per_class_iou"]})
     batches = recalibrate(network, build_eval_set(cfg, calib), batch)
     r = evaluate(network, scored, eval_cfg, info.num_classes, info.ignore_index, crop_size=cfg.data.crop_size,
                  progress=progress)
-    rows.append({"state": f"BatchNorm recomputed on '{calib}' ({batches} batches of {batch})", "mIoU": r["mIoU"],
+    rows.append({"state": f"BatchNorm recomputed on '{calib}' ({batches} batches of {batch})", "network": name,
+                 "mIoU": r["mIoU"],
                  "pixel_acc": r["pixel_acc"], "per_class_iou": r["per_class_iou"]})
     return rows
 
@@ -91,10 +99,18 @@ def main(argv=None) -> int:
     p.add_argument("--calib", default="train", help="the split whose images recompute the statistics (default train)")
     p.add_argument("--batch", type=int, default=8, help="images per calibration batch (default 8)")
     p.add_argument("--data-root", help="override data.root of the run")
+    p.add_argument("--network", default="auto",
+                   help="which of the method's networks to probe: student, teacher, ... (default auto: the one it reports)")
     p.add_argument("--json", help="also write every figure here")
     args = p.parse_args(argv)
-    rows = probe(args.checkpoint, args.split, args.calib, args.batch, args.data_root, progress=sys.stderr.isatty())
-    print(f"{args.checkpoint}, {args.split}")
+    from semiseg.errors import SemisegError
+
+    try:
+        rows = probe(args.checkpoint, args.split, args.calib, args.batch, args.data_root,
+                     progress=sys.stderr.isatty(), network=args.network)
+    except SemisegError as e:
+        raise SystemExit(f"error: {e}") from None
+    print(f"{args.checkpoint}, {args.split}, network {rows[0]['network']}")
     print("| BatchNorm statistics | mIoU | pixel acc |")
     print("| --- | --- | --- |")
     for r in rows:

@@ -6,9 +6,11 @@
     python benchmarks/render_v2.py            # rewrite both from the results file
     python benchmarks/render_v2.py --check    # exit 1 if either is out of date
 
-Only protocol runs enter the matrix (runs with extra ``--set`` overrides are variants: they are in
-the log, not the matrix). A cell shows the mean over seeds and each seed; the first run of a
-(method, split, seed) counts, reruns are listed in the log.
+Only protocol runs and named recipes enter the matrix: a run with extra ``--set`` overrides is a
+variant (in the variants table and the log) unless its overrides are exactly one of ``RECIPES``,
+whose rows sit below the protocol's, each compared with the supervised run that shares the
+changes supervised training also feels. A cell shows the mean over seeds and each seed; the
+first run of a (method, split, seed) counts, reruns are listed in the log.
 """
 
 from __future__ import annotations
@@ -38,6 +40,18 @@ ROWS = [  # (method key in the results, label)
     ("allspark_unimatch", "AllSpark + UniMatch (the neck in UniMatch's recipe)"),
 ]
 SPLITS = [("1_16", "1/16: 23 labels"), ("1_8", "1/8: 46 labels")]
+# named recipes: (row key, method, the overrides that make it, label, the row its gain is measured
+# against). The CamVid recipe is what the lever probes of BENCHMARKS.md point to: ASPP rates scaled
+# to the 8x8 training maps, OHEM sized to the 8x128x128 batch, no confidence threshold (as in
+# UniMatch's Cityscapes recipe) and a blur range scaled to the crop. Its supervised control takes
+# the two changes that supervised training has too (the ASPP rates and OHEM).
+STREET = ["model.aspp_rates=[2,4,6]", "train.loss=ohem", "train.ohem_min_kept=20480"]
+RECIPES = [
+    ("recipe:supervised-street", "supervised", STREET,
+     "Supervised + the recipe's ASPP rates 2/4/6 and OHEM", "supervised"),
+    ("recipe:fixmatch-street", "fixmatch", STREET + ["method.conf_thresh=0", "data.strong_blur_sigma=[0.1,0.8]"],
+     "FixMatch, CamVid recipe: ASPP 2/4/6, OHEM, threshold 0, blur sigma 0.1-0.8", "recipe:supervised-street"),
+]
 
 
 def load(path: Path = RESULTS) -> list[dict]:
@@ -54,6 +68,36 @@ def protocol_runs(rows: list[dict]) -> dict[tuple[str, str], dict[int, dict]]:
             continue
         cells.setdefault((r["method"], r["split"]), {}).setdefault(r["seed"], r)
     return cells
+
+
+def recipe_of(run: dict) -> str | None:
+    """The key of the recipe a run is (its method and exactly its overrides, in any order)."""
+    variant = sorted(run.get("variant") or [])
+    return next((key for key, method, changes, _, _ in RECIPES
+                 if variant and run["method"] == method and variant == sorted(changes)), None)
+
+
+def matrix_runs(rows: list[dict]) -> dict[tuple[str, str], dict[int, dict]]:
+    """The protocol cells and the recipe cells (keyed by the recipe's row key)."""
+    cells = protocol_runs(rows)
+    for r in rows:
+        key = recipe_of(r)
+        if key:
+            cells.setdefault((key, r["split"]), {}).setdefault(r["seed"], r)
+    return cells
+
+
+def gain(mine: dict[int, dict], base: dict[int, dict], ceiling: dict[int, dict]) -> str:
+    """The mean gain of ``mine`` over ``base`` on the seeds both have, with the share of the gap
+    from ``base`` to the ceiling (mean of its seeds) that it recovers when it gains (a loss over
+    a gap of one point would read as -500%: the gain says it)."""
+    shared = sorted(set(mine) & set(base))
+    if not shared:
+        return "–"
+    g = sum(mine[x]["mIoU"] - base[x]["mIoU"] for x in shared) / len(shared)
+    text = f"{g:+.2f} ({len(shared)} seed{'s' if len(shared) > 1 else ''})"
+    room = mean(ceiling) - sum(base[x]["mIoU"] for x in shared) / len(shared) if ceiling else None
+    return text + (f", gap {100 * g / room:.0f}%" if g > 0 and room and room > 0 else "")
 
 
 def cell(runs: dict[int, dict] | None) -> str:
@@ -89,30 +133,32 @@ def variant_baseline(run: dict, rows: list[dict], cells) -> tuple[dict | None, l
 
 
 def matrix(rows: list[dict]) -> str:
-    cells = protocol_runs(rows)
+    cells = matrix_runs(rows)
+    recipes = [(key, label) for key, _, _, label, _ in RECIPES if any((key, s) in cells for s, _ in SPLITS)]
+    against = {key: base for key, _, _, _, base in RECIPES}
+    labels = dict(ROWS + recipes)
     out = ["| method | " + " | ".join(label for _, label in SPLITS) + " |",
            "| --- | " + " | ".join("---" for _ in SPLITS) + " |"]
     for key, label in ROWS:
         out.append(f"| {label} | " + " | ".join(cell(cells.get((key, s))) for s, _ in SPLITS) + " |")
-    ceiling = cell(cells.get(("supervised", "all")))
+    ceiling_runs = cells.get(("supervised", "all")) or {}
+    ceiling = cell(ceiling_runs)
     out.append(f"| *Ceiling: supervised on all 367 masks* | {ceiling} | {ceiling} |")
+    for key, label in recipes:
+        out.append(f"| *Recipe:* {label} | " + " | ".join(cell(cells.get((key, s))) for s, _ in SPLITS) + " |")
     out.append("")
-    out.append("Gain over supervised with the same labels (mean of the seeds both rows have):")
+    out.append("Gain over supervised with the same labels (mean of the seeds both rows have) and the gap "
+               "recovered where it gains, (method - supervised) / (ceiling - supervised); a recipe is measured "
+               "against the row named beside it:")
     out.append("")
     out.append("| method | " + " | ".join(label for _, label in SPLITS) + " |")
     out.append("| --- | " + " | ".join("---" for _ in SPLITS) + " |")
-    for key, label in ROWS[1:]:
-        gains = []
-        for s, _ in SPLITS:
-            mine, base = cells.get((key, s)) or {}, cells.get(("supervised", s)) or {}
-            shared = sorted(set(mine) & set(base))
-            if not shared:
-                gains.append("–")
-                continue
-            g = sum(mine[x]["mIoU"] - base[x]["mIoU"] for x in shared) / len(shared)
-            gains.append(f"{g:+.2f} ({len(shared)} seed{'s' if len(shared) > 1 else ''})")
-        out.append(f"| {label} | " + " | ".join(gains) + " |")
-    variants = [r for r in rows if r.get("variant")]
+    for key, label in ROWS[1:] + recipes:
+        base = against.get(key, "supervised")
+        named = f" (against {labels[base].split(' (')[0]})" if key in against else ""
+        out.append(f"| {label}{named} | " + " | ".join(
+            gain(cells.get((key, s)) or {}, cells.get((base, s)) or {}, ceiling_runs) for s, _ in SPLITS) + " |")
+    variants = [r for r in rows if r.get("variant") and not recipe_of(r)]
     if variants:
         out.append("")
         out.append("Variants (one change to the protocol each; not in the matrix), against supervised with the same "
@@ -133,7 +179,7 @@ def matrix(rows: list[dict]) -> str:
                "more threads):")
     out.append("")
     timings: list[tuple[str, dict[str, list[dict]]]] = []
-    for key, label in ROWS + [("supervised_all", "")]:
+    for key, label in ROWS + recipes + [("supervised_all", "")]:
         runs = [r for (m, s), seeds in cells.items() for r in seeds.values()
                 if m == key and s != "all"] if key != "supervised_all" else \
             list((cells.get(("supervised", "all")) or {}).values())
@@ -198,8 +244,9 @@ def render(doc: str, rows: list[dict]) -> str:
 
 def missing(rows: list[dict], seeds=(0, 1)) -> list[str]:
     """The ``camvid_v2.py`` command of every run the matrix still lacks (each method and split
-    with seeds 0 and 1, the ceiling included), each with the wall time its method took so far."""
-    cells = protocol_runs(rows)
+    with seeds 0 and 1, the ceiling included, and the other seed of a recipe on a split it has a
+    run on), each with the wall time its method took so far."""
+    cells = matrix_runs(rows)
     walls: dict[str, list[float]] = {}
     whole: dict[str, list[float]] = {}  # a two-stage method's stage-two rows count the whole run
     for r in rows:
@@ -216,6 +263,15 @@ def missing(rows: list[dict], seeds=(0, 1)) -> list[str]:
             took = walls.get(key)
             cost = f"  # about {sum(took) / len(took):.0f} min per run so far" if took else "  # not timed yet"
             todo.append(f"python benchmarks/camvid_v2.py --method {key} --split {split} --seed {seed}{cost}")
+    for key, method, changes, _, _ in RECIPES:
+        for split, _ in SPLITS:
+            done = cells.get((key, split))
+            if not done:
+                continue
+            took = [r["wall_min"] for r in done.values()]
+            sets = " ".join(f"--set {c}" for c in changes)
+            todo += [f"python benchmarks/camvid_v2.py --method {method} --split {split} {sets} --seed {seed}"
+                     f"  # about {sum(took) / len(took):.0f} min per run so far" for seed in seeds if seed not in done]
     return todo
 
 

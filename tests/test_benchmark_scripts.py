@@ -206,6 +206,31 @@ def test_bn_probe_scores_the_run_as_trained_like_the_evaluator_then_recalibrated
     assert len(rows[1]["per_class_iou"]) == 3
 
 
+def test_bn_probe_scores_the_network_it_is_asked_for_and_names_the_others(tmp_path_factory, train_run, capsys):
+    import bn_recalibration_probe
+    from semiseg.errors import ConfigError
+
+    root = write_folder_dataset(tmp_path_factory.mktemp("bnmt") / "data", n=10, lists=True, void=True)
+    lines = (root / "train.txt").read_text().splitlines(keepends=True)
+    (root / "labeled.txt").write_text("".join(lines[:4]))
+    (root / "unlabeled.txt").write_text("".join(lines[4:]))
+    run = train_run(["method.name=meanteacher", "data.dataset=folder", f"data.root={root}", "data.num_classes=3",
+                     "data.labeled=labeled.txt", "data.unlabeled=unlabeled.txt",
+                     "data.crop_size=16", "model.encoder=test_resnet", "model.decoder_channels=8",
+                     "train.batch_size=2", "train.iters=2", "train.precision=fp32"], "bnmt")
+    evals = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    final = {r["model"]: r for r in evals if r.get("type") == "eval" and r["iter"] == 2}
+    assert set(final) == {"student", "teacher"}
+    for name in ("student", "teacher"):
+        rows = bn_recalibration_probe.probe(str(run), batch=4, network=name)
+        assert [r["network"] for r in rows] == [name, name]
+        assert rows[0]["mIoU"] == pytest.approx(final[name]["mIoU"], abs=1e-6)
+    with pytest.raises(ConfigError, match=r"eval.model='hybrid' but method 'meanteacher' has only student, teacher"):
+        bn_recalibration_probe.probe(str(run), network="hybrid")
+    with pytest.raises(SystemExit, match=r"^error: eval.model='hybrid' but method 'meanteacher' has only"):
+        bn_recalibration_probe.main([str(run), "--network", "hybrid"])
+
+
 def test_errors_at_must_be_one_of_the_thresholds(monkeypatch, tmp_path):
     import pseudo_label_quality
 
@@ -307,7 +332,7 @@ def test_render_v2_matrix_means_seeds_and_keeps_variants_out():
     assert "30.00 (seed 0 only)" in lines["| FixMatch"]
     assert lines["| *Ceiling: supervised on all 367 masks*"].count("60.00 (seed 0 only)") == 2
     gains = text.split("Gain over supervised")[1]
-    assert "| UniMatch | – | +6.50 (2 seeds) |" in gains and "| FixMatch | – | – |" in gains
+    assert "| UniMatch | – | +6.50 (2 seeds), gap 34% |" in gains and "| FixMatch | – | – |" in gains  # 6.5 / (60 - 41)
     assert "| UniMatch | 2.00 (10.0 min, 2) |" in text.split("Seconds per step")[1]  # (1 + 3) / 2
     other = {**_row("unimatch", "1_16", 0, 40.0, sps=7.0), "machine": {"cpu": "Xeon", "isa": "AVX-512 BF16",
                                                                      "threads": 2, "affinity": [0], "torch": "2"}}
@@ -318,6 +343,38 @@ def test_render_v2_matrix_means_seeds_and_keeps_variants_out():
     assert "| unimatch | `method.conf_thresh=0.7` | 1_8 | 0 | 99.00 | +59.00 (40.00) |" in text.split("Variants")[1]
     log = render_v2.log(rows)
     assert log.count("\n| 2026-11-30") == len(rows) and "99.00" in log
+
+
+def test_render_v2_puts_a_recipe_in_the_matrix_against_its_own_supervised_control():
+    import render_v2
+
+    street = ["model.aspp_rates=[2,4,6]", "train.loss=ohem", "train.ohem_min_kept=20480"]
+    recipe = street + ["method.conf_thresh=0", "data.strong_blur_sigma=[0.1,0.8]"]
+    rows = [_row("supervised", "1_16", 0, 40.0), _row("supervised", "1_16", 1, 38.0),
+            _row("supervised", "all", 0, 50.0),
+            _row("supervised", "1_16", 0, 41.0, variant=street), _row("supervised", "1_16", 1, 39.0, variant=street),
+            _row("fixmatch", "1_16", 0, 43.0, variant=recipe[::-1]),  # the order of the overrides does not matter
+            _row("fixmatch", "1_16", 1, 41.0, variant=recipe, sps=3.0),
+            _row("fixmatch", "1_16", 0, 99.0, variant=recipe[:-1])]  # one change short: a variant
+    text = render_v2.matrix(rows)
+    table = text.split("Gain over supervised")[0]
+    assert ("| *Recipe:* FixMatch, CamVid recipe: ASPP 2/4/6, OHEM, threshold 0, blur sigma 0.1-0.8 | "
+            "**42.00** (43.00 / 41.00) | not run yet |") in table
+    assert "| *Recipe:* Supervised + the recipe's ASPP rates 2/4/6 and OHEM | **40.00** (41.00 / 39.00) |" in table
+    gains = text.split("Gain over supervised")[1].split("Variants")[0]
+    # the recipe against its control: +2 over a gap of 50 - 40; the control against plain supervised: +1 of 11
+    assert ("| FixMatch, CamVid recipe: ASPP 2/4/6, OHEM, threshold 0, blur sigma 0.1-0.8 (against Supervised "
+            "+ the recipe's ASPP rates 2/4/6 and OHEM) | +2.00 (2 seeds), gap 20% | – |") in gains
+    assert ("| Supervised + the recipe's ASPP rates 2/4/6 and OHEM (against Supervised) | +1.00 (2 seeds), "
+            "gap 9% | – |") in gains
+    variants = text.split("Variants")[1].split("Seconds per step")[0]
+    assert "99.00" in variants and "43.00" not in variants and "41.00 |" not in variants
+    assert "| FixMatch, CamVid recipe: ASPP 2/4/6, OHEM, threshold 0, blur sigma 0.1-0.8 | 2.00 (10.0 min, 2) |" in \
+        text.split("Seconds per step")[1]
+    assert render_v2.missing(rows[:6])[-1] == (
+        "python benchmarks/camvid_v2.py --method fixmatch --split 1_16 --set model.aspp_rates=[2,4,6] --set "
+        "train.loss=ohem --set train.ohem_min_kept=20480 --set method.conf_thresh=0 --set "
+        "data.strong_blur_sigma=[0.1,0.8] --seed 1  # about 10 min per run so far")
 
 
 def test_camvid_v2_reads_cpu_family_and_model_and_render_keeps_generations_apart():
