@@ -136,7 +136,7 @@ def matrix(rows: list[dict]) -> str:
     cells = matrix_runs(rows)
     recipes = [(key, label) for key, _, _, label, _ in RECIPES if any((key, s) in cells for s, _ in SPLITS)]
     against = {key: base for key, _, _, _, base in RECIPES}
-    labels = dict(ROWS + recipes)
+    labels = dict(ROWS + [(key, label) for key, _, _, label, _ in RECIPES])
     out = ["| method | " + " | ".join(label for _, label in SPLITS) + " |",
            "| --- | " + " | ".join("---" for _ in SPLITS) + " |"]
     for key, label in ROWS:

@@ -371,6 +371,9 @@ def test_render_v2_puts_a_recipe_in_the_matrix_against_its_own_supervised_contro
     assert "99.00" in variants and "43.00" not in variants and "41.00 |" not in variants
     assert "| FixMatch, CamVid recipe: ASPP 2/4/6, OHEM, threshold 0, blur sigma 0.1-0.8 | 2.00 (10.0 min, 2) |" in \
         text.split("Seconds per step")[1]
+    alone = render_v2.matrix(rows[:3] + rows[5:7])  # before its control has a run
+    assert "| *Recipe:* FixMatch, CamVid recipe" in alone and "| *Recipe:* Supervised +" not in alone
+    assert ("(against Supervised + the recipe's ASPP rates 2/4/6 and OHEM) | – | – |") in alone
     assert render_v2.missing(rows[:6])[-1] == (
         "python benchmarks/camvid_v2.py --method fixmatch --split 1_16 --set model.aspp_rates=[2,4,6] --set "
         "train.loss=ohem --set train.ohem_min_kept=20480 --set method.conf_thresh=0 --set "
