@@ -374,6 +374,12 @@ def test_render_v2_puts_a_recipe_in_the_matrix_against_its_own_supervised_contro
     alone = render_v2.matrix(rows[:3] + rows[5:7])  # before its control has a run
     assert "| *Recipe:* FixMatch, CamVid recipe" in alone and "| *Recipe:* Supervised +" not in alone
     assert ("(against Supervised + the recipe's ASPP rates 2/4/6 and OHEM) | – | – |") in alone
+    # the control's own ceiling (its changes on all 367 masks) sets the recipe's gap: +2 of 44 - 40
+    with_top = render_v2.matrix(rows + [_row("supervised", "all", 0, 44.0, variant=street)])
+    assert ("| *Recipe ceiling:* Supervised + the recipe's ASPP rates 2/4/6 and OHEM, all 367 masks | "
+            "44.00 (seed 0 only) | 44.00 (seed 0 only) |") in with_top
+    assert "(against Supervised + the recipe's ASPP rates 2/4/6 and OHEM) | +2.00 (2 seeds), gap 50% | – |" in with_top
+    assert "(against Supervised) | +1.00 (2 seeds), gap 9% | – |" in with_top  # the control: the protocol's ceiling
     assert render_v2.missing(rows[:6])[-1] == (
         "python benchmarks/camvid_v2.py --method fixmatch --split 1_16 --set model.aspp_rates=[2,4,6] --set "
         "train.loss=ohem --set train.ohem_min_kept=20480 --set method.conf_thresh=0 --set "

@@ -867,3 +867,109 @@ def test_fixmatch_with_freematch_thresholds_equals_hand_computed_loss():
     fresh = build(FixMatch, "fixmatch", mix_source="in_batch", adaptive_thresh="freematch")
     fresh.load_state_dict(state)
     assert torch.equal(fresh.adaptive.thresholds(), method.adaptive.thresholds())
+
+
+# ---------------------------------------------------------------------------------------------
+# ReMixMatch's distribution alignment (method.dist_align: true)
+
+
+def test_distribution_alignment_averages_and_aligned_probabilities_equal_hand_computed_values():
+    from semiseg.methods.consistency import DistributionAlignment
+
+    da = DistributionAlignment(3, momentum=0.5)
+    probs = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.6, 0.3], [0.2, 0.2, 0.6]]).T.reshape(1, 3, 1, 3)
+    ignore = torch.tensor([[[0, 0, 255]]])  # the third pixel is padding: left out of p_model
+    labeled = torch.tensor([[[0, 2, 2, 255]]])  # void left out of p_target
+    da.update(probs, ignore, labeled)
+    # the first batch sets both averages: p_model (0.4, 0.4, 0.2), p_target (1/3, 0, 2/3)
+    assert torch.allclose(da.p_model, torch.tensor([0.4, 0.4, 0.2]))
+    assert torch.allclose(da.p_target, torch.tensor([1 / 3, 0.0, 2 / 3]))
+    da.update(probs, torch.zeros(1, 1, 3, dtype=torch.long), torch.tensor([[[1, 1, 255, 255]]]))
+    # then m = 0.5: p_model with all three pixels (1/3, 1/3, 1/3), p_target with (0, 1, 0)
+    p_model = [0.5 * 0.4 + 0.5 / 3, 0.5 * 0.4 + 0.5 / 3, 0.5 * 0.2 + 0.5 / 3]
+    p_target = [1 / 6, 0.5, 1 / 3]
+    assert torch.allclose(da.p_model, torch.tensor(p_model)) and torch.allclose(da.p_target, torch.tensor(p_target))
+    aligned = da(probs)
+    for j in range(3):
+        raw = [float(probs[0, c, 0, j]) * (p_target[c] + 1e-6) / (p_model[c] + 1e-6) for c in range(3)]
+        assert torch.allclose(aligned[0, :, 0, j].double(), torch.tensor(raw, dtype=torch.float64) / sum(raw), atol=1e-6)
+    # class 0 is over-predicted against the masks and class 1 under: the first pixel's 0.7 for
+    # class 0 falls to 0.444 and its 0.2 for class 1 rises to 0.381
+    assert torch.allclose(aligned[0, :, 0, 0], torch.tensor([0.4444, 0.3810, 0.1746]), atol=1e-4)
+    assert set(dict(da.named_buffers())) == {"p_model", "p_target", "started"}  # checkpointed with the method
+
+
+def test_distribution_alignment_skips_a_batch_without_pixels_and_starts_on_the_first_with_some():
+    from semiseg.methods.consistency import DistributionAlignment
+
+    da = DistributionAlignment(2, momentum=0.9)
+    probs = torch.tensor([0.8, 0.2]).view(1, 2, 1, 1)
+    da.update(probs, torch.full((1, 1, 1), 255), torch.full((1, 1, 1), 255))  # all padding, all void
+    assert torch.equal(da.p_model, torch.full((2,), 0.5)) and not da.started.any()
+    da.update(probs, torch.zeros(1, 1, 1, dtype=torch.long), torch.ones(1, 1, 1, dtype=torch.long))
+    assert torch.allclose(da.p_model, torch.tensor([0.8, 0.2])) and torch.equal(da.p_target, torch.tensor([0.0, 1.0]))
+
+
+def test_fixmatch_with_distribution_alignment_equals_hand_computed_loss():
+    """The step updates the averages with this batch's weak softmax and labelled masks first; the
+    pseudo labels and confidences of the weak view (and of its in-batch partner) are then read
+    from the aligned softmax."""
+    batch = make_batch(seed=6)
+    method = build(FixMatch, "fixmatch", mix_source="in_batch", dist_align=True, dist_align_momentum=0.25,
+                   conf_thresh=0.4)
+    method.train()
+    result = method.train_step(batch, ctx())
+    model, u = method.model, batch.unlabeled
+    with torch.no_grad():
+        logits_w = model.head(model.features(u["weak"]))
+        logits_s = model.head(model.features(model.calls[-1][2]))
+    p = logits_w.double().softmax(1)
+    valid = [(b, i, j) for b in range(B_U) for i in range(H) for j in range(W) if u["ignore_mask"][b, i, j] != 255]
+    p_model = [sum(float(p[b, c, i, j]) for b, i, j in valid) / len(valid) for c in range(K)]
+    labels = [int(x) for x in batch.labeled["mask"].flatten() if x != 255]
+    p_target = [labels.count(c) / len(labels) for c in range(K)]
+    assert torch.allclose(method.align.p_model.double(), torch.tensor(p_model, dtype=torch.float64))
+    assert torch.allclose(method.align.p_target.double(), torch.tensor(p_target, dtype=torch.float64))
+    ratio = torch.tensor([(t + 1e-6) / (m + 1e-6) for t, m in zip(p_target, p_model)], dtype=torch.float64)
+    q = p * ratio.view(1, K, 1, 1)
+    q = q / q.sum(1, keepdim=True)
+    conf_w, label_w = q.max(1)
+    assert not torch.equal(label_w, p.argmax(1))  # the alignment moved some pseudo labels
+    box, ignore = u["box_1"], u["ignore_mask"]
+    expected = ref_unsup_classwise(logits_s, ref_cutmix(label_w, label_w.flip(0), box),
+                                   ref_cutmix(conf_w, conf_w.flip(0), box), ref_cutmix(ignore, ignore.flip(0), box),
+                                   [0.4] * K)
+    assert close(result.logs["loss_s"], expected)
+    kept = sum(1 for b, i, j in valid if conf_w[b, i, j] >= 0.4)
+    assert 0 < kept < len(valid) and close(result.logs["mask_ratio"], kept / len(valid))
+    state = method.state_dict()
+    fresh = build(FixMatch, "fixmatch", mix_source="in_batch", dist_align=True)
+    fresh.load_state_dict(state)  # resumed with the checkpoint
+    assert torch.equal(fresh.align.p_model, method.align.p_model) and bool(fresh.align.started.all())
+
+
+def test_distribution_alignment_is_not_a_key_of_mean_teacher():
+    with pytest.raises(ConfigError, match="unknown key 'method.dist_align'"):
+        load_config({"method": {"name": "meanteacher", "dist_align": True}})
+
+
+@pytest.mark.parametrize("method_cls,name,keys", [(UniMatch, "unimatch", {}), (FixMatch, "fixmatch", {"teacher": "ema"})])
+def test_distribution_alignment_takes_the_labelled_masks_and_the_pseudo_labelling_networks_softmax(method_cls, name, keys):
+    """UniMatch and the EMA teacher's FixMatch feed the averages too: p_target from the labelled
+    masks, p_model from the softmax the pseudo labels come from (the teacher's, when there is one)."""
+    batch = make_batch(seed=3)
+    method = build(method_cls, name, mix_source="in_batch", dist_align=True, **keys)
+    method.train()
+    net = method.pseudo_labeler
+    with torch.no_grad():
+        was = net.training
+        net.eval()
+        teacher_probs = net(batch.unlabeled["weak"]).double().softmax(1)
+        net.train(was)
+    method.train_step(batch, ctx())
+    labels = [int(x) for x in batch.labeled["mask"].flatten() if x != 255]
+    assert method.align.p_target.tolist() == pytest.approx([labels.count(c) / len(labels) for c in range(K)])
+    if method.teacher is not None:
+        valid = batch.unlabeled["ignore_mask"] != 255
+        expected = teacher_probs.permute(0, 2, 3, 1)[valid].mean(0)
+        assert torch.allclose(method.align.p_model.double(), expected, atol=1e-6)

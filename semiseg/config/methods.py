@@ -60,6 +60,13 @@ class ConsistencyConfig(MethodConfig):
     # thresholds. Beyond the UniMatch papers (semiseg.methods.consistency.SelfAdaptiveThresholds).
     adaptive_thresh: Literal["none", "freematch"] = "none"
     adaptive_momentum: float = Field(0.999, ge=0.0, lt=1.0)  # FreeMatch's EMA momentum (official 0.999)
+    # Distribution alignment (ReMixMatch, Berthelot et al., ICLR 2020; USB's DistAlignEMAHook), per
+    # pixel: the weak softmax is multiplied by (class frequency of the labelled masks) / (the mean
+    # weak softmax), both running averages, and renormalised before the pseudo labels and their
+    # confidences are read, so that classes the network under-predicts gain pseudo labels. Beyond
+    # the UniMatch papers (semiseg.methods.consistency.DistributionAlignment).
+    dist_align: bool = False
+    dist_align_momentum: float = Field(0.999, ge=0.0, lt=1.0)  # USB's default for ReMixMatch (ema_p)
 
 
 class FixMatchConfig(ConsistencyConfig):

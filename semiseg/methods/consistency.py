@@ -28,6 +28,12 @@ restricted to the image's tags (the class-aware softmax of Wang et al., PR 2022,
 restricted softmax's. :meth:`ConsistencyMethod.weak_target`, :meth:`~ConsistencyMethod.weak_and_partner_targets`
 and :meth:`~ConsistencyMethod.separate_partner_target` pass each batch's ``tags`` to
 :func:`pseudo_target` (FixMatch, UniMatch, AllSpark-UniMatch).
+
+Class imbalance (beyond the papers): ``method.adaptive_thresh: freematch`` gives each class its
+own threshold (:class:`SelfAdaptiveThresholds`); ``method.dist_align: true`` aligns the weak
+softmax to the labelled masks' class frequency before the pseudo labels are read
+(:class:`DistributionAlignment`). Both act where :meth:`ConsistencyMethod.weak_and_partner_targets`
+makes the targets (FixMatch, UniMatch, UniMatch V2, AllSpark-UniMatch).
 """
 
 from __future__ import annotations
@@ -134,6 +140,63 @@ class SelfAdaptiveThresholds(nn.Module):
         return self.class_prob / self.class_prob.max() * self.global_conf
 
 
+class DistributionAlignment(nn.Module):
+    """``method.dist_align: true``: distribution alignment (Berthelot et al., "ReMixMatch",
+    ICLR 2020, as USB's ``DistAlignEMAHook``), per pixel. Each step, before the pseudo labels are
+    read::
+
+        p_model  <- m p_model  + (1 - m) mean_pixels p       (K,) the weak softmax, non-padding pixels
+        p_target <- m p_target + (1 - m) class frequency      (K,) of the labelled masks, void left out
+        p~ = p * (p_target + 1e-6) / (p_model + 1e-6),  renormalised over the classes
+
+    and the pseudo label and its confidence are the argmax and max of ``p~``: a class the network
+    predicts less often than the labelled masks hold it gains pixels, and the confidence threshold
+    is compared with the aligned probability (USB). Both averages are set from the first batch (USB
+    starts ``p_model`` the same way; its ``p_target`` is the labelled set's frequency, here a
+    running average of the labelled batches, which the step already holds). Under ``torchrun`` the
+    sums and counts are reduced over the ranks first, so every rank holds the same averages. The
+    state is buffers: checkpointed and resumed with the method."""
+
+    EPS = 1e-6
+
+    def __init__(self, num_classes: int, momentum: float):
+        super().__init__()
+        self.num_classes = num_classes
+        self.momentum = momentum
+        self.register_buffer("p_model", torch.full((num_classes,), 1.0 / num_classes))
+        self.register_buffer("p_target", torch.full((num_classes,), 1.0 / num_classes))
+        self.register_buffer("started", torch.zeros(2, dtype=torch.bool))  # (p_model, p_target) set once
+
+    @torch.no_grad()
+    def update(self, probs: torch.Tensor, ignore_mask: torch.Tensor, labeled_mask: torch.Tensor) -> None:
+        """One step's statistics: ``probs`` ``(B,K,H,W)`` the weak softmax before alignment,
+        ``ignore_mask`` its padding (255), ``labeled_mask`` the labelled masks (255: void)."""
+        k = self.num_classes
+        p = probs.float().permute(0, 2, 3, 1)[ignore_mask != IGNORE_INDEX]  # (pixels, K)
+        labels = labeled_mask[(labeled_mask != IGNORE_INDEX) & (labeled_mask >= 0) & (labeled_mask < k)]
+        sums = torch.cat((p.sum(dim=0), p.new_tensor([p.shape[0]]),
+                          torch.bincount(labels.flatten(), minlength=k).to(p), p.new_tensor([labels.numel()])))
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(sums)
+        sums = sums.to(self.p_model.device)
+        for i, (avg, total, count) in enumerate(((self.p_model, sums[:k], sums[k]),
+                                                 (self.p_target, sums[k + 1:2 * k + 1], sums[2 * k + 1]))):
+            if count <= 0:
+                continue
+            mean = total / count
+            if self.started[i]:
+                avg.mul_(self.momentum).add_(mean, alpha=1 - self.momentum)
+            else:
+                avg.copy_(mean)
+                self.started[i] = True
+
+    def forward(self, probs: torch.Tensor) -> torch.Tensor:
+        """``(B,K,H,W)`` probabilities aligned to the labelled class frequency."""
+        ratio = (self.p_target + self.EPS) / (self.p_model + self.EPS)
+        aligned = probs.float() * ratio.to(probs.device).view(1, -1, 1, 1)
+        return aligned / aligned.sum(dim=1, keepdim=True).clamp_min(1e-12)
+
+
 @torch.no_grad()
 def oracle_target(unlabeled: dict) -> PseudoTarget:
     """``method.oracle_pseudo_labels``: the unlabelled crops' true masks as pseudo labels, with
@@ -148,13 +211,16 @@ def oracle_target(unlabeled: dict) -> PseudoTarget:
 
 @torch.no_grad()
 def predict_eval(model: nn.Module, image: torch.Tensor, ignore_mask: torch.Tensor,
-                 autocast: Callable = nullcontext, tags: Optional[torch.Tensor] = None) -> PseudoTarget:
+                 autocast: Callable = nullcontext, tags: Optional[torch.Tensor] = None,
+                 align: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> PseudoTarget:
     """Pseudo labels from an eval-mode, no-grad pass (BatchNorm running statistics, no dropout),
     leaving the model in the mode it was in: the official code's prediction of the CutMix partner
-    batch (``model.eval()``; ``model(img_u_w_mix)``; ``model.train()``)."""
+    batch (``model.eval()``; ``model(img_u_w_mix)``; ``model.train()``). ``align`` maps the
+    softmax before the labels are read (:class:`DistributionAlignment`)."""
     with eval_mode(model), autocast():
         logits = model(image)
-    return pseudo_target(logits, ignore_mask, tags)
+    probs = weak_probs(logits, tags)
+    return pseudo_target_from_probs(align(probs) if align is not None else probs, ignore_mask)
 
 
 def confident_pixels(target: PseudoTarget, conf_thresh: Union[float, torch.Tensor]) -> torch.Tensor:
@@ -251,6 +317,9 @@ class ConsistencyMethod(Method):
         self.adaptive: Optional[SelfAdaptiveThresholds] = (
             SelfAdaptiveThresholds(num_classes, self.mcfg.adaptive_momentum)
             if getattr(self.mcfg, "adaptive_thresh", "none") == "freematch" else None)
+        self.align: Optional[DistributionAlignment] = (
+            DistributionAlignment(num_classes, self.mcfg.dist_align_momentum)
+            if getattr(self.mcfg, "dist_align", False) else None)
         self.weak_labels_from_eval = getattr(self.mcfg, "weak_labels", "train") == "eval"
         if self.weak_labels_from_eval and (self.teacher is not None or self.oracle
                                            or type(self).plan_forwards is not ConsistencyMethod.plan_forwards):
@@ -283,8 +352,11 @@ class ConsistencyMethod(Method):
         return unlabeled.get("tags") if self.use_tags else None
 
     def weak_target(self, logits: torch.Tensor, unlabeled: dict) -> PseudoTarget:
-        """Pseudo target of an unlabelled batch from the student's weak-view logits."""
-        return pseudo_target(logits, unlabeled["ignore_mask"], self.tags_of(unlabeled))
+        """Pseudo target of an unlabelled batch from the student's weak-view logits (aligned with
+        ``method.dist_align``)."""
+        probs = weak_probs(logits, self.tags_of(unlabeled))
+        return pseudo_target_from_probs(self.align(probs) if self.align is not None else probs,
+                                        unlabeled["ignore_mask"])
 
     @torch.no_grad()
     def teacher_logits(self, unlabeled: dict, ctx: StepContext) -> torch.Tensor:
@@ -299,16 +371,25 @@ class ConsistencyMethod(Method):
         return self.adaptive.thresholds() if self.adaptive is not None else self.mcfg.conf_thresh
 
     def weak_and_partner_targets(self, weak_logits: Optional[torch.Tensor], unlabeled: dict,
-                                 partner: Optional[PseudoTarget], ctx: StepContext
+                                 partner: Optional[PseudoTarget], ctx: StepContext,
+                                 labeled_mask: Optional[torch.Tensor] = None
                                  ) -> tuple[PseudoTarget, PseudoTarget]:
         """(weak target, CutMix partner's target). The weak target comes from the teacher when
         there is one, else from the student's weak-view logits; the partner's is the separate
-        batch's (``partner``) or, in-batch, the weak target reversed."""
+        batch's (``partner``) or, in-batch, the weak target reversed. With ``method.dist_align``
+        the alignment's averages take this batch's weak softmax and ``labeled_mask`` (the
+        labelled batch's masks) first; a separate partner batch was labelled before, with the
+        averages of the steps before this one."""
         if self.oracle:
             target_w = oracle_target(unlabeled)
         else:
             if self.teacher is not None:
                 weak_logits = self.teacher_logits(unlabeled, ctx)
+            if self.align is not None:
+                if labeled_mask is None:
+                    raise ValueError("method.dist_align: weak_and_partner_targets needs the labelled masks")
+                self.align.update(weak_probs(weak_logits, self.tags_of(unlabeled)), unlabeled["ignore_mask"],
+                                  labeled_mask)
             target_w = self.weak_target(weak_logits, unlabeled)
             if self.adaptive is not None:  # this step's thresholds include this batch (FreeMatch)
                 self.adaptive.update(weak_probs(weak_logits, self.tags_of(unlabeled)), unlabeled["ignore_mask"])
@@ -365,7 +446,8 @@ class ConsistencyMethod(Method):
         mix = batch.unlabeled_mix
         if self.oracle:
             return oracle_target(mix)
-        return predict_eval(self.pseudo_labeler, mix["weak"], mix["ignore_mask"], ctx.autocast, self.tags_of(mix))
+        return predict_eval(self.pseudo_labeler, mix["weak"], mix["ignore_mask"], ctx.autocast, self.tags_of(mix),
+                            self.align)
 
     def loss_u(self, logits: torch.Tensor, target: PseudoTarget) -> torch.Tensor:
         """The unsupervised loss of a strong (or perturbed) prediction against its pseudo target at

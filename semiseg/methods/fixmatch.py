@@ -61,7 +61,7 @@ class FixMatch(ConsistencyMethod):
                 pred_x, pred_u_s = self.model(torch.cat((img_x, img_u_s))).split([num_lb, num_ulb])
 
         weak_logits = plan.weak_logits if plan.weak_logits is not None else pred_u_w
-        target_w, target_mix = self.weak_and_partner_targets(weak_logits, u, target_mix, ctx)
+        target_w, target_mix = self.weak_and_partner_targets(weak_logits, u, target_mix, ctx, mask_x)
         target_s = target_w.cutmix(target_mix, cutmix_box)
 
         loss_x = self.criterion_l(pred_x.float(), mask_x)

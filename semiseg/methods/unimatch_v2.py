@@ -71,7 +71,8 @@ class UniMatchV2(ConsistencyMethod):
         u = batch.unlabeled
 
         # Pseudo labels of the weak view and of the CutMix partner, from the EMA teacher.
-        target_w, target_mix = self.weak_and_partner_targets(None, u, self.separate_partner_target(batch, ctx), ctx)
+        target_w, target_mix = self.weak_and_partner_targets(None, u, self.separate_partner_target(batch, ctx), ctx,
+                                                            mask_x)
         img_u_s = self.mixed_strong_views(batch, 2)
 
         with ctx.autocast():
