@@ -835,17 +835,25 @@ def ref_unsup_classwise(logits, label, conf, ignore, thresholds):
     return total / valid
 
 
+def fixmatch_step(**keys):
+    """One in-batch FixMatch step on ``make_batch(seed=6)`` with ``keys``: (method, result, batch,
+    the weak view's logits, the mixed strong view's logits), the logits recomputed after the step."""
+    batch = make_batch(seed=6)
+    method = build(FixMatch, "fixmatch", mix_source="in_batch", **keys)
+    method.train()
+    result = method.train_step(batch, ctx())
+    model = method.model
+    with torch.no_grad():
+        logits_w = model.head(model.features(batch.unlabeled["weak"]))
+        logits_s = model.head(model.features(model.calls[-1][2]))
+    return method, result, batch, logits_w, logits_s
+
+
 def test_fixmatch_with_freematch_thresholds_equals_hand_computed_loss():
     """The step updates the thresholds with this batch's weak softmax first, then each pixel of
     the mixed target teaches when its confidence reaches its own class's threshold."""
-    batch = make_batch(seed=6)
-    method = build(FixMatch, "fixmatch", mix_source="in_batch", adaptive_thresh="freematch", adaptive_momentum=0.25)
-    method.train()
-    result = method.train_step(batch, ctx())
-    model, u = method.model, batch.unlabeled
-    with torch.no_grad():
-        logits_w = model.head(model.features(u["weak"]))
-        logits_s = model.head(model.features(model.calls[-1][2]))
+    method, result, batch, logits_w, logits_s = fixmatch_step(adaptive_thresh="freematch", adaptive_momentum=0.25)
+    u = batch.unlabeled
     label_w, conf_w = ref_pseudo(logits_w)
     p = logits_w.double().softmax(1)
     valid = [(b, i, j) for b in range(B_U) for i in range(H) for j in range(W) if u["ignore_mask"][b, i, j] != 255]
@@ -914,15 +922,9 @@ def test_fixmatch_with_distribution_alignment_equals_hand_computed_loss():
     """The step updates the averages with this batch's weak softmax and labelled masks first; the
     pseudo labels and confidences of the weak view (and of its in-batch partner) are then read
     from the aligned softmax."""
-    batch = make_batch(seed=6)
-    method = build(FixMatch, "fixmatch", mix_source="in_batch", dist_align=True, dist_align_momentum=0.25,
-                   conf_thresh=0.4)
-    method.train()
-    result = method.train_step(batch, ctx())
-    model, u = method.model, batch.unlabeled
-    with torch.no_grad():
-        logits_w = model.head(model.features(u["weak"]))
-        logits_s = model.head(model.features(model.calls[-1][2]))
+    method, result, batch, logits_w, logits_s = fixmatch_step(dist_align=True, dist_align_momentum=0.25,
+                                                              conf_thresh=0.4)
+    u = batch.unlabeled
     p = logits_w.double().softmax(1)
     valid = [(b, i, j) for b in range(B_U) for i in range(H) for j in range(W) if u["ignore_mask"][b, i, j] != 255]
     p_model = [sum(float(p[b, c, i, j]) for b, i, j in valid) / len(valid) for c in range(K)]

@@ -73,19 +73,22 @@ class PseudoTarget(NamedTuple):
 
 
 @torch.no_grad()
-def pseudo_target_from_probs(probs: torch.Tensor, ignore_mask: torch.Tensor) -> PseudoTarget:
-    """Hard pseudo labels and confidences from class probabilities ``(B,K,H,W)``."""
-    confidence, pseudo_label = probs.float().max(dim=1)
+def pseudo_target_from_probs(probs: torch.Tensor, ignore_mask: torch.Tensor,
+                             align: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> PseudoTarget:
+    """Hard pseudo labels and confidences from class probabilities ``(B,K,H,W)``, read after
+    ``align`` maps them when given (:class:`DistributionAlignment`)."""
+    confidence, pseudo_label = (align(probs) if align is not None else probs).float().max(dim=1)
     return PseudoTarget(pseudo_label, confidence, ignore_mask)
 
 
 @torch.no_grad()
-def pseudo_target(logits: torch.Tensor, ignore_mask: torch.Tensor, tags: Optional[torch.Tensor] = None
-                  ) -> PseudoTarget:
+def pseudo_target(logits: torch.Tensor, ignore_mask: torch.Tensor, tags: Optional[torch.Tensor] = None,
+                  align: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> PseudoTarget:
     """Pseudo labels from weak-view logits ``(B,K,H,W)`` (detached, softmax in float32).
 
-    With ``tags`` ``(B,K)`` the softmax is restricted to each image's tagged classes."""
-    return pseudo_target_from_probs(weak_probs(logits, tags), ignore_mask)
+    With ``tags`` ``(B,K)`` the softmax is restricted to each image's tagged classes; ``align``
+    maps it before the labels are read."""
+    return pseudo_target_from_probs(weak_probs(logits, tags), ignore_mask, align)
 
 
 @torch.no_grad()
@@ -219,8 +222,7 @@ def predict_eval(model: nn.Module, image: torch.Tensor, ignore_mask: torch.Tenso
     softmax before the labels are read (:class:`DistributionAlignment`)."""
     with eval_mode(model), autocast():
         logits = model(image)
-    probs = weak_probs(logits, tags)
-    return pseudo_target_from_probs(align(probs) if align is not None else probs, ignore_mask)
+    return pseudo_target(logits, ignore_mask, tags, align)
 
 
 def confident_pixels(target: PseudoTarget, conf_thresh: Union[float, torch.Tensor]) -> torch.Tensor:
@@ -354,9 +356,7 @@ class ConsistencyMethod(Method):
     def weak_target(self, logits: torch.Tensor, unlabeled: dict) -> PseudoTarget:
         """Pseudo target of an unlabelled batch from the student's weak-view logits (aligned with
         ``method.dist_align``)."""
-        probs = weak_probs(logits, self.tags_of(unlabeled))
-        return pseudo_target_from_probs(self.align(probs) if self.align is not None else probs,
-                                        unlabeled["ignore_mask"])
+        return pseudo_target(logits, unlabeled["ignore_mask"], self.tags_of(unlabeled), self.align)
 
     @torch.no_grad()
     def teacher_logits(self, unlabeled: dict, ctx: StepContext) -> torch.Tensor:
@@ -385,14 +385,15 @@ class ConsistencyMethod(Method):
         else:
             if self.teacher is not None:
                 weak_logits = self.teacher_logits(unlabeled, ctx)
-            if self.align is not None:
-                if labeled_mask is None:
-                    raise ValueError("method.dist_align: weak_and_partner_targets needs the labelled masks")
-                self.align.update(weak_probs(weak_logits, self.tags_of(unlabeled)), unlabeled["ignore_mask"],
-                                  labeled_mask)
+            if self.align is not None or self.adaptive is not None:  # the running statistics take this batch
+                probs, ignore_mask = weak_probs(weak_logits, self.tags_of(unlabeled)), unlabeled["ignore_mask"]
+                if self.align is not None:
+                    if labeled_mask is None:
+                        raise ValueError("method.dist_align: weak_and_partner_targets needs the labelled masks")
+                    self.align.update(probs, ignore_mask, labeled_mask)
+                if self.adaptive is not None:  # this step's thresholds include this batch (FreeMatch)
+                    self.adaptive.update(probs, ignore_mask)
             target_w = self.weak_target(weak_logits, unlabeled)
-            if self.adaptive is not None:  # this step's thresholds include this batch (FreeMatch)
-                self.adaptive.update(weak_probs(weak_logits, self.tags_of(unlabeled)), unlabeled["ignore_mask"])
         return target_w, partner if partner is not None else target_w.flip()
 
     def partner_of(self, batch: Batch, own: T, of_mix_batch: Callable[[dict], T]) -> T:
