@@ -34,12 +34,11 @@ import argparse
 import json
 import os
 import sys
-from datetime import datetime
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from camvid_v2 import REPO, STATE, append, recorded_command, recorded_overrides, train_row  # noqa: E402
+from camvid_v2 import REPO, STATE, append, claim_run_dir, recorded_command, recorded_overrides, train_row  # noqa: E402
 
 RESULTS = Path(os.environ.get("SEMISEG_ACDC_RESULTS", REPO / "benchmarks" / "results" / "acdc_cpu.jsonl"))
 CASES = ("1", "3", "7", "all")
@@ -278,9 +277,8 @@ def main(argv=None) -> int:
     command = (f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else "") + \
         recorded_command(argv if argv is not None else sys.argv[1:], script="benchmarks/acdc_cpu.py")
     variant = recorded_overrides(args.overrides)
-    out = Path(args.runs) / (f"{args.method}-{args.cases}-s{args.seed}" + ("-variant" if variant else ""))
-    if out.exists():  # never train into an earlier run
-        out = out.with_name(f"{out.name}-{datetime.now():%Y%m%d-%H%M%S}")
+    tag = f"{args.method}-{args.cases}-s{args.seed}" + ("-variant" if variant else "")
+    out = claim_run_dir(Path(args.runs) / tag)  # never train into an earlier or a concurrent run
     row = train_row(args.method, args.cases, args.seed, config, overrides, out, command, variant, **ROW_KEYS)
     if row is not None:
         if isinstance(config, dict):  # a built-in config less some keys: name it, not its text

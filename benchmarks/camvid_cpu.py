@@ -97,8 +97,11 @@ def main() -> int:
     if not config.is_file():
         raise SystemExit(f"--config {args.config}: no such config file ({config})")
     out = Path(args.out or REPO / "runs" / "bench" / f"{args.track}-{args.method}-{args.split}-s{args.seed}")
-    if not args.out and out.exists():  # a fresh run each time: never train into an earlier one
-        out = out.with_name(f"{out.name}-{datetime.now():%Y%m%d-%H%M%S}")
+    if not args.out:  # a fresh run each time: never train into an earlier or a concurrent one
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from camvid_v2 import claim_run_dir
+
+        out = claim_run_dir(out)
     overrides = overrides_for(args)
     t0 = time.perf_counter()
     result = semiseg.train(config, overrides=overrides, out=out)

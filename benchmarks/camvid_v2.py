@@ -164,6 +164,22 @@ def evals_of(run_dir: Path, network: str) -> list[dict]:
 STATE = "benchmark.json"  # in a run directory: which row the run makes, and its wall time so far
 
 
+def claim_run_dir(out: Path) -> Path:
+    """Create and return a run directory no other run has: ``out`` itself, else ``out`` with the
+    start time, else that with ``-2``, ``-3``... ``mkdir`` without ``exist_ok`` is the claim, so two
+    runs of the same method, split and seed started in the same second (two variants, one per core)
+    never train into one directory."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stamp = f"{out.name}-{datetime.now():%Y%m%d-%H%M%S}"
+    for name in (out.name, stamp, *(f"{stamp}-{i}" for i in range(2, 1000))):
+        try:
+            (out.parent / name).mkdir()
+        except FileExistsError:
+            continue
+        return out.parent / name
+    raise SystemExit(f"{out.parent}: no free run directory named {stamp}-N")
+
+
 def train_row(method: str, split: str, seed: int, config: str, overrides: list[str], out: Path,
               command: str, variant: list[str], stage: str = "", resume: bool = False,
               protocol: str = "camvid-cpu-v2", metric: str = "mIoU", per_class: str = "per_class_iou",
@@ -258,9 +274,7 @@ def main(argv=None) -> int:
         recorded_command(argv if argv is not None else sys.argv[1:])
     variant = [*([f"--config {as_recorded(args.config)}"] if args.config else []), *recorded_overrides(args.overrides)]
     tag = f"{args.method}-{args.split}-s{args.seed}" + ("-variant" if variant else "")
-    out = Path(args.runs) / tag
-    if out.exists():  # never train into an earlier run
-        out = out.with_name(f"{out.name}-{datetime.now():%Y%m%d-%H%M%S}")
+    out = claim_run_dir(Path(args.runs) / tag)  # never train into an earlier or a concurrent run
 
     row = train_row(args.method, args.split, args.seed, config, overrides, out, command, variant)
     if row is None:

@@ -256,6 +256,26 @@ def _camvid_like(tmp_path):
     return root, config
 
 
+def test_claim_run_dir_gives_runs_started_in_the_same_second_their_own_directories(tmp_path, monkeypatch):
+    import camvid_v2
+
+    class Frozen(camvid_v2.datetime):  # every call in the same second
+        @classmethod
+        def now(cls, tz=None):
+            return camvid_v2.datetime(2026, 12, 7, 9, 47, 13)
+
+    monkeypatch.setattr(camvid_v2, "datetime", Frozen)
+    base = tmp_path / "runs" / "fixmatch-1_16-s0-variant"
+    claimed = [camvid_v2.claim_run_dir(base) for _ in range(4)]
+    assert [p.name for p in claimed] == ["fixmatch-1_16-s0-variant", "fixmatch-1_16-s0-variant-20261207-094713",
+                                         "fixmatch-1_16-s0-variant-20261207-094713-2",
+                                         "fixmatch-1_16-s0-variant-20261207-094713-3"]
+    assert all(p.is_dir() for p in claimed)
+    (claimed[0] / "metrics.jsonl").write_text("{}\n")  # an earlier run's files stay as they were
+    camvid_v2.claim_run_dir(base)
+    assert (claimed[0] / "metrics.jsonl").read_text() == "{}\n"
+
+
 def test_camvid_v2_appends_one_json_line_per_run(tmp_path):
     import camvid_v2
 
