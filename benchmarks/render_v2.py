@@ -51,6 +51,10 @@ RECIPES = [
      "Supervised + the recipe's ASPP rates 2/4/6 and OHEM", "supervised"),
     ("recipe:fixmatch-street", "fixmatch", STREET + ["method.conf_thresh=0", "data.strong_blur_sigma=[0.1,0.8]"],
      "FixMatch, CamVid recipe: ASPP 2/4/6, OHEM, threshold 0, blur sigma 0.1-0.8", "recipe:supervised-street"),
+    # the same with the control's labelled gradient (FixMatch halves the loss sum) and a quarter of L_s
+    ("recipe:fixmatch-street-lx-ls4", "fixmatch",
+     STREET + ["method.conf_thresh=0", "data.strong_blur_sigma=[0.1,0.8]", "method.weight_x=2", "method.weight_s=0.5"],
+     "FixMatch, CamVid recipe, L_x + L_s / 4 (`method.weight_x=2 method.weight_s=0.5`)", "recipe:supervised-street"),
 ]
 
 

@@ -398,6 +398,14 @@ def test_render_v2_puts_a_recipe_in_the_matrix_against_its_own_supervised_contro
     with_top = render_v2.matrix(rows + [_row("supervised", "all", 0, 44.0, variant=street)])
     assert ("| *Recipe ceiling:* Supervised + the recipe's ASPP rates 2/4/6 and OHEM, all 367 masks | "
             "44.00 (seed 0 only) | 44.00 (seed 0 only) |") in with_top
+    # the recipe with the loss weights is a row of its own, with as many seeds as it has
+    weights = recipe + ["method.weight_x=2", "method.weight_s=0.5"]
+    four = render_v2.matrix(rows + [_row("fixmatch", "1_16", s, 40.0 + s, variant=weights) for s in range(4)])
+    assert ("| *Recipe:* FixMatch, CamVid recipe, L_x + L_s / 4 (`method.weight_x=2 method.weight_s=0.5`) | "
+            "**41.50** (40.00 / 41.00 / 42.00 / 43.00) | not run yet |") in four.split("Gain over supervised")[0]
+    # against the control on the seeds both have (0 and 1): (40 + 41) / 2 - 40, of a gap of 50 - 40
+    assert ("L_s / 4 (`method.weight_x=2 method.weight_s=0.5`) (against Supervised + the recipe's ASPP rates "
+            "2/4/6 and OHEM) | +0.50 (2 seeds), gap 5% | – |") in four
     assert "(against Supervised + the recipe's ASPP rates 2/4/6 and OHEM) | +2.00 (2 seeds), gap 50% | – |" in with_top
     assert "(against Supervised) | +1.00 (2 seeds), gap 9% | – |" in with_top  # the control: the protocol's ceiling
     assert render_v2.missing(rows[:6])[-1] == (
