@@ -46,14 +46,14 @@ SPLITS = [("1_16", "1/16: 23 labels"), ("1_8", "1/8: 46 labels")]
 # UniMatch's Cityscapes recipe) and a blur range scaled to the crop. Its supervised control takes
 # the two changes that supervised training has too (the ASPP rates and OHEM).
 STREET = ["model.aspp_rates=[2,4,6]", "train.loss=ohem", "train.ohem_min_kept=20480"]
+FIXMATCH_STREET = STREET + ["method.conf_thresh=0", "data.strong_blur_sigma=[0.1,0.8]"]
 RECIPES = [
     ("recipe:supervised-street", "supervised", STREET,
      "Supervised + the recipe's ASPP rates 2/4/6 and OHEM", "supervised"),
-    ("recipe:fixmatch-street", "fixmatch", STREET + ["method.conf_thresh=0", "data.strong_blur_sigma=[0.1,0.8]"],
+    ("recipe:fixmatch-street", "fixmatch", FIXMATCH_STREET,
      "FixMatch, CamVid recipe: ASPP 2/4/6, OHEM, threshold 0, blur sigma 0.1-0.8", "recipe:supervised-street"),
     # the same with the control's labelled gradient (FixMatch halves the loss sum) and a quarter of L_s
-    ("recipe:fixmatch-street-lx-ls4", "fixmatch",
-     STREET + ["method.conf_thresh=0", "data.strong_blur_sigma=[0.1,0.8]", "method.weight_x=2", "method.weight_s=0.5"],
+    ("recipe:fixmatch-street-lx-ls4", "fixmatch", FIXMATCH_STREET + ["method.weight_x=2", "method.weight_s=0.5"],
      "FixMatch, CamVid recipe, L_x + L_s / 4 (`method.weight_x=2 method.weight_s=0.5`)", "recipe:supervised-street"),
 ]
 
