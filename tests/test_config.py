@@ -41,6 +41,7 @@ def test_labeled_forms(labeled, expected):
         ("method:\n  name: nosuch\n", "key 'method.name'"),
         ("method:\n  name: supervised\n  conf_thresh: 0.9\n", "unknown key 'method.conf_thresh'"),
         ("eval:\n  scales: []\n", "key 'eval.scales'"),
+        ("data:\n  class_uniform_p: 1.5\n", "key 'data.class_uniform_p': Input should be less than or equal to 1"),
         ("nosection: 1\n", "unknown key 'nosection'"),
         ("train: [1, 2\n", "not valid YAML"),
     ],

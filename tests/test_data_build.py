@@ -171,3 +171,55 @@ def test_labeled_set_is_repeated_to_the_unlabeled_length(make_folder_dataset, fo
     assert sets.info.num_classes == 3
     alone = build_train_sets(cfg, num_strong=0, with_unlabeled=False)
     assert len(alone.labeled) == 4 and alone.unlabeled is None
+
+
+@pytest.fixture
+def rare_class(tmp_path):
+    """A folder dataset of 60x160 images: class 0 above, class 1 below, and a 4x4 block of class 2
+    (0.17% of the pixels); the red channel encodes the label (R = 40 + 60 * label)."""
+    root = tmp_path / "rare"
+    for i in range(4):
+        label = np.zeros((60, 160), np.uint8)
+        label[30:] = 1
+        label[8 + 10 * i:12 + 10 * i, 140:144] = 2
+        rgb = np.stack([40 + 60 * label, 200 - 60 * label, np.full_like(label, 90)], -1).astype(np.uint8)
+        write_png(root / "images" / f"im{i}.png", rgb)
+        write_png(root / "masks" / f"im{i}.png", label)
+    return root
+
+
+def test_class_uniform_crops_hold_the_rare_class_a_third_of_the_time(rare_class, folder_config):
+    def rare_share(p):
+        cfg = folder_config(rare_class, crop_size=16, scale_range=(1.0, 1.0), class_uniform_p=p)
+        dataset, found = LabeledSet(list_samples(cfg, "train"), cfg), 0
+        for seed in range(150):
+            seed_all(seed)
+            item = dataset[seed % len(dataset)]
+            mask, rgb = item["mask"].numpy(), to_uint8(item["image"])
+            assert np.abs(rgb[..., 0] - (40 + 60 * mask)).max() <= 1  # labels stay on their pixels
+            found += bool((mask == 2).any())
+        return found / 150
+
+    uniform, half, balanced = rare_share(0.0), rare_share(0.5), rare_share(1.0)
+    assert uniform <= 0.1  # a 16x16 crop of a 60x160 image meets the 4x4 block about 5% of the time
+    assert balanced >= 0.35  # a third of the draws pick class 2 and always hold it; the others may
+    assert uniform < half < balanced
+
+
+def test_class_uniform_p_zero_draws_the_crops_of_unimatch(colour_coded, folder_config):
+    """With ``data.class_uniform_p: 0`` no extra random number is drawn: the crops are those of
+    UniMatch's rescale, crop and flip, so earlier runs repeat exactly."""
+    from semiseg.data.io import load_pair
+    from semiseg.data.transforms import crop, hflip, normalize, resize_scale
+
+    cfg = folder_config(colour_coded, crop_size=24)
+    dataset = LabeledSet(list_samples(cfg, "train"), cfg)
+    for seed in range(6):
+        seed_all(seed)
+        item = dataset[seed]
+        seed_all(seed)
+        sample = dataset.samples[seed]
+        img, mask = resize_scale(*load_pair(sample.image, sample.mask, sample.label_map), cfg.scale_range)
+        img, mask = hflip(*crop(img, mask, 24))
+        image, mask = normalize(img, mask, cfg.mean, cfg.std)
+        assert torch.equal(item["image"], image) and torch.equal(item["mask"], mask)

@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from semiseg.data import IGNORE_INDEX
-from semiseg.data.transforms import (base_resize, blur, crop, cutmix_box, hflip, normalize, resize_scale,
-                                     strong_photometric)
+from semiseg.data.transforms import (base_resize, blur, class_point, crop, cutmix_box, hflip, normalize,
+                                     resize_scale, strong_photometric)
 
 FAST = settings(max_examples=40, deadline=None)
 
@@ -57,6 +57,47 @@ def test_crop_and_flip_move_image_and_mask_together(w, h, size, flip, seed):
     padded = rgb.sum(-1) == 0
     assert np.array_equal(padded, m == IGNORE_INDEX)
     assert np.array_equal(m[~padded], ((rgb[..., 0] + 2 * rgb[..., 1]) % 200)[~padded])
+
+
+@FAST
+@given(w=st.integers(4, 48), h=st.integers(4, 48), size=st.integers(8, 40), fx=st.floats(0, 1, exclude_max=True),
+       fy=st.floats(0, 1, exclude_max=True), seed=st.integers(0, 2**16))
+def test_crop_covering_a_pixel_contains_it_and_moves_image_and_mask_together(w, h, size, fx, fy, seed):
+    img, mask = coordinate_pair(w, h)
+    cx, cy = int(fx * w), int(fy * h)
+    random.seed(seed)
+    img, mask = crop(img, mask, size, cover=(cx, cy))
+    rgb, m = np.asarray(img).astype(int), np.asarray(mask).astype(int)
+    assert rgb.shape == (size, size, 3) and m.shape == (size, size)
+    padded = rgb.sum(-1) == 0
+    assert np.array_equal(padded, m == IGNORE_INDEX)
+    assert np.array_equal(m[~padded], ((rgb[..., 0] + 2 * rgb[..., 1]) % 200)[~padded])
+    assert ((rgb[..., 0] == cx) & (rgb[..., 1] == cy) & ~padded).sum() == 1  # the pixel is in the crop
+
+
+def test_crop_covering_a_pixel_draws_every_position_that_contains_it():
+    img, mask = coordinate_pair(40, 30)
+    corners = set()
+    for seed in range(400):
+        random.seed(seed)
+        out, _ = crop(img, mask, 16, cover=(20, 3))
+        corners.add(tuple(int(v) for v in np.asarray(out)[0, 0, :2]))  # the crop's top-left (x, y)
+    assert corners == {(x, y) for x in range(5, 21) for y in range(0, 4)}
+
+
+def test_class_point_draws_a_class_uniformly_then_one_of_its_pixels():
+    labels = np.zeros((40, 40), np.uint8)
+    labels[30:32, 5:7] = 5  # 4 pixels of a rare class beside 1000-odd of class 0
+    labels[:10] = IGNORE_INDEX
+    mask = Image.fromarray(labels)
+    drawn = []
+    for seed in range(600):
+        random.seed(seed)
+        x, y = class_point(mask)
+        drawn.append(labels[y, x])
+    assert IGNORE_INDEX not in drawn
+    assert 240 <= drawn.count(5) <= 360 and drawn.count(0) == 600 - drawn.count(5)
+    assert class_point(Image.fromarray(np.full((8, 8), IGNORE_INDEX, np.uint8))) is None
 
 
 @FAST

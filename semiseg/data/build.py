@@ -3,7 +3,9 @@
 The three datasets follow UniMatch's ``SemiDataset`` modes:
 
 * :class:`LabeledSet` (``train_l``): ``{"image", "mask", "id"}`` after the base resize, random
-  rescale (``data.scale_range``), crop (``data.crop_size``; mask padded with 255) and flip;
+  rescale (``data.scale_range``), crop (``data.crop_size``; mask padded with 255; with
+  probability ``data.class_uniform_p`` placed over a pixel of a class drawn uniformly among
+  those of the rescaled mask) and flip;
   with ``strong=True`` (AllSpark) also the strong photometric set.
 * :class:`UnlabeledSet` (``train_u``): the same geometry once, then a weak view and
   ``num_strong`` strong views, each strong view with its own photometric draw and CutMix box:
@@ -44,8 +46,8 @@ from semiseg.data.datasets import (DatasetInfo, Sample, dataset_info, list_sampl
 from semiseg.data.io import (check_same_size, decode_mask, load_or_substitute, load_pair, read_image,  # noqa: F401
                              read_mask)
 from semiseg.data.splits import is_count_or_fraction, resolve_labeled
-from semiseg.data.transforms import (base_resize, crop, cutmix_box, hflip, normalize, resize_scale,
-                                     strong_photometric)
+from semiseg.data.transforms import (base_resize, class_point, crop, cutmix_box, hflip, normalize,
+                                     resize_scale, strong_photometric)
 from semiseg.errors import ConfigError, DataError
 
 VOID_CARRIED = 254  # void's value while a true unlabelled mask rides through the crop (255 = padding)
@@ -82,7 +84,10 @@ class LabeledSet(Dataset):
         tags = self.tags.for_labels(np.asarray(mask)) if self.tags is not None else None
         img, mask = base_resize(img, mask, cfg.resize)
         img, mask = resize_scale(img, mask, cfg.scale_range)
-        img, mask = crop(img, mask, cfg.crop_size, ignore_value=IGNORE_INDEX)
+        cover = None  # data.class_uniform_p: the crop covers a pixel of a class drawn uniformly
+        if cfg.class_uniform_p > 0 and random.random() < cfg.class_uniform_p:
+            cover = class_point(mask, IGNORE_INDEX)
+        img, mask = crop(img, mask, cfg.crop_size, ignore_value=IGNORE_INDEX, cover=cover)
         img, mask = hflip(img, mask)
         if self.strong:
             img = strong_photometric(img, cfg)

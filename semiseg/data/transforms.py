@@ -47,19 +47,39 @@ def resize_scale(img: Image.Image, mask: Image.Image, ratio_range: tuple[float, 
     return img.resize((ow, oh), Image.BILINEAR), mask.resize((ow, oh), Image.NEAREST)
 
 
-def crop(img: Image.Image, mask: Image.Image, size: int, ignore_value: int = IGNORE_INDEX
-         ) -> tuple[Image.Image, Image.Image]:
+def crop(img: Image.Image, mask: Image.Image, size: int, ignore_value: int = IGNORE_INDEX,
+         cover: Optional[tuple[int, int]] = None) -> tuple[Image.Image, Image.Image]:
     """Pad right/bottom to at least ``size`` (image with 0, mask with ``ignore_value``), then a
-    random ``size`` x ``size`` crop (UniMatch's ``crop``)."""
+    random ``size`` x ``size`` crop (UniMatch's ``crop``). With ``cover`` = (x, y), a pixel of the
+    unpadded image, the crop is drawn uniformly among the positions that contain that pixel
+    (``data.class_uniform_p``); padding never moves it, since it is added right and bottom."""
     w, h = img.size
     pad_w, pad_h = max(size - w, 0), max(size - h, 0)
     if pad_w or pad_h:
         img = ImageOps.expand(img, border=(0, 0, pad_w, pad_h), fill=0)
         mask = ImageOps.expand(mask, border=(0, 0, pad_w, pad_h), fill=ignore_value)
     w, h = img.size
-    x, y = random.randint(0, w - size), random.randint(0, h - size)
+    if cover is None:
+        x, y = random.randint(0, w - size), random.randint(0, h - size)
+    else:
+        cx, cy = cover
+        x = random.randint(max(0, cx - size + 1), min(cx, w - size))
+        y = random.randint(max(0, cy - size + 1), min(cy, h - size))
     box = (x, y, x + size, y + size)
     return img.crop(box), mask.crop(box)
+
+
+def class_point(mask: Image.Image, ignore_value: int = IGNORE_INDEX) -> Optional[tuple[int, int]]:
+    """A pixel (x, y) for :func:`crop` to cover: one class drawn uniformly among the labels that
+    ``mask`` holds (``ignore_value`` apart), then one of its pixels uniformly; None when the mask
+    holds no label. Draws from Python's ``random``, as the other geometric choices do."""
+    labels = np.asarray(mask)
+    classes = [int(c) for c in np.unique(labels) if c != ignore_value]
+    if not classes:
+        return None
+    ys, xs = np.nonzero(labels == random.choice(classes))
+    k = random.randrange(len(xs))
+    return int(xs[k]), int(ys[k])
 
 
 def hflip(img: Image.Image, mask: Image.Image, p: float = 0.5) -> tuple[Image.Image, Image.Image]:
