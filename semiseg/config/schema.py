@@ -58,7 +58,8 @@ class DataConfig(Section):
     # Zhu et al., CVPR 2019, per image): with this probability a labelled crop is placed over a
     # pixel of a class drawn uniformly among those of the rescaled mask, so a class of a few
     # hundred pixels (a pedestrian, a sign) is in the crop as often as the road is. 0 = UniMatch's
-    # uniform crop position (and no extra random draw: runs repeat exactly as before).
+    # uniform crop position (and no extra random draw: runs repeat exactly as before). Read by the
+    # labelled crops of the image datasets; ACDC's slices and the change-detection pairs ignore it.
     class_uniform_p: float = Field(0.0, ge=0.0, le=1.0)
     # Input normalisation (x / 255 - mean) / std. None = the values the encoder's weights were
     # trained with (semiseg.models.pretrained.input_normalization): 0.5/0.5 for the packaged
