@@ -12,7 +12,8 @@ from semiseg.config import load_config
 from semiseg.data import IGNORE_INDEX
 from semiseg.data.build import LabeledSet, UnlabeledSet, build_eval_set, build_train_sets
 from semiseg.data.datasets import list_samples
-from semiseg.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from semiseg.data.io import load_pair
+from semiseg.data.transforms import IMAGENET_MEAN, IMAGENET_STD, crop, hflip, normalize, resize_scale
 
 
 def seed_all(seed):
@@ -25,6 +26,11 @@ def to_uint8(image: torch.Tensor) -> np.ndarray:
     return (x * 255).round().permute(1, 2, 0).numpy().astype(int)
 
 
+def coded_rgb(label: np.ndarray) -> np.ndarray:
+    """The image whose colour encodes ``label``: R = 40 + 60 * label, G = 200 - 60 * label, B = 90."""
+    return np.stack([40 + 60 * label, 200 - 60 * label, np.full_like(label, 90)], -1).astype(np.uint8)
+
+
 @pytest.fixture
 def colour_coded(tmp_path):
     """A folder dataset whose image colour encodes the label (R = 40 + 60 * label) in 10x10 blocks."""
@@ -32,8 +38,7 @@ def colour_coded(tmp_path):
     rng = np.random.default_rng(0)
     for i in range(10):
         label = rng.integers(0, 3, (3, 4)).repeat(10, 0).repeat(10, 1)  # 30 x 40
-        rgb = np.stack([40 + 60 * label, 200 - 60 * label, np.full_like(label, 90)], -1).astype(np.uint8)
-        write_png(root / "images" / f"im{i}.png", rgb)
+        write_png(root / "images" / f"im{i}.png", coded_rgb(label))
         write_png(root / "masks" / f"im{i}.png", label.astype(np.uint8))
     return root
 
@@ -182,8 +187,7 @@ def rare_class(tmp_path):
         label = np.zeros((60, 160), np.uint8)
         label[30:] = 1
         label[8 + 10 * i:12 + 10 * i, 140:144] = 2
-        rgb = np.stack([40 + 60 * label, 200 - 60 * label, np.full_like(label, 90)], -1).astype(np.uint8)
-        write_png(root / "images" / f"im{i}.png", rgb)
+        write_png(root / "images" / f"im{i}.png", coded_rgb(label))
         write_png(root / "masks" / f"im{i}.png", label)
     return root
 
@@ -209,9 +213,6 @@ def test_class_uniform_crops_hold_the_rare_class_a_third_of_the_time(rare_class,
 def test_class_uniform_p_zero_draws_the_crops_of_unimatch(colour_coded, folder_config):
     """With ``data.class_uniform_p: 0`` no extra random number is drawn: the crops are those of
     UniMatch's rescale, crop and flip, so earlier runs repeat exactly."""
-    from semiseg.data.io import load_pair
-    from semiseg.data.transforms import crop, hflip, normalize, resize_scale
-
     cfg = folder_config(colour_coded, crop_size=24)
     dataset = LabeledSet(list_samples(cfg, "train"), cfg)
     for seed in range(6):
