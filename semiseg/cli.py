@@ -395,7 +395,7 @@ def cmd_pseudo_label(args) -> int:
     net = method.inference_model(args.model or cfg.eval.model)
     if args.out:
         written = write_pseudo_labels(cfg, net, split_samples(cfg, args.split), args.out, method.num_classes,
-                                      device, progress=True)
+                                      device, progress=True, use_tags=not args.no_tags)
         print(f"wrote {len(written)} pseudo labels to {args.out}")
     if args.score:
         background = resolve_background(cfg.data, list(dataset_info(cfg.data).class_names))
@@ -534,6 +534,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="unlabeled (default: the weak images), labeled, a split name or a split file")
     p.add_argument("--out", help="folder for <id>.png pseudo labels (then: --set data.extra_labels=DIR)")
     p.add_argument("--score", action="store_true", help="print the mIoU with ground-truth-derived tags")
+    p.add_argument("--no-tags", action="store_true",
+                   help="self-training labels (ST/ST++): the argmax over every class; no tags read, so no "
+                        "image's own mask is used (without data.tags the tags otherwise come from the masks)")
     p.add_argument("--model", help="which network of the run (pct: hybrid, the default, or pseudo)")
     _add_set(p)
     p.set_defaults(func=cmd_pseudo_label)

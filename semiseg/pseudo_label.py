@@ -15,6 +15,17 @@ bilinear resizing to the original size.
 A supervised run with ``data.extra_labels: DIR`` then trains on the strong ground truth plus these
 pseudo labels (:func:`semiseg.data.build.add_extra_labels`) and needs no tags at test time.
 
+``--no-tags`` writes plain self-training labels instead: the argmax over every class, no tags
+read (the pseudo labels of ST / ST++, Yang et al., CVPR 2022, whose ``label.py`` predicts the
+unlabelled images with the supervised network, softmax averaged over scales 0.5-2.0 and flips).
+Without ``data.tags`` and without ``--no-tags`` the tags come from the images' own masks (PCT's
+weak images); for semi-supervised self-training on images without masks, pass ``--no-tags``.
+``data.extra_labels_balance: true`` then repeats the ground-truth images to as many as the
+pseudo-labelled ones, as ST++'s ``semi_train`` set does, and ``data.extra_labels_strong: true``
+gives the pseudo-labelled crops its strong augmentation. ST++'s "++" (choosing the reliable
+half of the images by the stability of their labels over checkpoints and re-training twice) is
+not implemented: this is its ST baseline.
+
 ``--score`` reports the mIoU of the tag-restricted predictions on a split with masks, the tags
 derived from the ground truth (every class with a pixel, plus the background): the quality of
 the pseudo labels (official ``test.py``, "evaluation with image-level labels"); ``semiseg eval``
@@ -79,10 +90,12 @@ def restricted_prediction(net: nn.Module, image: torch.Tensor, tags: torch.Tenso
 
 
 def write_pseudo_labels(cfg, net: nn.Module, samples, out_dir: str | Path, num_classes: int,
-                        device: str | torch.device = "cpu", progress: bool = False) -> list[Path]:
-    """One ``<id>.png`` per sample in ``out_dir`` (tag-restricted labels at the original size)."""
-    tags_source = build_tag_source(cfg.data)
-    if tags_source is None:  # no data.tags: the masks are the only possible source
+                        device: str | torch.device = "cpu", progress: bool = False, use_tags: bool = True
+                        ) -> list[Path]:
+    """One ``<id>.png`` per sample in ``out_dir`` (tag-restricted labels at the original size);
+    ``use_tags=False``: the argmax over every class, no tags read (self-training labels)."""
+    tags_source = build_tag_source(cfg.data) if use_tags else None
+    if tags_source is None and use_tags:  # no data.tags: the masks are the only possible source
         info = dataset_info(cfg.data)
         tags_source = TagSource(num_classes, list(info.class_names), resolve_background(cfg.data, info.class_names),
                                 cfg.data.tags_min_pixels)
@@ -98,7 +111,8 @@ def write_pseudo_labels(cfg, net: nn.Module, samples, out_dir: str | Path, num_c
         iterator = tqdm(samples, desc="pseudo-label", dynamic_ncols=True, leave=False)
     with eval_mode(net):
         for sample in iterator:
-            tags = torch.from_numpy(tags_source.for_sample(sample)).unsqueeze(0)
+            tags = (torch.from_numpy(tags_source.for_sample(sample)).unsqueeze(0) if use_tags
+                    else torch.ones(1, num_classes))
             img = read_image(sample.image)
             size = (img.height, img.width)
             x, _ = normalize(base_resize(img, None, cfg.data.resize)[0], None, cfg.data.mean, cfg.data.std)

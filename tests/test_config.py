@@ -42,6 +42,8 @@ def test_labeled_forms(labeled, expected):
         ("method:\n  name: supervised\n  conf_thresh: 0.9\n", "unknown key 'method.conf_thresh'"),
         ("eval:\n  scales: []\n", "key 'eval.scales'"),
         ("data:\n  class_uniform_p: 1.5\n", "key 'data.class_uniform_p': Input should be less than or equal to 1"),
+        ("data:\n  extra_labels_strong: true\n", "key 'data.extra_labels_strong': acts on the pseudo-labelled "
+         "images of data.extra_labels, which is not set"),
         ("nosection: 1\n", "unknown key 'nosection'"),
         ("train: [1, 2\n", "not valid YAML"),
     ],
@@ -53,7 +55,7 @@ def test_bad_config_one_line_naming_key_and_file(tmp_path, text, needle):
     msg = str(e.value)
     assert needle in msg
     assert str(p) in msg
-    assert "\n" not in msg
+    assert "\n" not in msg and "<root>" not in msg  # a cross-key check names its key once
 
 
 def test_override_is_validated_like_the_file():

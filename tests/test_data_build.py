@@ -178,6 +178,50 @@ def test_labeled_set_is_repeated_to_the_unlabeled_length(make_folder_dataset, fo
     assert len(alone.labeled) == 4 and alone.unlabeled is None
 
 
+@pytest.mark.parametrize("balance", [False, True])
+def test_extra_labels_join_the_labelled_set_and_balance_repeats_the_true_masks(make_folder_dataset, tmp_path,
+                                                                               balance):
+    """``data.extra_labels``: the unlabelled images with a pseudo-label PNG are labelled with it;
+    ``data.extra_labels_balance``: the true masks come ceil(10 / 4) = 3 times (ST++'s list)."""
+    root = make_folder_dataset(n=22)  # 19 train images after the holdout: 4 labelled, 15 not
+    keys = {"dataset": "folder", "root": str(root), "num_classes": 3, "labeled": 4, "crop_size": 16}
+    base = build_train_sets(load_config({"data": keys}), num_strong=2, with_unlabeled=True)
+    true_ids = sorted({s.id for s in base.labeled.samples})
+    pseudo_ids = [s.id for s in base.unlabeled.samples][:10]
+    for i in pseudo_ids:
+        write_png(tmp_path / "pl" / f"{i}.png", np.full((16, 24), 2, np.uint8))
+    cfg = load_config({"data": {**keys, "extra_labels": str(tmp_path / "pl"), "extra_labels_balance": balance}})
+    sets = build_train_sets(cfg, num_strong=0, with_unlabeled=False)
+    ids = [s.id for s in sets.labeled.samples]
+    assert {i: ids.count(i) for i in true_ids} == {i: 3 if balance else 1 for i in true_ids}
+    assert {i: ids.count(i) for i in pseudo_ids} == {i: 1 for i in pseudo_ids}
+    assert len(ids) == 4 * (3 if balance else 1) + 10
+    pseudo = sets.labeled[ids.index(pseudo_ids[0])]["mask"]
+    assert set(pseudo.unique().tolist()) <= {2, IGNORE_INDEX}  # the PNG's labels, not the image's mask
+    with_rest = build_train_sets(cfg, num_strong=2, with_unlabeled=True)
+    assert sorted(s.id for s in with_rest.unlabeled.samples) == sorted(s.id for s in base.unlabeled.samples[10:])
+
+
+def test_extra_labels_strong_augments_the_pseudo_labelled_crops_only(colour_coded, folder_config):
+    """``data.extra_labels_strong``: photometric changes and cutout on the crops whose mask is a
+    pseudo label; the ground-truth crops keep their colours and every label."""
+    cfg = folder_config(colour_coded, crop_size=24, scale_range=(1.0, 1.0), strong_jitter_p=1.0)
+    samples = list_samples(cfg, "train")
+    dataset = LabeledSet(samples, cfg, pseudo_images=frozenset({samples[0].image}))
+    erased = 0
+    for seed in range(12):
+        seed_all(seed)
+        true, pseudo = dataset[1], dataset[0]
+        mask, rgb = true["mask"].numpy(), to_uint8(true["image"])
+        assert IGNORE_INDEX not in mask
+        assert np.abs(rgb[..., 0][interior(mask)] - (40 + 60 * mask[interior(mask)])).max() <= 1
+        p_mask, p_rgb = pseudo["mask"].numpy(), to_uint8(pseudo["image"])
+        inside = interior(p_mask) & (p_mask != IGNORE_INDEX)
+        assert np.abs(p_rgb[..., 0][inside] - (40 + 60 * p_mask[inside])).max() > 1  # jittered
+        erased += IGNORE_INDEX in p_mask
+    assert 3 <= erased <= 10  # cutout with p = 0.5
+
+
 @pytest.fixture
 def rare_class(tmp_path):
     """A folder dataset of 60x160 images: class 0 above, class 1 below, and a 4x4 block of class 2

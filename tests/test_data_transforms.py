@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from semiseg.data import IGNORE_INDEX
-from semiseg.data.transforms import (base_resize, blur, class_point, crop, cutmix_box, hflip, normalize,
+from semiseg.data.transforms import (base_resize, blur, class_point, crop, cutmix_box, cutout, hflip, normalize,
                                      resize_scale, strong_photometric)
 
 FAST = settings(max_examples=40, deadline=None)
@@ -230,3 +230,28 @@ def test_cutmix_box_statistics(p):
         assert 0.3 * 0.7 <= h / w <= (1 / 0.3) / 0.7  # aspect U(0.3, 1/0.3), sides truncated
     if used:
         assert 0.16 < np.mean(areas) < 0.22  # E[U(0.02, 0.4)] = 0.21, minus truncation
+
+
+def test_cutout_erases_one_rectangle_and_ignores_its_labels():
+    """ST++'s cutout: the noise-filled pixels are exactly the ignored ones, one solid rectangle
+    of 2-40% of the image; with probability 1 - p nothing changes."""
+    random.seed(0), np.random.seed(0)
+    img = Image.fromarray(np.full((30, 40, 3), 7, np.uint8))
+    mask = Image.fromarray(np.full((30, 40), 1, np.uint8))
+    used = 0
+    for _ in range(300):
+        out, out_mask = cutout(img, mask, p=0.5)
+        pixels, labels = np.array(out), np.array(out_mask)
+        ignored = labels == IGNORE_INDEX
+        assert set(np.unique(labels).tolist()) <= {1, IGNORE_INDEX}
+        if not ignored.any():
+            assert out is img and out_mask is mask
+            continue
+        used += 1
+        assert np.array_equal((pixels != 7).any(-1) | ignored, ignored)  # noise only inside the box
+        assert (pixels[ignored] != 7).mean() > 0.9  # uniform noise rarely hits the old value
+        rows, cols = ignored.any(1).nonzero()[0], ignored.any(0).nonzero()[0]
+        assert ignored.sum() == len(rows) * len(cols) == (rows[-1] - rows[0] + 1) * (cols[-1] - cols[0] + 1)
+        assert 0.01 <= ignored.mean() <= 0.4
+    assert 120 <= used <= 180
+    assert np.array(img).max() == 7 and np.array(mask).max() == 1  # the inputs are not written to

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from semiseg.config import load_config
-from semiseg.errors import ConfigError
+from semiseg.errors import ConfigError, DataError
 from semiseg.methods.base import Batch, StepContext
 from semiseg.methods.cce import (class_aware_cross_entropy, class_aware_pseudo_label, class_aware_softmax,
                                  multilabel_tag_loss)
@@ -266,9 +266,45 @@ def test_pseudo_label_cli_writes_pngs_within_tags(make_folder_dataset, tmp_path,
         png = np.array(Image.open(out / f"{image_id}.png"))
         assert png.shape == (32, 32)
         assert set(np.unique(png).tolist()) <= classes
+    assert main(["pseudo-label", str(run.run_dir), "--out", str(tmp_path / "st"), "--no-tags"]) == 0
+    assert sorted(p.name for p in (tmp_path / "st").iterdir()) == ["u000.png", "u001.png", "u002.png"]
     assert main(["pseudo-label", str(run.run_dir), "--split", "val", "--score", "--model", "pseudo"]) == 0
     assert '"mIoU_with_tags"' in capsys.readouterr().out
     # stage two: the pseudo labels join the labelled set
     cfg2 = load_config(None, overrides[:-1] + [f"data.extra_labels={out}", "data.tags=null"])
     sets = build_train_sets(cfg2, 0, False)
     assert {"u000", "u001", "u002"} <= {s.id for s in sets.labeled.samples}
+
+
+@pytest.mark.parametrize("use_tags", [True, False])
+def test_self_training_labels_take_every_class_and_read_no_tags(make_folder_dataset, tmp_path, use_tags):
+    """``semiseg pseudo-label --no-tags`` (``use_tags=False``): the plain argmax, where the tags
+    would have kept class 2 (the network's choice) out of u000 and u001."""
+    from PIL import Image
+
+    from semiseg.pseudo_label import split_samples, write_pseudo_labels
+
+    root = make_folder_dataset(n=6, size=(16, 16), num_classes=3, unlabeled=3)
+    (root / "tags.csv").write_text("image,tags\nu000,1\nu001,0\nu002,1;2\n")
+    cfg = load_config(None, ["data.dataset=folder", f"data.root={root}", "data.num_classes=3", "data.crop_size=16",
+                             "data.tags=tags.csv", "data.background_class=0"])
+    written = write_pseudo_labels(cfg, Biased(), split_samples(cfg, "unlabeled"), tmp_path / "pl", 3,
+                                  use_tags=use_tags)
+    labels = {p.stem: set(np.unique(np.array(Image.open(p))).tolist()) for p in written}
+    if use_tags:
+        assert labels == {"u000": {0}, "u001": {0}, "u002": {2}}  # 0 is the background, always tagged
+    else:
+        assert labels == {"u000": {2}, "u001": {2}, "u002": {2}}
+
+
+def test_self_training_labels_need_no_mask_or_tags_file(make_folder_dataset, tmp_path):
+    """Without ``data.tags`` the tags come from each image's mask; images without one fail with
+    a message unless the tags are not read at all."""
+    from semiseg.pseudo_label import split_samples, write_pseudo_labels
+
+    root = make_folder_dataset(n=6, size=(16, 16), num_classes=3, unlabeled=2)
+    cfg = load_config(None, ["data.dataset=folder", f"data.root={root}", "data.num_classes=3", "data.crop_size=16"])
+    samples = split_samples(cfg, "unlabeled")
+    with pytest.raises(DataError, match="u000.png has no entry in tags file masks and no mask"):
+        write_pseudo_labels(cfg, Biased(), samples, tmp_path / "a", 3)
+    assert len(write_pseudo_labels(cfg, Biased(), samples, tmp_path / "b", 3, use_tags=False)) == 2

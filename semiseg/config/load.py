@@ -99,6 +99,8 @@ def _describe(err: dict, method_name: str = "supervised", full_key: Optional[str
         return f"unknown key '{key}'" + suggest_key(full_key or key, method_name)
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, "):]
+        if msg.startswith(f"key '{key.split('.')[0]}") or (key == "<root>" and msg.startswith("key '")):
+            return msg  # a validator that names its own key (a cross-key check)
     value = err.get("input")
     hide = isinstance(value, (dict, list, BaseModel)) or kind == "missing" or "got" in msg
     shown = "" if hide else f" (got {value!r})"

@@ -87,6 +87,14 @@ class DataConfig(Section):
     # Stage two of pct: a folder of pseudo-label PNGs (<id>.png, class indices, 255 = ignore);
     # the unlabelled images that have one join the labelled set with it as their mask.
     extra_labels: Optional[str] = None
+    # With extra_labels: the ground-truth images repeated ceil(pseudo / labelled) times before the
+    # pseudo-labelled ones join them, so that about half the crops carry a true mask (ST++'s
+    # semi_train set, Yang et al., CVPR 2022). False: each image once (PCT's stage two).
+    extra_labels_balance: bool = False
+    # With extra_labels: the pseudo-labelled crops (only they) get the strong views' photometric
+    # changes (the strong_* keys) and ST++'s cutout (p 0.5, its box ignored in the loss), as ST++
+    # augments its pseudo-labelled images. False: every crop gets the weak pipeline (PCT's stage two).
+    extra_labels_strong: bool = False
     # A training image or mask that cannot be read mid-run is skipped with a warning naming it
     # (another image takes its place in the batch); the run saves and stops once more than this
     # many distinct files were skipped. 0: stop at the first.
@@ -285,6 +293,10 @@ class Config(Section):
                              "network, the others a single-image one; leave it unset")
         if change and self.model.in_channels != 3:
             raise ValueError("key 'model.in_channels': the change-detection images are RGB; set model.in_channels: 3")
+        for key in ("extra_labels_balance", "extra_labels_strong"):
+            if getattr(self.data, key) and not self.data.extra_labels:
+                raise ValueError(f"key 'data.{key}': acts on the pseudo-labelled images of data.extra_labels, "
+                                 "which is not set; set data.extra_labels to a 'semiseg pseudo-label --out' folder")
         return self
 
     def to_dict(self) -> dict:

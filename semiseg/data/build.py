@@ -46,7 +46,7 @@ from semiseg.data.datasets import (DatasetInfo, Sample, dataset_info, list_sampl
 from semiseg.data.io import (check_same_size, decode_mask, load_or_substitute, load_pair, read_image,  # noqa: F401
                              read_mask)
 from semiseg.data.splits import is_count_or_fraction, resolve_labeled
-from semiseg.data.transforms import (base_resize, class_point, crop, cutmix_box, hflip, normalize,
+from semiseg.data.transforms import (base_resize, class_point, crop, cutmix_box, cutout, hflip, normalize,
                                      resize_scale, strong_photometric)
 from semiseg.errors import ConfigError, DataError
 
@@ -66,10 +66,14 @@ def _data_cfg(cfg: Union[Config, DataConfig]) -> DataConfig:
 class LabeledSet(Dataset):
     """Labelled training crops (UniMatch's ``train_l``)."""
 
-    def __init__(self, samples: list[Sample], data_cfg: DataConfig, strong: bool = False, tags=None):
+    def __init__(self, samples: list[Sample], data_cfg: DataConfig, strong: bool = False, tags=None,
+                 pseudo_images: frozenset = frozenset()):
         self.samples = samples
         self.cfg = data_cfg
         self.strong = strong
+        # data.extra_labels_strong: the images (paths) whose mask is a pseudo label get the strong
+        # photometric changes and cutout
+        self.pseudo_images = pseudo_images
         self.tags = tags  # a semiseg.data.tags.TagSource: adds "tags" derived from the whole mask
 
     def __len__(self) -> int:
@@ -91,6 +95,8 @@ class LabeledSet(Dataset):
         img, mask = hflip(img, mask)
         if self.strong:
             img = strong_photometric(img, cfg)
+        elif sample.image in self.pseudo_images:
+            img, mask = cutout(strong_photometric(img, cfg), mask)
         image, mask = normalize(img, mask, cfg.mean, cfg.std)
         out = {"image": image, "mask": mask, "id": sample.id}
         if tags is not None:
@@ -229,21 +235,29 @@ def build_train_sets(cfg: Union[Config, DataConfig], num_strong: int, with_unlab
         if cd_unlabeled is not None and len(unlabeled) > len(labeled):
             labeled = repeat_to_length(labeled, len(unlabeled), data.split_seed)
         return TrainSets(ChangeLabeledSet(labeled, data), cd_unlabeled, info)
+    pseudo_images: frozenset = frozenset()
     if data.extra_labels:
-        labeled, unlabeled = add_extra_labels(labeled, unlabeled, data.extra_labels, info.num_classes)
+        pool = {s.image for s in unlabeled}
+        labeled, unlabeled = add_extra_labels(labeled, unlabeled, data.extra_labels, info.num_classes,
+                                              balance=data.extra_labels_balance)
+        if data.extra_labels_strong:
+            pseudo_images = frozenset(s.image for s in labeled if s.image in pool)
     tags = build_tag_source(data, info)
     unlabeled_set = (UnlabeledSet(unlabeled, data, num_strong, tags=tags, with_masks=unlabeled_masks)
                      if with_unlabeled and unlabeled else None)
     if unlabeled_set is not None and len(unlabeled) > len(labeled):
         labeled = repeat_to_length(labeled, len(unlabeled), data.split_seed)
-    return TrainSets(LabeledSet(labeled, data, strong=strong_labeled, tags=tags), unlabeled_set, info)
+    return TrainSets(LabeledSet(labeled, data, strong=strong_labeled, tags=tags, pseudo_images=pseudo_images),
+                     unlabeled_set, info)
 
 
-def add_extra_labels(labeled: list[Sample], unlabeled: list[Sample], folder: str, num_classes: int
-                     ) -> tuple[list[Sample], list[Sample]]:
+def add_extra_labels(labeled: list[Sample], unlabeled: list[Sample], folder: str, num_classes: int,
+                     balance: bool = False) -> tuple[list[Sample], list[Sample]]:
     """``data.extra_labels``: every unlabelled image with a ``<folder>/<id>.png`` (a pseudo label
     written by ``semiseg pseudo-label``; class indices, 255 = ignore) joins the labelled list with
-    it as its mask; the others stay unlabelled."""
+    it as its mask; the others stay unlabelled. ``balance`` (``data.extra_labels_balance``): the
+    labelled list is repeated ``ceil(len(extra) / len(labeled))`` times first, as ST++'s
+    ``semi_train`` list is."""
     from pathlib import Path
 
     from semiseg.data.io import LabelMap
@@ -262,6 +276,8 @@ def add_extra_labels(labeled: list[Sample], unlabeled: list[Sample], folder: str
             rest.append(s)
     if not extra:
         raise DataError(f"data.extra_labels folder {root} holds no <id>.png for any unlabelled image")
+    if balance and labeled:
+        labeled = labeled * math.ceil(len(extra) / len(labeled))
     return labeled + extra, rest
 
 

@@ -136,6 +136,30 @@ def strong_photometric(img: Image.Image, cfg=None) -> Image.Image:
                 cfg.strong_blur_p, cfg.strong_blur_sigma)
 
 
+def cutout(img: Image.Image, mask: Image.Image, p: float = 0.5, size_min: float = 0.02, size_max: float = 0.4,
+           ratio_1: float = 0.3, ratio_2: float = 1 / 0.3, ignore_value: int = IGNORE_INDEX
+           ) -> tuple[Image.Image, Image.Image]:
+    """ST++'s cutout (Yang et al., CVPR 2022), for pseudo-labelled training crops: with
+    probability ``p`` one rectangle of area ``U(size_min, size_max)`` of the image and aspect
+    (h/w) ``U(ratio_1, ratio_2)``, at a uniformly drawn top-left corner (area, aspect and corner
+    redrawn until it fits), is filled with uniform noise in 0..255 per pixel and channel, and its
+    mask pixels become ``ignore_value`` (no loss there)."""
+    if random.random() >= p:
+        return img, mask
+    w, h = img.size
+    while True:
+        area = np.random.uniform(size_min, size_max) * h * w
+        ratio = np.random.uniform(ratio_1, ratio_2)
+        bw, bh = int(np.sqrt(area / ratio)), int(np.sqrt(area * ratio))
+        x, y = np.random.randint(0, w), np.random.randint(0, h)
+        if x + bw <= w and y + bh <= h:
+            break
+    pixels, labels = np.array(img), np.array(mask)
+    pixels[y:y + bh, x:x + bw] = np.random.uniform(0, 255, (bh, bw) + pixels.shape[2:]).astype(np.uint8)
+    labels[y:y + bh, x:x + bw] = ignore_value
+    return Image.fromarray(pixels), Image.fromarray(labels)
+
+
 def cutmix_box(size: int, p: float = 0.5, size_min: float = 0.02, size_max: float = 0.4,
                ratio_1: float = 0.3, ratio_2: float = 1 / 0.3) -> torch.Tensor:
     """UniMatch's ``obtain_cutmix_box``: a (size, size) long tensor of {0, 1}.
