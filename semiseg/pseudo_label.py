@@ -94,8 +94,10 @@ def write_pseudo_labels(cfg, net: nn.Module, samples, out_dir: str | Path, num_c
                         ) -> list[Path]:
     """One ``<id>.png`` per sample in ``out_dir`` (tag-restricted labels at the original size);
     ``use_tags=False``: the argmax over every class, no tags read (self-training labels)."""
-    tags_source = build_tag_source(cfg.data) if use_tags else None
-    if tags_source is None and use_tags:  # no data.tags: the masks are the only possible source
+    tags_source, every_class = None, torch.ones(1, num_classes)
+    if use_tags:
+        tags_source = build_tag_source(cfg.data)
+    if use_tags and tags_source is None:  # no data.tags: the masks are the only possible source
         info = dataset_info(cfg.data)
         tags_source = TagSource(num_classes, list(info.class_names), resolve_background(cfg.data, info.class_names),
                                 cfg.data.tags_min_pixels)
@@ -111,8 +113,7 @@ def write_pseudo_labels(cfg, net: nn.Module, samples, out_dir: str | Path, num_c
         iterator = tqdm(samples, desc="pseudo-label", dynamic_ncols=True, leave=False)
     with eval_mode(net):
         for sample in iterator:
-            tags = (torch.from_numpy(tags_source.for_sample(sample)).unsqueeze(0) if use_tags
-                    else torch.ones(1, num_classes))
+            tags = torch.from_numpy(tags_source.for_sample(sample)).unsqueeze(0) if use_tags else every_class
             img = read_image(sample.image)
             size = (img.height, img.width)
             x, _ = normalize(base_resize(img, None, cfg.data.resize)[0], None, cfg.data.mean, cfg.data.std)

@@ -136,6 +136,23 @@ def strong_photometric(img: Image.Image, cfg=None) -> Image.Image:
                 cfg.strong_blur_p, cfg.strong_blur_sigma)
 
 
+def random_box(h: int, w: int, size_min: float, size_max: float, ratio_1: float, ratio_2: float,
+               redraw_area: bool = False) -> tuple[int, int, int, int]:
+    """``(x, y, box_w, box_h)``: a rectangle of area ``U(size_min, size_max) * h * w`` and aspect
+    (h/w) ``U(ratio_1, ratio_2)`` (sides truncated to integers) at a uniformly drawn top-left
+    corner; aspect and corner are redrawn until it fits inside ``h x w``, and so is the area when
+    ``redraw_area`` (ST++'s cutout; UniMatch's CutMix box keeps its first area)."""
+    area = np.random.uniform(size_min, size_max) * h * w
+    while True:
+        ratio = np.random.uniform(ratio_1, ratio_2)
+        bw, bh = int(np.sqrt(area / ratio)), int(np.sqrt(area * ratio))
+        x, y = np.random.randint(0, w), np.random.randint(0, h)
+        if x + bw <= w and y + bh <= h:
+            return x, y, bw, bh
+        if redraw_area:
+            area = np.random.uniform(size_min, size_max) * h * w
+
+
 def cutout(img: Image.Image, mask: Image.Image, p: float = 0.5, size_min: float = 0.02, size_max: float = 0.4,
            ratio_1: float = 0.3, ratio_2: float = 1 / 0.3, ignore_value: int = IGNORE_INDEX
            ) -> tuple[Image.Image, Image.Image]:
@@ -147,13 +164,7 @@ def cutout(img: Image.Image, mask: Image.Image, p: float = 0.5, size_min: float 
     if random.random() >= p:
         return img, mask
     w, h = img.size
-    while True:
-        area = np.random.uniform(size_min, size_max) * h * w
-        ratio = np.random.uniform(ratio_1, ratio_2)
-        bw, bh = int(np.sqrt(area / ratio)), int(np.sqrt(area * ratio))
-        x, y = np.random.randint(0, w), np.random.randint(0, h)
-        if x + bw <= w and y + bh <= h:
-            break
+    x, y, bw, bh = random_box(h, w, size_min, size_max, ratio_1, ratio_2, redraw_area=True)
     pixels, labels = np.array(img), np.array(mask)
     pixels[y:y + bh, x:x + bw] = np.random.uniform(0, 255, (bh, bw) + pixels.shape[2:]).astype(np.uint8)
     labels[y:y + bh, x:x + bw] = ignore_value
@@ -172,12 +183,6 @@ def cutmix_box(size: int, p: float = 0.5, size_min: float = 0.02, size_max: floa
     box = torch.zeros(size, size, dtype=torch.long)
     if random.random() > p:
         return box
-    area = np.random.uniform(size_min, size_max) * size * size
-    while True:
-        ratio = np.random.uniform(ratio_1, ratio_2)
-        w, h = int(np.sqrt(area / ratio)), int(np.sqrt(area * ratio))
-        x, y = np.random.randint(0, size), np.random.randint(0, size)
-        if x + w <= size and y + h <= size:
-            break
+    x, y, w, h = random_box(size, size, size_min, size_max, ratio_1, ratio_2)
     box[y:y + h, x:x + w] = 1
     return box
