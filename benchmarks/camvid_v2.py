@@ -276,7 +276,15 @@ def main(argv=None) -> int:
     tag = f"{args.method}-{args.split}-s{args.seed}" + ("-variant" if variant else "")
     out = claim_run_dir(Path(args.runs) / tag)  # never train into an earlier or a concurrent run
 
-    row = train_row(args.method, args.split, args.seed, config, overrides, out, command, variant)
+    from semiseg.errors import SemisegError
+
+    try:
+        row = train_row(args.method, args.split, args.seed, config, overrides, out, command, variant)
+    except SemisegError as e:  # a bad key, folder or file: one line, and no empty run directory left
+        if out.is_dir() and {p.name for p in out.iterdir()} <= {STATE}:  # the trainer wrote nothing
+            (out / STATE).unlink(missing_ok=True)
+            out.rmdir()
+        raise SystemExit(f"camvid_v2.py: {e}") from None
     if row is None:
         return 0
     append(row, Path(args.results))

@@ -381,19 +381,32 @@ def cmd_check_data(args) -> int:
 
 def cmd_pseudo_label(args) -> int:
     """Stage two of pct: tag-restricted pseudo-label PNGs (semiseg.pseudo_label)."""
+    import numpy as np
     import torch
 
     from semiseg.api import build_method_from_checkpoint
     from semiseg.data.datasets import dataset_info
     from semiseg.data.tags import resolve_background
     from semiseg.pseudo_label import score_with_tags, split_samples, write_pseudo_labels
+    from semiseg.self_training import class_thresholds, write_class_balanced_labels
 
     if not args.out and not args.score:
         raise SemisegError("pseudo-label: give --out DIR (write PNGs) and/or --score (mIoU with tags)")
+    if args.keep_per_class is not None and not args.no_tags:
+        raise SemisegError("pseudo-label --keep-per-class (class-balanced self-training labels) needs --no-tags")
+    if args.keep_per_class is not None:
+        class_thresholds(np.ones((1, 1)), args.keep_per_class)  # a bad fraction fails before the checkpoint loads
     device = "cuda" if torch.cuda.is_available() else "cpu"
     cfg, method, _meta = build_method_from_checkpoint(args.checkpoint, args.overrides, device)
     net = method.inference_model(args.model or cfg.eval.model)
-    if args.out:
+    if args.out and args.keep_per_class is not None:
+        written, thresholds = write_class_balanced_labels(cfg, net, split_samples(cfg, args.split), args.out,
+                                                          method.num_classes, args.keep_per_class, device,
+                                                          progress=True)
+        names = list(dataset_info(cfg.data).class_names)
+        print(f"wrote {len(written)} class-balanced pseudo labels to {args.out}; thresholds: "
+              + ", ".join(f"{n} {t:.3f}" for n, t in zip(names, thresholds)))
+    elif args.out:
         written = write_pseudo_labels(cfg, net, split_samples(cfg, args.split), args.out, method.num_classes,
                                       device, progress=True, use_tags=not args.no_tags)
         print(f"wrote {len(written)} pseudo labels to {args.out}")
@@ -402,6 +415,31 @@ def cmd_pseudo_label(args) -> int:
         res = score_with_tags(cfg, net, args.split, method.num_classes, device, background)
         print(json.dumps({"mIoU_with_tags": res["mIoU"], "pixel_acc": res["pixel_acc"], "split": args.split,
                           "images": res["images"], "model": args.model or cfg.eval.model}))
+    return 0
+
+
+def cmd_select_reliable(args) -> int:
+    """ST++'s reliable images (semiseg.self_training.select_reliable)."""
+    import torch
+
+    from semiseg.api import build_method_from_checkpoint
+    from semiseg.pseudo_label import split_samples
+    from semiseg.self_training import select_reliable, split_reliable
+
+    split_reliable({}, args.fraction)  # a bad fraction fails before any checkpoint loads
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    nets, cfg, num_classes = [], None, None
+    for checkpoint in args.checkpoints:
+        cfg_k, method, _meta = build_method_from_checkpoint(checkpoint, args.overrides, device)
+        if num_classes is not None and method.num_classes != num_classes:
+            raise SemisegError(f"select-reliable: {checkpoint} has {method.num_classes} classes, "
+                               f"expected {num_classes} as the checkpoints before it")
+        cfg, num_classes = cfg_k, method.num_classes  # the data and test-time keys: the last checkpoint's
+        nets.append(method.inference_model(args.model or cfg_k.eval.model))
+    summary = select_reliable(cfg, nets, split_samples(cfg, args.split), num_classes, args.out, args.fraction,
+                              device, progress=True, checkpoints=args.checkpoints)
+    print(f"{summary['reliable']} reliable and {summary['unreliable']} other images: "
+          f"{args.out}/reliable.txt, {args.out}/unreliable.txt, {args.out}/reliability.json")
     return 0
 
 
@@ -537,9 +575,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-tags", action="store_true",
                    help="self-training labels (ST/ST++): the argmax over every class; no tags read, so no "
                         "image's own mask is used (without data.tags the tags otherwise come from the masks)")
+    p.add_argument("--keep-per-class", type=float, metavar="P",
+                   help="with --no-tags: class-balanced labels (CBST): per class, the most confident "
+                        "fraction P of its predicted pixels sets its threshold; the rest is ignored (255)")
     p.add_argument("--model", help="which network of the run (pct: hybrid, the default, or pseudo)")
     _add_set(p)
     p.set_defaults(func=cmd_pseudo_label)
+
+    p = sub.add_parser("select-reliable",
+                       help="ST++: rank unlabelled images by how stable their labels are over checkpoints")
+    p.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT",
+                   help="two or more checkpoints (files or run dirs) of one run, earliest first; the last "
+                        "is the final network")
+    p.add_argument("--split", default="unlabeled", help="unlabeled (default), a split name or a split file")
+    p.add_argument("--out", required=True, help="folder for reliable.txt, unreliable.txt, reliability.json")
+    p.add_argument("--fraction", type=float, default=0.5, help="share of the images kept as reliable (0.5)")
+    p.add_argument("--model", help="which network of each checkpoint (default: eval.model)")
+    _add_set(p)
+    p.set_defaults(func=cmd_select_reliable)
 
     p = sub.add_parser("report", help="write RUN_DIR/report.html: curves, per-class IoU, confusion, samples")
     p.add_argument("run_dir")

@@ -22,9 +22,9 @@ Without ``data.tags`` and without ``--no-tags`` the tags come from the images' o
 weak images); for semi-supervised self-training on images without masks, pass ``--no-tags``.
 ``data.extra_labels_balance: true`` then repeats the ground-truth images to as many as the
 pseudo-labelled ones, as ST++'s ``semi_train`` set does, and ``data.extra_labels_strong: true``
-gives the pseudo-labelled crops its strong augmentation. ST++'s "++" (choosing the reliable
-half of the images by the stability of their labels over checkpoints and re-training twice) is
-not implemented: this is its ST baseline.
+gives the pseudo-labelled crops its strong augmentation. ST++'s "++" (the reliable half of the
+images by the stability of their labels over checkpoints, ``semiseg select-reliable``) and CBST's
+class-balanced labels (``--keep-per-class P``) are in :mod:`semiseg.self_training`.
 
 ``--score`` reports the mIoU of the tag-restricted predictions on a split with masks, the tags
 derived from the ground truth (every class with a pixel, plus the background): the quality of

@@ -297,6 +297,12 @@ def test_camvid_v2_appends_one_json_line_per_run(tmp_path):
         camvid_v2.main(["--method", "unimatch", "--split", "all", "--data-root", str(root)])
     with pytest.raises(SystemExit, match=r"--data-root .*: not a CamVid folder with splits/"):
         camvid_v2.main(["--method", "supervised", "--data-root", str(tmp_path)])
+    # a bad key's value (a missing folder): the trainer's one-line error, no traceback, no empty run dir
+    before = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    missing = tmp_path / "no_such_labels"
+    with pytest.raises(SystemExit, match=f"^camvid_v2.py: data.extra_labels folder {missing} does not exist"):
+        camvid_v2.main([*args[:-2], "--set", f"data.extra_labels={missing}"])
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == before
 
 
 def test_camvid_v2_a_stopped_run_resumes_to_the_row_of_an_uninterrupted_run(tmp_path, monkeypatch):
@@ -632,3 +638,36 @@ def test_pseudo_labels_as_trained_score_training_crops_in_both_modes(folder_run,
     assert len({sum(map(sum, r["confusion_of_kept"])) for r in eval_["rows"]}) >= 3  # the thresholds select
     with pytest.raises(SystemExit, match="its config has no unlabelled images"):  # every image of the run is labelled
         main([str(folder_run), "--as-trained", "1", "--thresholds", "0,0.95"])
+
+
+def test_score_pseudo_labels_leaves_ignored_pixels_out_of_the_iou_and_counts_them(tmp_path):
+    """Pseudo labels equal to the true masks on the left half and ignored (255) on the right:
+    mIoU 100 on the labelled pixels, ``labelled_share`` the left half's share of the non-void
+    pixels, and the ignored pixels counted as no class (they used to be clipped to the last)."""
+    import numpy as np
+    from PIL import Image
+    from score_pseudo_labels import score
+
+    from semiseg.config import load_config
+    from semiseg.data.io import read_mask
+
+    root = write_folder_dataset(tmp_path / "data", n=6, size=(8, 4), lists=True, void=True)
+    cfg = load_config(None, ["data.dataset=folder", f"data.root={root}", "data.num_classes=3"])
+    (tmp_path / "pl").mkdir()
+    truth_px, kept_px, valid_px = np.zeros(3), np.zeros(3), 0
+    for i in range(4):  # the images of train.txt
+        truth = read_mask(root / "masks" / f"img{i:03d}.png").astype(np.int64)
+        pseudo = truth.copy()
+        pseudo[:, 4:] = 255
+        pseudo[0, :4] = i % 3  # under the void pixels: never scored
+        Image.fromarray(pseudo.astype(np.uint8), mode="L").save(tmp_path / "pl" / f"img{i:03d}.png")
+        valid = truth != 255
+        valid_px += valid.sum()
+        truth_px += np.bincount(truth[valid], minlength=3)
+        kept_px += np.bincount(truth[valid & (pseudo != 255)], minlength=3)
+    out = score(tmp_path / "pl", cfg, "train.txt")
+    assert out["images"] == 4 and out["mIoU"] == 100.0 and out["pixel_acc"] == 100.0
+    assert out["labelled_share"] == round(kept_px.sum() / valid_px, 4) and 0.2 < out["labelled_share"] < 0.6
+    names = list(out["pixel_share_ratio"])
+    assert out["pixel_share_ratio"] == {n: round(k / t, 3) for n, k, t in zip(names, kept_px, truth_px)}
+    assert out["labelled_share_per_class"] == out["pixel_share_ratio"]  # every kept label is right

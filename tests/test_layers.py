@@ -19,7 +19,7 @@ FLOORS = [
     ("semiseg.methods",),
     ("semiseg.engine",),
     ("semiseg.api", "semiseg.bench", "semiseg.demo", "semiseg.export", "semiseg.pseudo_label", "semiseg.report",
-     "semiseg.sweep"),
+     "semiseg.self_training", "semiseg.sweep"),
     ("semiseg.cli", "semiseg.__main__"),
 ]
 
