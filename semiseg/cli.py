@@ -381,21 +381,20 @@ def cmd_check_data(args) -> int:
 
 def cmd_pseudo_label(args) -> int:
     """Stage two of pct: tag-restricted pseudo-label PNGs (semiseg.pseudo_label)."""
-    import numpy as np
     import torch
 
     from semiseg.api import build_method_from_checkpoint
     from semiseg.data.datasets import dataset_info
     from semiseg.data.tags import resolve_background
     from semiseg.pseudo_label import score_with_tags, split_samples, write_pseudo_labels
-    from semiseg.self_training import class_thresholds, write_class_balanced_labels
+    from semiseg.self_training import check_keep, write_class_balanced_labels
 
     if not args.out and not args.score:
         raise SemisegError("pseudo-label: give --out DIR (write PNGs) and/or --score (mIoU with tags)")
     if args.keep_per_class is not None and not args.no_tags:
         raise SemisegError("pseudo-label --keep-per-class (class-balanced self-training labels) needs --no-tags")
     if args.keep_per_class is not None:
-        class_thresholds(np.ones((1, 1)), args.keep_per_class)  # a bad fraction fails before the checkpoint loads
+        check_keep(args.keep_per_class)  # a bad fraction fails before the checkpoint loads
     device = "cuda" if torch.cuda.is_available() else "cpu"
     cfg, method, _meta = build_method_from_checkpoint(args.checkpoint, args.overrides, device)
     net = method.inference_model(args.model or cfg.eval.model)

@@ -70,6 +70,23 @@ def split_samples(cfg, split: str):
     return list_samples(data, split)
 
 
+def network_input(cfg, sample) -> tuple[torch.Tensor, tuple[int, int]]:
+    """The ``(1, 3, h, w)`` network input of ``sample`` (base resize, normalised) and the
+    image's original ``(H, W)``."""
+    img = read_image(sample.image)
+    x, _ = normalize(base_resize(img, None, cfg.data.resize)[0], None, cfg.data.mean, cfg.data.std)
+    return x.unsqueeze(0), (img.height, img.width)
+
+
+def with_progress(samples, desc: str, progress: bool):
+    """``samples``, behind a tqdm bar when ``progress``."""
+    if not progress:
+        return samples
+    from tqdm import tqdm
+
+    return tqdm(samples, desc=desc, dynamic_ncols=True, leave=False)
+
+
 def _eval_cfg(cfg):
     """The config's test-time settings, ``center_crop`` replaced by whole images (every pixel
     needs a label)."""
@@ -106,18 +123,11 @@ def write_pseudo_labels(cfg, net: nn.Module, samples, out_dir: str | Path, num_c
     eval_cfg, crop = _eval_cfg(cfg), cfg.eval.crop_size or cfg.data.crop_size
     device = torch.device(device)
     written = []
-    iterator = samples
-    if progress:
-        from tqdm import tqdm
-
-        iterator = tqdm(samples, desc="pseudo-label", dynamic_ncols=True, leave=False)
     with eval_mode(net):
-        for sample in iterator:
+        for sample in with_progress(samples, "pseudo-label", progress):
             tags = torch.from_numpy(tags_source.for_sample(sample)).unsqueeze(0) if use_tags else every_class
-            img = read_image(sample.image)
-            size = (img.height, img.width)
-            x, _ = normalize(base_resize(img, None, cfg.data.resize)[0], None, cfg.data.mean, cfg.data.std)
-            labels = restricted_prediction(net, x.unsqueeze(0).to(device), tags, eval_cfg, num_classes, crop, size)
+            x, size = network_input(cfg, sample)
+            labels = restricted_prediction(net, x.to(device), tags, eval_cfg, num_classes, crop, size)
             path = out / f"{sample.id}.png"
             Image.fromarray(labels[0].cpu().numpy().astype(np.uint8), mode="L").save(path)
             written.append(path)

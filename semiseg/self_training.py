@@ -34,6 +34,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -45,35 +46,23 @@ from torch import nn
 
 from semiseg.data import IGNORE_INDEX
 from semiseg.data.datasets import resolve_root
-from semiseg.data.io import read_image
-from semiseg.data.transforms import base_resize, normalize
 from semiseg.engine.evaluator import predict_logits
 from semiseg.errors import ConfigError
 from semiseg.methods.cce import restrict_logits
 from semiseg.models.common import eval_mode
-from semiseg.pseudo_label import _eval_cfg
+from semiseg.pseudo_label import _eval_cfg, network_input, with_progress
 
 HISTOGRAM_BINS = 1000
 
 
-def _network_input(cfg, sample) -> tuple[torch.Tensor, tuple[int, int]]:
-    """The ``(1, 3, h, w)`` network input of ``sample`` (base resize, normalised) and the
-    image's original ``(H, W)``."""
-    img = read_image(sample.image)
-    x, _ = normalize(base_resize(img, None, cfg.data.resize)[0], None, cfg.data.mean, cfg.data.std)
-    return x.unsqueeze(0), (img.height, img.width)
-
-
-def _iterate(samples, desc: str, progress: bool):
-    if not progress:
-        return samples
-    from tqdm import tqdm
-
-    return tqdm(samples, desc=desc, dynamic_ncols=True, leave=False)
-
-
 # ---------------------------------------------------------------------------------------------
 # Class-balanced pseudo labels (CBST)
+
+
+def check_keep(keep: float) -> None:
+    """ConfigError unless ``keep`` (``--keep-per-class``) is a fraction in (0, 1]."""
+    if not 0.0 < keep <= 1.0:
+        raise ConfigError(f"keep-per-class {keep}: expected a fraction in (0, 1]")
 
 
 def class_thresholds(histogram: np.ndarray, keep: float) -> np.ndarray:
@@ -82,8 +71,7 @@ def class_thresholds(histogram: np.ndarray, keep: float) -> np.ndarray:
     ``k_c`` is the lower edge of the highest bin at which the pixels of bins ``>= b`` reach
     ``keep`` of the class's total; 1.0 for a class with no predicted pixel (never chosen unless
     certain)."""
-    if not 0.0 < keep <= 1.0:
-        raise ConfigError(f"keep-per-class {keep}: expected a fraction in (0, 1]")
+    check_keep(keep)
     counts = np.asarray(histogram, dtype=np.float64)
     bins = counts.shape[1]
     from_top = np.cumsum(counts[:, ::-1], axis=1)[:, ::-1]  # from_top[c, b] = pixels in bins >= b
@@ -109,7 +97,7 @@ def write_class_balanced_labels(cfg, net: nn.Module, samples, out_dir: str | Pat
     original size, and the ``(K,)`` thresholds. Two passes: the first predicts every image once
     (kept as float16 log-probabilities at the network's resolution in a temporary folder) and
     counts the confidences per predicted class; the second applies the thresholds."""
-    class_thresholds(np.ones((1, 1)), keep)  # the fraction's error before any prediction
+    check_keep(keep)  # the fraction's error before any prediction
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     eval_cfg, crop = _eval_cfg(cfg), cfg.eval.crop_size or cfg.data.crop_size
@@ -125,8 +113,8 @@ def write_class_balanced_labels(cfg, net: nn.Module, samples, out_dir: str | Pat
 
     with tempfile.TemporaryDirectory(prefix=".cbst-", dir=out) as tmp, eval_mode(net), torch.inference_mode():
         sizes = {}
-        for i, sample in enumerate(_iterate(samples, "pseudo-label (CBST 1/2)", progress)):
-            x, size = _network_input(cfg, sample)
+        for i, sample in enumerate(with_progress(samples, "pseudo-label (CBST 1/2)", progress)):
+            x, size = network_input(cfg, sample)
             stored = predict_logits(net, x.to(device), eval_cfg, num_classes, crop)[0].cpu().half().numpy()
             np.save(os.path.join(tmp, f"{i}.npy"), stored)
             sizes[i] = size
@@ -137,7 +125,7 @@ def write_class_balanced_labels(cfg, net: nn.Module, samples, out_dir: str | Pat
         thresholds = class_thresholds(histogram, keep)
         k = torch.from_numpy(thresholds).float()
         written = []
-        for i, sample in enumerate(_iterate(samples, "pseudo-label (CBST 2/2)", progress)):
+        for i, sample in enumerate(with_progress(samples, "pseudo-label (CBST 2/2)", progress)):
             labels = balanced_labels(full_size_probs(np.load(os.path.join(tmp, f"{i}.npy")), sizes[i]), k)
             path = out / f"{sample.id}.png"
             Image.fromarray(labels.numpy().astype(np.uint8), mode="L").save(path)
@@ -173,13 +161,13 @@ def label_stability(cfg, nets: Sequence[nn.Module], samples, num_classes: int,
     crop = cfg.eval.crop_size or cfg.data.crop_size
     device = torch.device(device)
     scores = {}
-    for sample in _iterate(samples, "select-reliable", progress):
-        x, _ = _network_input(cfg, sample)
-        preds = []
+    with ExitStack() as stack:
         for net in nets:
-            with eval_mode(net):
-                preds.append(predict_logits(net, x.to(device), plain, num_classes, crop).argmax(1)[0].cpu())
-        scores[sample.id] = float(np.mean([image_miou(p, preds[-1], num_classes) for p in preds[:-1]]))
+            stack.enter_context(eval_mode(net))
+        for sample in with_progress(samples, "select-reliable", progress):
+            x = network_input(cfg, sample)[0].to(device)
+            preds = [predict_logits(net, x, plain, num_classes, crop).argmax(1)[0].cpu() for net in nets]
+            scores[sample.id] = float(np.mean([image_miou(p, preds[-1], num_classes) for p in preds[:-1]]))
     return scores
 
 

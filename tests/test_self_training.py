@@ -80,7 +80,7 @@ def test_class_balanced_labels_match_sorted_thresholds(make_folder_dataset, tmp_
     its predicted pixels, and ``keep=1`` ignores no pixel."""
     from semiseg.engine.evaluator import predict_logits
     from semiseg.pseudo_label import split_samples
-    from semiseg.self_training import _network_input
+    from semiseg.pseudo_label import network_input
 
     root = make_folder_dataset(n=8, size=(24, 32), num_classes=3, unlabeled=4)
     cfg = load_config(None, ["data.dataset=folder", f"data.root={root}", "data.num_classes=3", "data.crop_size=16"])
@@ -91,7 +91,7 @@ def test_class_balanced_labels_match_sorted_thresholds(make_folder_dataset, tmp_
     assert not list((tmp_path / "pl").glob(".cbst-*"))  # the temporary predictions are gone
 
     with torch.no_grad():
-        probs = [predict_logits(net, _network_input(cfg, s)[0], cfg.eval, 3).half().float()[0].softmax(0)
+        probs = [predict_logits(net, network_input(cfg, s)[0], cfg.eval, 3).half().float()[0].softmax(0)
                  for s in samples]
     expected, k = _reference_cbst(probs, keep)
     assert (thresholds <= k + 1e-6).all() and (k - thresholds < 1.0 / HISTOGRAM_BINS + 1e-3).all()
