@@ -7,7 +7,8 @@
     python benchmarks/render_v2.py --check    # exit 1 if either is out of date
 
 Only protocol runs and named recipes enter the matrix: a run with extra ``--set`` overrides is a
-variant (in the variants table and the log) unless its overrides are exactly one of ``RECIPES``,
+variant (in the variants table and the log) unless its overrides are exactly one of ``RECIPES``
+(where a ``*`` matches any text: the folder of a recipe's pseudo labels),
 whose rows sit below the protocol's, each compared with the supervised run that shares the
 changes supervised training also feels. A cell shows the mean over seeds and each seed; the
 first run of a (method, split, seed) counts, reruns are listed in the log.
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -40,8 +42,8 @@ ROWS = [  # (method key in the results, label)
     ("allspark_unimatch", "AllSpark + UniMatch (the neck in UniMatch's recipe)"),
 ]
 SPLITS = [("1_16", "1/16: 23 labels"), ("1_8", "1/8: 46 labels")]
-# named recipes: (row key, method, the overrides that make it, label, the row its gain is measured
-# against). The CamVid recipe is what the lever probes of BENCHMARKS.md point to: ASPP rates scaled
+# named recipes: (row key, method, the overrides that make it, label, the row or rows its gain is
+# measured against). The CamVid recipe is what the lever probes of BENCHMARKS.md point to: ASPP rates scaled
 # to the 8x8 training maps, OHEM sized to the 8x128x128 batch, no confidence threshold (as in
 # UniMatch's Cityscapes recipe) and a blur range scaled to the crop. Its supervised control takes
 # the two changes that supervised training has too (the ASPP rates and OHEM).
@@ -55,7 +57,33 @@ RECIPES = [
     # the same with the control's labelled gradient (FixMatch halves the loss sum) and a quarter of L_s
     ("recipe:fixmatch-street-lx-ls4", "fixmatch", FIXMATCH_STREET + ["method.weight_x=2", "method.weight_s=0.5"],
      "FixMatch, CamVid recipe, L_x + L_s / 4 (`method.weight_x=2 method.weight_s=0.5`)", "recipe:supervised-street"),
+    # the control trained as long as the self-training pipeline below (its teacher's 800 + its student's 800)
+    ("recipe:supervised-street-1600", "supervised", STREET + ["train.iters=1600"],
+     "Supervised + the recipe, 1600 iterations (`train.iters=1600`)", "recipe:supervised-street"),
+    # offline self-training: a fresh student of the control's keys on the true masks plus CBST labels of the
+    # unlabelled images (`semiseg pseudo-label CONTROL_RUN --no-tags --keep-per-class 0.5`, written to a
+    # folder named cbst50-*; a `*` matches any text). Measured against the control (its teacher) and
+    # against the control trained for the pipeline's whole 1600 iterations.
+    ("recipe:cbst-street", "supervised", STREET + ["data.extra_labels=*/cbst50-*", "data.extra_labels_balance=true"],
+     "Self-training: a student on CBST pseudo labels (P = 0.5) of the control (teacher 800 + student 800 iterations)",
+     ("recipe:supervised-street", "recipe:supervised-street-1600")),
 ]
+# what a recipe's ``*`` stands for in the commands of ``--missing``: its value there and the command that makes it
+# (from the control's run in camvid_v2.py's default run folder)
+MAKE = {"data.extra_labels=*/cbst50-*": (
+    "data.extra_labels=runs/bench-v2/cbst50-{split}-s{seed}",
+    "semiseg pseudo-label runs/bench-v2/supervised-{split}-s{seed}-variant --no-tags --keep-per-class 0.5 --out "
+    "runs/bench-v2/cbst50-{split}-s{seed} --set eval.flip=true --set \"eval.scales=[0.5,0.75,1.0,1.5,2.0]\"")}
+
+
+def matches(change: str, override: str) -> bool:
+    """Whether ``override`` is the recipe's ``change``, where a ``*`` in the change matches any text
+    (and nothing else is a pattern: ``[2,4,6]`` is literal)."""
+    return re.fullmatch(".*".join(map(re.escape, change.split("*"))), override) is not None
+
+
+def bases_of(against: str | tuple[str, ...]) -> tuple[str, ...]:
+    return (against,) if isinstance(against, str) else tuple(against)
 
 
 def load(path: Path = RESULTS) -> list[dict]:
@@ -75,10 +103,21 @@ def protocol_runs(rows: list[dict]) -> dict[tuple[str, str], dict[int, dict]]:
 
 
 def recipe_of(run: dict) -> str | None:
-    """The key of the recipe a run is (its method and exactly its overrides, in any order)."""
-    variant = sorted(run.get("variant") or [])
-    return next((key for key, method, changes, _, _ in RECIPES
-                 if variant and run["method"] == method and variant == sorted(changes)), None)
+    """The key of the recipe a run is (its method and exactly its overrides, in any order, a ``*``
+    of the recipe matching any text)."""
+    variant = run.get("variant") or []
+    for key, method, changes, _, _ in RECIPES:
+        if not variant or run["method"] != method or len(variant) != len(changes):
+            continue
+        left = list(variant)
+        for change in changes:
+            hit = next((v for v in left if matches(change, v)), None)
+            if hit is None:
+                break
+            left.remove(hit)
+        else:
+            return key
+    return None
 
 
 def matrix_runs(rows: list[dict]) -> dict[tuple[str, str], dict[int, dict]]:
@@ -161,12 +200,20 @@ def matrix(rows: list[dict]) -> str:
     out.append("")
     out.append("| method | " + " | ".join(label for _, label in SPLITS) + " |")
     out.append("| --- | " + " | ".join("---" for _ in SPLITS) + " |")
+    def top_of(base: str) -> dict[int, dict]:
+        """The ceiling of a row: its own run on all 367 masks, else that of the row it is measured
+        against (the 1600-iteration control takes its 800-iteration control's), else the protocol's."""
+        while base != "supervised":
+            if (base, "all") in cells:
+                return cells[(base, "all")]
+            base = bases_of(against.get(base, "supervised"))[0]
+        return ceiling_runs
+
     for key, label in ROWS[1:] + recipes:
-        base = against.get(key, "supervised")
-        named = f" (against {labels[base].split(' (')[0]})" if key in against else ""
-        top = cells.get((base, "all")) if base != "supervised" and (base, "all") in cells else ceiling_runs
-        out.append(f"| {label}{named} | " + " | ".join(
-            gain(cells.get((key, s)) or {}, cells.get((base, s)) or {}, top) for s, _ in SPLITS) + " |")
+        for base in bases_of(against.get(key, "supervised")):  # one line per row it is measured against
+            named = f" (against {labels[base].split(' (')[0]})" if key in against else ""
+            out.append(f"| {label}{named} | " + " | ".join(
+                gain(cells.get((key, s)) or {}, cells.get((base, s)) or {}, top_of(base)) for s, _ in SPLITS) + " |")
     variants = [r for r in rows if r.get("variant") and not recipe_of(r)]
     if variants:
         out.append("")
@@ -278,9 +325,14 @@ def missing(rows: list[dict], seeds=(0, 1)) -> list[str]:
             if not done:
                 continue
             took = [r["wall_min"] for r in done.values()]
-            sets = " ".join(f"--set {c}" for c in changes)
-            todo += [f"python benchmarks/camvid_v2.py --method {method} --split {split} {sets} --seed {seed}"
-                     f"  # about {sum(took) / len(took):.0f} min per run so far" for seed in seeds if seed not in done]
+            for seed in seeds:
+                if seed in done:
+                    continue
+                first = [MAKE[c][1].format(split=split, seed=seed) for c in changes if c in MAKE]
+                sets = " ".join(f"--set {MAKE[c][0].format(split=split, seed=seed) if c in MAKE else c}" for c in changes)
+                todo += [f"{cmd}  # first" for cmd in first]
+                todo.append(f"python benchmarks/camvid_v2.py --method {method} --split {split} {sets} --seed {seed}"
+                            f"  # about {sum(took) / len(took):.0f} min per run so far")
     return todo
 
 

@@ -420,6 +420,50 @@ def test_render_v2_puts_a_recipe_in_the_matrix_against_its_own_supervised_contro
         "data.strong_blur_sigma=[0.1,0.8] --seed 1  # about 10 min per run so far")
 
 
+def test_render_v2_matches_the_self_training_recipe_by_pattern_and_measures_it_against_two_controls():
+    import render_v2
+
+    street = ["model.aspp_rates=[2,4,6]", "train.loss=ohem", "train.ohem_min_kept=20480"]
+    cbst = street + ["data.extra_labels_balance=true"]
+    rows = [_row("supervised", "1_16", 0, 40.0), _row("supervised", "1_16", 1, 38.0),
+            _row("supervised", "all", 0, 50.0),
+            _row("supervised", "1_16", 0, 41.0, variant=street), _row("supervised", "1_16", 1, 39.0, variant=street),
+            _row("supervised", "1_16", 0, 42.0, variant=street + ["train.iters=1600"]),
+            _row("supervised", "1_16", 1, 41.0, variant=["train.iters=1600"] + street),
+            # any folder named cbst50-*, wherever it is: the pattern's * matches any text
+            _row("supervised", "1_16", 0, 43.0, variant=cbst + ["data.extra_labels=runs/a/cbst50-s0"]),
+            _row("supervised", "1_16", 1, 42.0, variant=["data.extra_labels=/abs/b/cbst50-1_16-s1"] + cbst),
+            _row("supervised", "1_16", 0, 77.0, variant=cbst + ["data.extra_labels=runs/st/pl-1_16-s0"]),  # not CBST
+            _row("supervised", "1_16", 0, 78.0, variant=cbst),  # the labels missing: a variant
+            # outside a *, brackets are literal: aspp_rates=2 is not [2,4,6]
+            _row("supervised", "1_16", 1, 79.0, variant=["model.aspp_rates=2"] + street[1:])]
+    assert [render_v2.recipe_of(r) for r in rows[5:]] == [
+        "recipe:supervised-street-1600", "recipe:supervised-street-1600", "recipe:cbst-street", "recipe:cbst-street",
+        None, None, None]
+    text = render_v2.matrix(rows)
+    table = text.split("Gain over supervised")[0]
+    label = "Self-training: a student on CBST pseudo labels (P = 0.5) of the control (teacher 800 + student 800 iterations)"
+    assert f"| *Recipe:* {label} | **42.50** (43.00 / 42.00) | not run yet |" in table
+    assert "| *Recipe:* Supervised + the recipe, 1600 iterations (`train.iters=1600`) | **41.50** (42.00 / 41.00) |" in table
+    gains = text.split("Gain over supervised")[1].split("Variants")[0]
+    # against its teacher: 42.5 - 40 over the protocol's gap 50 - 40; against the 1600-iteration control:
+    # 42.5 - 41.5 over 50 - 41.5 (the control has no ceiling of its own, nor has its 800-iteration control)
+    assert (f"| {label} (against Supervised + the recipe's ASPP rates 2/4/6 and OHEM) | +2.50 (2 seeds), gap 25% | – |"
+            in gains)
+    assert f"| {label} (against Supervised + the recipe, 1600 iterations) | +1.00 (2 seeds), gap 12% | – |" in gains
+    variants = text.split("Variants")[1].split("Seconds per step")[0]
+    assert all(f"| {v:.2f} |" in variants for v in (77.0, 78.0, 79.0)) and "| 43.00 |" not in variants
+    # the missing seed: the command that makes its labels from the control, then the student's
+    todo = render_v2.missing(rows[:8])
+    assert todo[-2] == ("semiseg pseudo-label runs/bench-v2/supervised-1_16-s1-variant --no-tags --keep-per-class 0.5 "
+                        "--out runs/bench-v2/cbst50-1_16-s1 --set eval.flip=true --set "
+                        "\"eval.scales=[0.5,0.75,1.0,1.5,2.0]\"  # first")
+    assert todo[-1].startswith("python benchmarks/camvid_v2.py --method supervised --split 1_16 --set "
+                               "model.aspp_rates=[2,4,6] --set train.loss=ohem --set train.ohem_min_kept=20480 --set "
+                               "data.extra_labels=runs/bench-v2/cbst50-1_16-s1 --set data.extra_labels_balance=true "
+                               "--seed 1  # about")
+
+
 def test_camvid_v2_reads_cpu_family_and_model_and_render_keeps_generations_apart():
     import camvid_v2
     import render_v2
